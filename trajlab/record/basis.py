@@ -1,0 +1,38 @@
+"""Top-k singular subspaces of weight matrices, warm-started from the previous recorded step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class SubspaceTracker:
+    """Keeps each layer's last top-k singular basis and refreshes it from the current weight.
+
+    Small layers (min(m, n) <= ``exact_max``) use an exact SVD; larger ones use
+    :func:`trajlab.spectral.top_singular` warm-started from the previous basis.
+    """
+
+    def __init__(self, k: int, *, exact_max: int = 256) -> None:
+        self.k = k
+        self.exact_max = exact_max
+        self._prev: dict[str, object] = {}
+
+    def rank_for(self, shape: tuple[int, int]) -> int:
+        return max(1, min(self.k, shape[0], shape[1]))
+
+    @torch.no_grad()
+    def basis(self, name: str, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(U (m, k), V (n, k), residual ()) for the current weight matrix ``W``."""
+        k = self.rank_for(tuple(W.shape))
+        if min(W.shape) <= self.exact_max:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, V = U[:, :k], S[:k], Vh[:k].transpose(0, 1)
+            s1 = S[0].clamp_min(torch.finfo(W.dtype).tiny)
+            residual = (torch.linalg.vector_norm(W @ V - U * S, dim=0).amax() / s1)
+            return U, V, residual
+        from trajlab.spectral import top_singular
+
+        res = top_singular(W, k=k, init=self._prev.get(name))
+        self._prev[name] = res
+        return res.U, res.V, res.residual

@@ -1,0 +1,49 @@
+"""Full-data gradient probe: the gradient of the loss over a whole data set at some steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FullGradientProbe:
+    """Ask the recorder for the full-data gradient every ``every`` optimizer steps.
+
+    With random reshuffling the batch gradient is a biased stand-in for the gradient of the
+    training loss (MATH.md §4a); the analysis uses the probe's gradient where one was taken.
+
+    Parameters
+    ----------
+    data : re-iterable of (inputs, targets) batches covering the training set (e.g. a
+        DataLoader without shuffling, or a list of tensors).
+    loss_fn : mean-reduced loss ``loss_fn(model(x), y)``.
+    every : probe at recorded steps whose index is a multiple of ``every``.
+    """
+
+    data: Iterable
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"FullGradientProbe.every must be >= 1, got {self.every}")
+
+    def gradient(self, model: nn.Module, params: list[Tensor]) -> list[Tensor]:
+        """Mean gradient over ``data`` w.r.t. ``params``; does not touch ``.grad``."""
+        total = [torch.zeros_like(p) for p in params]
+        count = 0
+        for x, y in self.data:
+            loss = self.loss_fn(model(x), y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            n = len(x)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g, alpha=n)
+            count += n
+        if count == 0:
+            raise ValueError("FullGradientProbe.data yielded no samples")
+        return [t / count for t in total]

@@ -1,0 +1,155 @@
+"""Background writer: a thread draining a bounded queue of step records into the run store.
+
+The training thread only enqueues; the writer thread waits for device-to-host copies, pads,
+compresses and writes. The queue is bounded, so a slow disk applies backpressure to training
+instead of growing memory. Rows are committed at chunk boundaries, every ``flush_seconds``, and
+on close; a crash loses at most the uncommitted rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from trajlab.store.run_store import RunStoreWriter, StepRecord
+from trajlab.store.schema import RunMeta
+
+_STOP = object()
+
+
+@dataclass
+class PendingRecord:
+    """A step record whose tensors may still be in flight from the device."""
+
+    root: dict[str, Any]
+    layers: dict[str, dict[str, torch.Tensor]]
+    event: Any = None  # torch.cuda.Event recorded after the non-blocking copies
+
+    def materialize(self) -> StepRecord:
+        if self.event is not None:
+            self.event.synchronize()
+        root = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.root.items()}
+        layers = {
+            name: {k: v.numpy() for k, v in tensors.items()} for name, tensors in self.layers.items()
+        }
+        return StepRecord(root=root, layers=layers)
+
+
+class BackgroundWriter:
+    """Owns a :class:`RunStoreWriter` and a thread that feeds it.
+
+    Parameters
+    ----------
+    writer : the store writer (already opened, maybe not yet created).
+    queue_size : maximum records waiting; ``put`` blocks beyond (backpressure).
+    flush_seconds : commit buffered rows at least this often.
+    on_nonfinite : called in the writer thread with (step, layer) when a record has a NaN/Inf flag.
+    """
+
+    def __init__(
+        self,
+        writer: RunStoreWriter,
+        *,
+        queue_size: int = 8,
+        flush_seconds: float = 5.0,
+        on_nonfinite: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.flush_seconds = flush_seconds
+        self.on_nonfinite = on_nonfinite
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._buffer: list[StepRecord] = []
+        self._last_flush = time.monotonic()
+        self.error: BaseException | None = None
+        self.error_trace: str = ""
+        self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
+        self._thread.start()
+
+    # --------------------------------------------------------------- producer side
+    def create(self, meta: RunMeta, sample_capacity: int) -> None:
+        self._put(("create", meta, sample_capacity))
+
+    def put(self, record: PendingRecord) -> None:
+        """Enqueue a record; blocks while the queue is full."""
+        self._put(("record", record))
+
+    def _put(self, item: Any) -> None:
+        while self.error is None:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, *, truncated: str | None = None) -> None:
+        """Flush everything, stop the thread, and mark the store truncated if asked."""
+        if self._thread.is_alive():
+            self._put(("close", truncated))
+            self._put(_STOP)
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # --------------------------------------------------------------- writer thread
+    def _run(self) -> None:
+        try:
+            while True:
+                timeout = max(0.05, self.flush_seconds - (time.monotonic() - self._last_flush))
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    self._flush()
+                    continue
+                if item is _STOP:
+                    return
+                kind = item[0]
+                if kind == "create":
+                    self.writer.create(item[1], sample_capacity=item[2])
+                elif kind == "record":
+                    rec = item[1].materialize()
+                    self._check_flags(rec)
+                    self._buffer.append(rec)
+                    if self._at_chunk_boundary() or self._due():
+                        self._flush()
+                elif kind == "close":
+                    self._flush()
+                    if item[1]:
+                        self.writer.set_truncated(item[1])
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            self.error = e
+            self.error_trace = traceback.format_exc()
+            # Drain so that producers never block on a dead consumer.
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+
+    def _check_flags(self, rec: StepRecord) -> None:
+        if self.on_nonfinite is None:
+            return
+        for name, arrays in rec.layers.items():
+            if bool(np.asarray(arrays.get("nonfinite", False))):
+                self.on_nonfinite(int(rec.root["step"]), name)
+
+    def _at_chunk_boundary(self) -> bool:
+        meta = self.writer.meta
+        return meta is not None and (self.writer.committed + len(self._buffer)) % meta.chunk_steps == 0
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._last_flush >= self.flush_seconds
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self.writer.append(self._buffer)
+            self._buffer = []
+        self._last_flush = time.monotonic()

@@ -1,0 +1,139 @@
+"""Opening run stores lazily as xarray."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+import zarr.errors
+
+from trajlab.store import schema
+from trajlab.store.run_store import StoreError, StoreLike, read_meta
+from trajlab.store.schema import LayerMeta, RunMeta
+
+
+class Run:
+    """A recorded run, opened lazily: metadata is read now, arrays on demand (Dask-backed).
+
+    Only committed steps are visible. Obtain one with :func:`open_run`.
+
+    Attributes
+    ----------
+    meta : RunMeta
+        Run-level metadata (layers, sampler, dtype, ...).
+    n_steps : int
+        Number of committed recorded steps.
+    """
+
+    def __init__(self, store: StoreLike, *, storage_options: dict | None = None) -> None:
+        self.store = store
+        self.storage_options = storage_options
+        kw: dict[str, Any] = {"mode": "r"}
+        if storage_options is not None:
+            kw["storage_options"] = storage_options
+        try:
+            self._group = zarr.open_group(store, **kw)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise FileNotFoundError(
+                f"no run store at {store!r}; record one with trajlab.Recorder or `trajlab demo`"
+            ) from e
+        except ValueError as e:
+            raise StoreError(f"{store!r} is not a Zarr v3 group: {e}") from e
+        self.meta: RunMeta
+        self.meta, self.n_steps = read_meta(self._group, where=str(store))
+
+    # ------------------------------------------------------------------ API
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the recorded layers (module names)."""
+        return self.meta.layer_names
+
+    def layer_meta(self, name: str) -> LayerMeta:
+        """Metadata of one layer; KeyError naming the recorded layers if unknown."""
+        return self.meta.layer(name)
+
+    def _open(self, group: str | None) -> xr.Dataset:
+        kw: dict[str, Any] = {"consolidated": False, "zarr_format": 3, "chunks": {}}
+        if self.storage_options is not None:
+            kw["storage_options"] = self.storage_options
+        ds = xr.open_zarr(self.store, group=group, **kw)
+        ds = ds.isel({schema.STEP: slice(0, self.n_steps)})
+        if "sample" in ds.dims:
+            ds = ds.drop_vars([v for v in ("sample",) if v in ds.coords])
+        return ds
+
+    @cached_property
+    def root(self) -> xr.Dataset:
+        """Step-level variables (lr, batch_size, loss, indices, probe) with a ``step`` coordinate."""
+        ds = self._open(None)
+        return ds.assign_coords({schema.STEP: np.asarray(ds[schema.STEP].values)})
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step indices of the committed rows."""
+        return self.root[schema.STEP].values
+
+    def layer(self, name: str) -> xr.Dataset:
+        """One layer's variables as a lazy Dataset with dims (step, sample, out, in, rank)."""
+        lm = self.layer_meta(name)
+        ds = self._open(f"{schema.LAYERS_GROUP}/{lm.group}")
+        ds = ds.assign_coords({schema.STEP: self.steps})
+        ds.attrs.update({"layer": name, "sketch": lm.sketch, "module": lm.module})
+        return ds
+
+    def __getitem__(self, name: str) -> xr.Dataset:
+        return self.layer(name)
+
+    def nbytes_stored(self) -> int:
+        """Bytes the store occupies (compressed), summed over its arrays."""
+        total = 0
+        for _, arr in self._group.arrays():
+            total += int(arr.nbytes_stored())
+        for _, g in self._group.groups():
+            for _, sub in g.groups():
+                for _, arr in sub.arrays():
+                    total += int(arr.nbytes_stored())
+        return total
+
+    def __repr__(self) -> str:
+        return (
+            f"<trajlab.Run {self.store!r}: {self.n_steps} steps, layers "
+            f"{', '.join(self.layers)}{' (truncated)' if self.meta.truncated else ''}>"
+        )
+
+
+def open_run(store: StoreLike, *, storage_options: dict | None = None) -> Run:
+    """Open a run store lazily.
+
+    Parameters
+    ----------
+    store : str or zarr store
+        Local path or fsspec URL (``s3://bucket/run.zarr``) of a store written by
+        :class:`trajlab.Recorder`.
+    storage_options : dict, optional
+        fsspec options for URLs.
+
+    Returns
+    -------
+    Run
+        ``run.root`` (step-level variables) and ``run.layer(name)`` (per-layer variables) are
+        Dask-backed ``xr.Dataset``s holding only committed steps.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing is stored at ``store``.
+    trajlab.StoreError
+        The store is not a trajlab run store or has a newer format version.
+
+    Examples
+    --------
+    >>> run = trajlab.open_run("run.zarr")  # doctest: +SKIP
+    >>> run.layer("fc1").weight  # (step, out, in)  # doctest: +SKIP
+    """
+    if isinstance(store, Run):
+        return store
+    return Run(store, storage_options=storage_options)

@@ -1,0 +1,261 @@
+"""Reading and writing run stores (Zarr v3).
+
+The writer appends rows (one row = one recorded step) to arrays chunked along ``step`` and then
+advances the commit marker, the root attribute ``trajlab_committed``. Readers only ever look at
+the first ``trajlab_committed`` rows, so a writer killed between the two leaves a store that opens
+at its last committed step, and a resumed writer overwrites the uncommitted tail. Every Zarr write
+(chunk or metadata document) replaces a whole object atomically on local disks and object stores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+import zarr.errors
+
+from trajlab.store import schema
+from trajlab.store.schema import LayerMeta, RunMeta
+
+StoreLike = Any  # str path, fsspec URL, or zarr Store
+
+_COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+class StoreError(Exception):
+    """A run or analysis store cannot be used as asked."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """The target store already exists and overwriting was not requested."""
+
+
+@dataclass
+class StepRecord:
+    """Everything recorded at one step, as host arrays.
+
+    ``root`` maps root variable names to scalars or 1-d arrays (``indices``); ``layers`` maps
+    layer names to {variable: array without the step axis}. Per-sample arrays hold exactly
+    ``batch_size`` rows; the writer pads them to the store's sample capacity.
+    """
+
+    root: dict[str, Any]
+    layers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _fill_value(dtype: np.dtype) -> Any:
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "b":
+        return False
+    return -1
+
+
+def store_exists(store: StoreLike, *, storage_options: dict | None = None) -> bool:
+    """Whether a Zarr group (of any kind) exists at ``store``."""
+    try:
+        zarr.open_group(store, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    except ValueError as e:  # non-group node or empty directory
+        if "not found" in str(e).lower() or "no group" in str(e).lower():
+            return False
+        raise
+    return True
+
+
+def _open_group(store: StoreLike, mode: str, storage_options: dict | None) -> zarr.Group:
+    kw: dict[str, Any] = {"mode": mode}
+    if storage_options is not None:
+        kw["storage_options"] = storage_options
+    return zarr.open_group(store, zarr_format=3, **kw)
+
+
+def read_meta(group: zarr.Group, *, where: str = "") -> tuple[RunMeta, int]:
+    """Validate a group as a trajlab run store and return (metadata, committed rows)."""
+    attrs = group.attrs.asdict()
+    if schema.ATTR_KEY not in attrs:
+        raise StoreError(
+            f"{where or 'this store'} is a Zarr group but not a trajlab run store (its root "
+            f"attributes have no {schema.ATTR_KEY!r} entry); point at a store written by "
+            "trajlab.Recorder"
+        )
+    raw = attrs[schema.ATTR_KEY]
+    if raw.get("kind", "run") != "run":
+        raise StoreError(f"{where} is a trajlab {raw.get('kind')} store, not a run store")
+    version = int(raw.get("format_version", -1))
+    if version > schema.FORMAT_VERSION:
+        raise StoreError(
+            f"{where} has run-store format version {version}, newer than this trajlab reads "
+            f"(up to {schema.FORMAT_VERSION}); upgrade trajlab (pip install -U trajlab)"
+        )
+    if version < 1:
+        raise StoreError(f"{where} has an invalid format version {version!r}")
+    return RunMeta.from_dict(raw), int(attrs.get(schema.COMMIT_KEY, 0))
+
+
+class RunStoreWriter:
+    """Append-only writer of a run store; not thread-safe (one writer thread owns it).
+
+    Parameters
+    ----------
+    store : path, fsspec URL or Zarr store.
+    mode : ``"w-"`` create, fail if anything exists; ``"w"`` overwrite; ``"a"`` append to an
+        existing trajlab run store (created if absent).
+    storage_options : passed to fsspec for URLs.
+    """
+
+    def __init__(
+        self,
+        store: StoreLike,
+        *,
+        mode: Literal["w-", "w", "a"] = "w-",
+        storage_options: dict | None = None,
+    ) -> None:
+        if mode not in ("w-", "w", "a"):
+            raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
+        self.store = store
+        self.mode = mode
+        self.storage_options = storage_options
+        self.group: zarr.Group | None = None
+        self.meta: RunMeta | None = None
+        self.committed = 0
+        self.sample_capacity = 0
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        exists = store_exists(store, storage_options=storage_options)
+        if exists and mode == "w-":
+            raise StoreExistsError(
+                f"a store already exists at {store!r}; pass mode='a' to append to it (resume) "
+                "or mode='w' to overwrite it, or choose another path"
+            )
+        if exists and mode == "a":
+            group = _open_group(store, "r+", storage_options)
+            self.meta, self.committed = read_meta(group, where=str(store))
+            self.group = group
+            self._bind_arrays()
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def is_created(self) -> bool:
+        return self.group is not None
+
+    @property
+    def last_step(self) -> int | None:
+        """Step index of the last committed row, None for an empty store."""
+        if self.group is None or self.committed == 0:
+            return None
+        return int(self.group["step"][self.committed - 1])
+
+    def create(self, meta: RunMeta, *, sample_capacity: int) -> None:
+        """Create the layout for ``meta`` (mode "w-"/"w", or "a" on an absent store)."""
+        mode = "w" if self.mode == "w" else "w-"
+        group = _open_group(self.store, mode, self.storage_options)
+        dtype = np.dtype(meta.dtype)
+        c = meta.chunk_steps
+        for name, (dims, dt) in schema.ROOT_VARS.items():
+            self._create(group, name, dims, dt, dtype, c, {schema.SAMPLE: sample_capacity})
+        layers = group.create_group(schema.LAYERS_GROUP)
+        for lm in meta.layers:
+            lg = layers.create_group(lm.group, attributes={"trajlab_layer": lm.to_dict()})
+            sizes = {
+                schema.SAMPLE: sample_capacity,
+                schema.OUT: lm.shape[0],
+                schema.IN: lm.shape[1],
+                schema.RANK: lm.rank,
+            }
+            for name, (dims, dt) in schema.layer_vars(lm.sketch).items():
+                self._create(lg, name, dims, dt, dtype, c, sizes)
+        group.attrs.update({schema.ATTR_KEY: meta.to_dict(), schema.COMMIT_KEY: 0})
+        self.group, self.meta, self.committed = group, meta, 0
+        self._bind_arrays()
+
+    @staticmethod
+    def _create(group, name, dims, dt, float_dtype, chunk_steps, sizes) -> None:
+        dtype = np.dtype(dt) if dt is not None else float_dtype
+        shape = (0, *(sizes[d] for d in dims))
+        group.create_array(
+            name,
+            shape=shape,
+            chunks=(chunk_steps, *shape[1:]),
+            dtype=dtype,
+            fill_value=_fill_value(dtype),
+            dimension_names=(schema.STEP, *dims),
+            compressors=[_COMPRESSOR],
+            attributes={"description": schema.DESCRIPTIONS.get(name, "")},
+        )
+
+    def _bind_arrays(self) -> None:
+        assert self.group is not None and self.meta is not None
+        self._arrays = {("", name): self.group[name] for name in schema.ROOT_VARS}
+        for lm in self.meta.layers:
+            lg = self.group[f"{schema.LAYERS_GROUP}/{lm.group}"]
+            for name in schema.layer_vars(lm.sketch):
+                self._arrays[(lm.name, name)] = lg[name]
+        self.sample_capacity = self._arrays[("", "indices")].shape[1]
+
+    def _grow_samples(self, n: int) -> None:
+        for arr in self._arrays.values():
+            dims = arr.metadata.dimension_names
+            if dims and schema.SAMPLE in dims:
+                axis = dims.index(schema.SAMPLE)
+                shape = list(arr.shape)
+                shape[axis] = n
+                # Chunks span the whole sample axis; keep that true after growing.
+                arr.resize(tuple(shape))
+        self.sample_capacity = n
+
+    # ----------------------------------------------------------------- writing
+    def append(self, records: list[StepRecord]) -> int:
+        """Write ``records`` after the committed rows, then commit them. Returns committed rows."""
+        if not records:
+            return self.committed
+        assert self.group is not None and self.meta is not None, "create() first"
+        n_max = max(int(r.root["batch_size"]) for r in records)
+        if n_max > self.sample_capacity:
+            self._grow_samples(n_max)
+        start, stop = self.committed, self.committed + len(records)
+        for (layer, name), arr in self._arrays.items():
+            rows = [r.root.get(name) if layer == "" else r.layers[layer].get(name) for r in records]
+            if name == "step" and layer != "":
+                rows = [r.root["step"] for r in records]
+            block = self._stack(arr, rows)
+            if arr.shape[0] != stop:
+                arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = block
+        self.committed = stop
+        self.group.attrs[schema.COMMIT_KEY] = stop
+        return stop
+
+    def _stack(self, arr: zarr.Array, rows: list[Any]) -> np.ndarray:
+        shape = arr.shape[1:]
+        dims = arr.metadata.dimension_names[1:]
+        out = np.full((len(rows), *shape), arr.metadata.fill_value, dtype=arr.dtype)
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            row = np.asarray(row)
+            if dims and dims[0] == schema.SAMPLE:
+                out[i, : row.shape[0]] = row
+            else:
+                out[i] = row
+        return out
+
+    def set_truncated(self, reason: str) -> None:
+        """Mark the store truncated (recording stopped early) with the reason."""
+        if self.group is None or self.meta is None:
+            return
+        d = self.meta.to_dict()
+        d["truncated"] = reason
+        self.group.attrs[schema.ATTR_KEY] = d
+
+    def update_user_meta(self, user: dict[str, Any]) -> None:
+        if self.group is None or self.meta is None:
+            return
+        d = self.meta.to_dict()
+        d["user"] = {**d.get("user", {}), **json.loads(json.dumps(user, default=str))}
+        self.group.attrs[schema.ATTR_KEY] = d
+        self.meta = RunMeta.from_dict(d)
