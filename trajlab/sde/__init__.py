@@ -1,0 +1,48 @@
+"""Itô dynamics of the Lipschitz constant under SGD, from recorded steps (MATH.md §1–§5).
+
+Pure torch kernels (no I/O), float32/float64, any device, batched over leading dimensions.
+
+* :mod:`~trajlab.sde.sketch`: per-sample projections ``G_i v_1``, ``G_i^T u_1`` and ``diag(Sigma)``
+  from a recorded ``"rank1"`` or ``"subspace"`` sketch.
+* :mod:`~trajlab.sde.layer`: per-layer drift, diffusion, variance/covariance split,
+  discretisation and pathwise terms of ``K = s_1(W)``.
+* :mod:`~trajlab.sde.network`: drift and diffusion of ``Z = log prod_l K_l``.
+* :mod:`~trajlab.sde.integral`: integrals over steps, log-normal prediction, pathwise sums and
+  Euler–Maruyama paths.
+"""
+
+from trajlab.sde.integral import euler_maruyama, integrate, logK_prediction, pathwise
+from trajlab.sde.layer import (
+    LAYER_KEYS,
+    layer_terms,
+    noise_scale,
+    pathwise_increment,
+    sketch_layer_terms,
+)
+from trajlab.sde.network import NETWORK_KEYS, network_terms
+from trajlab.sde.sketch import (
+    SketchKind,
+    noise_diag,
+    per_sample_directions,
+    sketch_batch_size,
+    sketch_coverage,
+)
+
+__all__ = [
+    "LAYER_KEYS",
+    "NETWORK_KEYS",
+    "SketchKind",
+    "euler_maruyama",
+    "integrate",
+    "layer_terms",
+    "logK_prediction",
+    "network_terms",
+    "noise_diag",
+    "noise_scale",
+    "pathwise",
+    "pathwise_increment",
+    "per_sample_directions",
+    "sketch_batch_size",
+    "sketch_coverage",
+    "sketch_layer_terms",
+]

@@ -1,0 +1,271 @@
+"""One layer's Lipschitz dynamics: Itô terms of ``K = s_1(W)`` at recorded steps (MATH.md §3–§5).
+
+Every function takes arrays with optional leading dimensions ``...`` (e.g. steps) and returns a
+dict of arrays of shape ``(...)`` (per-sample outputs ``(..., B)``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from trajlab.sde._sigma import ThinSVD, hessian_diag, quadform, relative_gap, thin_svd
+from trajlab.sde.sketch import (
+    SketchKind,
+    noise_diag,
+    per_sample_directions,
+    sketch_batch_size,
+    sketch_coverage,
+)
+
+__all__ = ["LAYER_KEYS", "layer_terms", "sketch_layer_terms", "pathwise_increment",
+           "noise_scale"]
+
+#: Keys returned by :func:`layer_terms`.
+LAYER_KEYS: tuple[str, ...] = (
+    "K", "spectral_gap", "degenerate", "alignment", "flow_full_gradient",
+    "drift_flow", "drift_noise", "drift_noise_var", "drift_noise_cov", "drift",
+    "diffusion2", "diffusion2_var", "diffusion2_cov", "drift_discretization",
+    "pathwise_increment", "pathwise_first_order", "noise_proj",
+)
+
+
+def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, float]:
+    """``(fpc, fpc / (B (B - 1)))``: the factors of the one-batch covariance estimate (MATH §1).
+
+    ``fpc = (N - B) / (N - 1)`` for a batch drawn without replacement from ``population`` N
+    samples, 1 when ``population`` is None (independent draws).
+
+    Raises
+    ------
+    ValueError
+        If ``batch_size < 2`` or ``population < batch_size``.
+    """
+    B = int(batch_size)
+    if B < 2:
+        raise ValueError(f"noise terms need batch_size >= 2 (got {B}): the covariance of the "
+                         "batch gradient cannot be estimated from one sample")
+    fpc = 1.0
+    if population is not None:
+        N = int(population)
+        if N < B:
+            raise ValueError(f"population={N} is smaller than batch_size={B}")
+        fpc = (N - B) / (N - 1)
+    return fpc, fpc / (B * (B - 1))
+
+
+def _align(svd: ThinSVD, u1: Tensor, v1: Tensor) -> tuple[ThinSVD, Tensor]:
+    """Flip the SVD's first singular pair to the sign of the caller's ``(u1, v1)``."""
+    U, S, V = svd
+    cu = (U[..., :, 0] * u1).sum(-1)
+    cv = (V[..., :, 0] * v1).sum(-1)
+    sign = torch.where(cu + cv < 0, -torch.ones_like(cu), torch.ones_like(cu))
+    flip = torch.ones_like(S)
+    flip = torch.cat([sign[..., None], flip[..., 1:]], dim=-1)[..., None, :]
+    alignment = torch.minimum(cu.abs(), cv.abs())
+    return ThinSVD(U * flip, S, V * flip), alignment
+
+
+def _directional(svd: ThinSVD, D: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d s_1[D], d^2 s_1[D])`` for one direction ``D`` (..., m, n) per matrix."""
+    u, v = svd.U[..., :, 0], svd.V[..., :, 0]
+    p = (D @ v[..., :, None])[..., 0]             # D v_1      (..., m)
+    q = (D.mT @ u[..., :, None])[..., 0]          # D^T u_1    (..., n)
+    return (u * p).sum(-1), quadform(svd, p[..., None, :], q[..., None, :])[..., 0]
+
+
+def pathwise_increment(W: Tensor, update: Tensor, *, svd: ThinSVD | None = None) -> Tensor:
+    """Second-order change of ``s_1`` along the applied update (MATH.md §5).
+
+    ``d s_1[dW] + 1/2 d^2 s_1[dW]``: a per-step increment (not a rate).
+
+    Parameters
+    ----------
+    W : Tensor (..., m, n)
+        Weight before the step.
+    update : Tensor (..., m, n)
+        ``W(next) - W``.
+    svd : (U, S, V), optional
+        Thin SVD of ``W`` with ``V`` as columns, to reuse.
+
+    Returns
+    -------
+    Tensor (...)
+    """
+    svd = thin_svd(W) if svd is None else ThinSVD(*svd)
+    d1, d2 = _directional(svd, update.to(W.dtype))
+    return d1 + 0.5 * d2
+
+
+def layer_terms(
+    W: Tensor,
+    g: Tensor,
+    update: Tensor,
+    lr: float | Tensor,
+    batch_size: int,
+    Gv: Tensor,
+    Gtu: Tensor,
+    sigma_diag: Tensor,
+    *,
+    u1: Tensor,
+    v1: Tensor,
+    grad_full: Tensor | None = None,
+    population: int | None = None,
+    gap_tol: float = 1e-3,
+    svd: ThinSVD | tuple[Tensor, Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Drift, diffusion and pathwise terms of ``K = s_1(W)`` for one layer (MATH.md §3–§5).
+
+    Parameters
+    ----------
+    W : Tensor (..., m, n)
+        Weight matrix before the step.
+    g : Tensor (..., m, n)
+        Batch-mean gradient ``(1/B) sum_i G_i``.
+    update : Tensor (..., m, n)
+        Update actually applied, ``W(next) - W`` (NaN allowed: only the pathwise terms use it).
+    lr : float or Tensor (...)
+        Learning rate eta (the SDE time step).
+    batch_size : int
+        B, the number of per-sample directions (must equal ``Gv.shape[-2]``).
+    Gv : Tensor (..., B, m)
+        ``G_i v_1`` (from :func:`trajlab.sde.per_sample_directions`).
+    Gtu : Tensor (..., B, n)
+        ``G_i^T u_1``.
+    sigma_diag : Tensor (..., m, n)
+        ``diag(Sigma)`` without finite-population correction (:func:`trajlab.sde.noise_diag`).
+    u1, v1 : Tensor (..., m), (..., n)
+        The top singular pair ``Gv``/``Gtu`` were taken with. Only their joint sign matters
+        here: the SVD computed inside is flipped to match it, so any sign convention works.
+    grad_full : Tensor (..., m, n), optional
+        Full-data gradient for the flow and discretisation terms **(MATH §3 choice)**. Steps
+        where it is not finite (e.g. NaN where no probe ran) fall back to ``g``.
+    population : int, optional
+        Dataset size N for batches drawn without replacement: noise terms are multiplied by
+        ``(N - B) / (N - 1)``.
+    gap_tol : float
+        ``degenerate = spectral_gap < gap_tol``.
+    svd : (U, S, V), optional
+        Thin SVD of ``W`` (``V`` as columns) to reuse.
+
+    Returns
+    -------
+    dict of str to Tensor, shapes (...) unless stated
+        K : ``s_1``.
+        spectral_gap : ``(s_1 - s_2) / s_1``.
+        degenerate : bool, ``spectral_gap < gap_tol``; second-order terms are unreliable there
+            (they grow like 1 / gap), inf/NaN when ``s_1 = s_2`` exactly.
+        alignment : ``min(|u_1^T u1|, |v_1^T v1|)`` of the SVD's pair against the given one;
+            below 1 the directions were taken with vectors that are not W's top pair.
+        flow_full_gradient : bool, whether ``grad_full`` was used for the flow term.
+        drift_flow : ``-u_1^T grad v_1`` (grad = ``grad_full`` or ``g``).
+        drift_noise : ``eta / (2 B (B - 1)) sum_i d^2 s_1[Omega_i]`` (times fpc).
+        drift_noise_var, drift_noise_cov : ``(eta/2) sum H_pq Sigma_pq`` and the rest.
+        drift : ``drift_flow + drift_noise``.
+        diffusion2 : ``s^2 = eta / (B (B - 1)) sum_i (u_1^T Omega_i v_1)^2`` (times fpc).
+        diffusion2_var, diffusion2_cov : ``eta sum (u_1 v_1^T)^2 Sigma_pq`` and the rest.
+        drift_discretization : ``eta / 2 d^2 s_1[grad]``, a rate (per step: times eta, §4a).
+        pathwise_increment : ``d s_1[dW] + 1/2 d^2 s_1[dW]`` per step (§5).
+        pathwise_first_order : ``d s_1[dW]``.
+        noise_proj : (..., B), ``c_i = u_1^T Omega_i v_1`` (for the network's full sigma_Z^2).
+
+    Raises
+    ------
+    ValueError
+        ``batch_size < 2``, or shapes that disagree with ``batch_size``.
+    """
+    fpc, scale = noise_scale(batch_size, population)
+    if Gv.shape[-2] != batch_size or Gtu.shape[-2] != batch_size:
+        raise ValueError(f"Gv {tuple(Gv.shape)} / Gtu {tuple(Gtu.shape)} do not hold "
+                         f"batch_size={batch_size} samples on dim -2")
+    dt = W.dtype
+    svd = thin_svd(W) if svd is None else ThinSVD(*svd)
+    svd, alignment = _align(svd, u1.to(dt), v1.to(dt))
+    U, S, V = svd
+    u, v = U[..., :, 0], V[..., :, 0]
+    eta = torch.as_tensor(lr, dtype=dt, device=W.device)
+    K = S[..., 0]
+    gap = relative_gap(S)
+
+    g = g.to(dt)
+    if grad_full is None:
+        used_full = torch.zeros(K.shape, dtype=torch.bool, device=W.device)
+        grad = g
+    else:
+        grad_full = grad_full.to(dt)
+        used_full = torch.isfinite(grad_full).all(-1).all(-1)
+        grad = torch.where(used_full[..., None, None], grad_full, g)
+    first, second = _directional(svd, grad)
+    drift_flow = -first
+    drift_disc = 0.5 * eta * second
+
+    gv = (g @ v[..., :, None])[..., 0]
+    gtu = (g.mT @ u[..., :, None])[..., 0]
+    Ov = Gv.to(dt) - gv[..., None, :]                     # Omega_i v_1     (..., B, m)
+    Otu = Gtu.to(dt) - gtu[..., None, :]                  # Omega_i^T u_1   (..., B, n)
+    c = (Ov * u[..., None, :]).sum(-1)                     # u_1^T Omega_i v_1 (..., B)
+    drift_noise = 0.5 * eta * scale * quadform(svd, Ov, Otu).sum(-1)
+    diffusion2 = eta * scale * (c * c).sum(-1)
+
+    sd = sigma_diag.to(dt) * fpc
+    H = hessian_diag(svd)
+    drift_noise_var = 0.5 * eta * (H * sd).sum((-2, -1))
+    J2 = (u * u)[..., :, None] * (v * v)[..., None, :]
+    diffusion2_var = eta * (J2 * sd).sum((-2, -1))
+
+    p1, p2 = _directional(svd, update.to(dt))
+    return {
+        "K": K,
+        "spectral_gap": gap,
+        "degenerate": gap < gap_tol,
+        "alignment": alignment,
+        "flow_full_gradient": used_full,
+        "drift_flow": drift_flow,
+        "drift_noise": drift_noise,
+        "drift_noise_var": drift_noise_var,
+        "drift_noise_cov": drift_noise - drift_noise_var,
+        "drift": drift_flow + drift_noise,
+        "diffusion2": diffusion2,
+        "diffusion2_var": diffusion2_var,
+        "diffusion2_cov": diffusion2 - diffusion2_var,
+        "drift_discretization": drift_disc,
+        "pathwise_increment": p1 + 0.5 * p2,
+        "pathwise_first_order": p1,
+        "noise_proj": c,
+    }
+
+
+def sketch_layer_terms(
+    W: Tensor,
+    g: Tensor,
+    update: Tensor,
+    lr: float | Tensor,
+    sketch: SketchKind,
+    tensors: Mapping[str, Tensor],
+    *,
+    grad_full: Tensor | None = None,
+    population: int | None = None,
+    gap_tol: float = 1e-3,
+) -> dict[str, Tensor]:
+    """:func:`layer_terms` straight from a recorded sketch (one SVD of ``W``, reused).
+
+    Parameters are those of :func:`layer_terms`; ``sketch`` and ``tensors`` as in
+    :func:`trajlab.sde.per_sample_directions`. B is read from the sketch.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The keys of :func:`layer_terms` plus ``coverage_u`` and ``coverage_v``
+        (:func:`trajlab.sde.sketch_coverage`; 1 = the sketch holds ``u_1``, ``v_1`` exactly).
+    """
+    B = sketch_batch_size(sketch, tensors)
+    svd = thin_svd(W)
+    u1, v1 = svd.U[..., :, 0], svd.V[..., :, 0]
+    Gv, Gtu = per_sample_directions(sketch, tensors, u1, v1)
+    sd = noise_diag(sketch, tensors, g, batch_size=B)
+    out = layer_terms(W, g, update, lr, B, Gv, Gtu, sd, u1=u1, v1=v1, grad_full=grad_full,
+                      population=population, gap_tol=gap_tol, svd=svd)
+    out["coverage_u"], out["coverage_v"] = sketch_coverage(sketch, tensors, u1, v1)
+    return out

@@ -1,0 +1,86 @@
+"""Network-level dynamics of ``Z = log K_net = sum_l log K_l`` (MATH.md §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trajlab.sde.layer import noise_scale
+
+__all__ = ["NETWORK_KEYS", "network_terms"]
+
+#: Keys returned by :func:`network_terms` (``logK_discretization`` only when its inputs are given).
+NETWORK_KEYS: tuple[str, ...] = (
+    "K_net", "logK", "logK_drift", "logK_diffusion2", "logK_diffusion2_blockdiag",
+    "logK_noise_curvature", "logK_discretization",
+)
+
+
+def network_terms(
+    K: Tensor,
+    drift: Tensor,
+    diffusion2: Tensor,
+    drift_noise: Tensor,
+    noise_proj: Tensor,
+    lr: float | Tensor,
+    batch_size: int,
+    *,
+    population: int | None = None,
+    drift_flow: Tensor | None = None,
+    drift_discretization: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Drift and diffusion of ``Z = log K_net`` from the layers' terms (MATH.md §4).
+
+    Parameters
+    ----------
+    K, drift, diffusion2, drift_noise : Tensor (..., L)
+        Per-layer ``K_l``, ``mu_l``, ``s_l^2`` and ``mu_noise,l`` (:func:`layer_terms` keys
+        ``K``, ``drift``, ``diffusion2``, ``drift_noise``), layers on the last dimension.
+    noise_proj : Tensor (..., L, B)
+        ``c_li = u_1^T Omega_li v_1``; sample i must be the same sample in every layer.
+    lr : float or Tensor (...)
+    batch_size : int
+    population : int, optional
+        As in :func:`layer_terms` (use the same value there).
+    drift_flow, drift_discretization : Tensor (..., L), optional
+        Given together, they add ``logK_discretization``.
+
+    Returns
+    -------
+    dict of str to Tensor (...)
+        K_net : ``prod_l K_l`` (computed as ``exp(logK)``).
+        logK : ``Z = sum_l log K_l``.
+        logK_drift : ``mu_Z = sum_l [mu_l / K_l - s_l^2 / (2 K_l^2)]``.
+        logK_diffusion2 : full form ``eta / (B (B - 1)) sum_i (sum_l c_li / K_l)^2`` (times fpc):
+            the same sample drives every layer.
+        logK_diffusion2_blockdiag : paper form ``sum_l s_l^2 / K_l^2`` (independent layers).
+        logK_noise_curvature : ``kappa_Z = sum_l mu_noise,l / K_l`` (>= 0).
+        logK_discretization : rate of the deterministic second-order part of a real step that
+            the SDE leaves out (§4a), for log K:
+            ``sum_l [drift_discretization_l / K_l - eta drift_flow_l^2 / (2 K_l^2)]``
+            (per step: times eta).
+    """
+    _, scale = noise_scale(batch_size, population)
+    eta = torch.as_tensor(lr, dtype=K.dtype, device=K.device)
+    if noise_proj.shape[:-1] != K.shape:
+        raise ValueError(f"noise_proj {tuple(noise_proj.shape)} must be K's shape "
+                         f"{tuple(K.shape)} plus a sample dimension")
+    if noise_proj.shape[-1] != batch_size:
+        raise ValueError(f"noise_proj holds {noise_proj.shape[-1]} samples, "
+                         f"batch_size={batch_size}")
+    K2 = K * K
+    logK = torch.log(K).sum(-1)
+    out = {
+        "K_net": torch.exp(logK),
+        "logK": logK,
+        "logK_drift": (drift / K - diffusion2 / (2 * K2)).sum(-1),
+        "logK_diffusion2": eta * scale * ((noise_proj / K[..., None]).sum(-2) ** 2).sum(-1),
+        "logK_diffusion2_blockdiag": (diffusion2 / K2).sum(-1),
+        "logK_noise_curvature": (drift_noise / K).sum(-1),
+    }
+    if (drift_flow is None) != (drift_discretization is None):
+        raise ValueError("pass drift_flow and drift_discretization together")
+    if drift_flow is not None:
+        out["logK_discretization"] = (drift_discretization / K
+                                      - eta[..., None] * drift_flow ** 2 / (2 * K2)).sum(-1)
+    return out
