@@ -188,3 +188,24 @@ def _progress(total: int, enabled: bool, *, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", leave=False)
+
+
+def add_config_arguments(parser) -> None:
+    """Add one ``--option`` per :class:`TrainConfig` field to an argparse parser."""
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs=len(default), default=default,
+                                help=f"(default: {' '.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                help="(default: %(default)s)")
+
+
+def config_from_arguments(args) -> TrainConfig:
+    """The :class:`TrainConfig` described by parsed arguments (see add_config_arguments)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["channels"] = tuple(values["channels"])
+    return TrainConfig(**values)

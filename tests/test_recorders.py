@@ -1,0 +1,59 @@
+"""The scripts in recorders/ and the CLI, end to end on tiny data."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import numpy as np
+import pytest
+
+import trajlab
+from trajlab.cli import main as cli_main
+from trajlab.data import write_cifar_dataset
+
+
+def run_script(path, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [path, *argv])
+    runpy.run_path(path, run_name="__main__")
+
+
+def test_digits_recorder_script(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "d.zarr"
+    run_script("recorders/digits.py", [str(out), "--model", "mlp", "--steps", "5",
+                                       "--batch-size", "16", "--optimizer", "momentum",
+                                       "--label-noise", "0.1", "--quiet"], monkeypatch)
+    run = trajlab.open_run(out)
+    assert run.n_steps == 5 and run.meta.user["config"]["optimizer"] == "momentum"
+    assert "integrity   ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_recorder_on_tiny_binary_dataset(tmp_path, monkeypatch, dataset):
+    rng = np.random.default_rng(0)
+    n = 20
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    if dataset == "cifar10":
+        labels = rng.integers(0, 10, n)
+    else:
+        labels = np.stack([rng.integers(0, 20, n), rng.integers(0, 100, n)], axis=1)
+    write_cifar_dataset(tmp_path / "data", images, labels, dataset=dataset, train=True)
+    out = tmp_path / "c.zarr"
+    run_script("recorders/cifar.py", [str(out), "--root", str(tmp_path / "data"),
+                                      "--dataset", dataset, "--steps", "2", "--batch-size", "4",
+                                      "--quiet"], monkeypatch)
+    run = trajlab.open_run(out)
+    assert run.n_steps == 2
+    kinds = {run.layer_meta(n).module for n in run.layers}
+    assert kinds == {"Conv2d", "Linear"}
+    assert run.root.indices.values.max() < n
+
+
+def test_cli_info_and_errors(tmp_path, capsys):
+    assert cli_main(["info", str(tmp_path / "missing.zarr")]) == 2
+    assert "no run store" in capsys.readouterr().err
+    import zarr
+
+    zarr.open_group(tmp_path / "other.zarr", mode="w")
+    assert cli_main(["info", str(tmp_path / "other.zarr")]) == 2
+    assert "not a trajlab run store" in capsys.readouterr().err
