@@ -28,7 +28,7 @@ from trajlab.sde import (
     per_sample_directions,
     sketch_layer_terms,
 )
-from trajlab.sde._sigma import hessian_diag, thin_svd
+from trajlab.spectral import hessian_diag
 
 LR = 0.05
 COMPARED = ("K", "drift_flow", "drift_noise", "diffusion2", "drift_noise_var", "drift_noise_cov",
@@ -106,13 +106,13 @@ def test_drift_noise_matches_finite_differences():
 
 
 @pytest.mark.parametrize("m,n,spectrum", [(4, 6, None), (7, 3, None), (6, 5, [2.0, 1.0])])
-def test_hessian_diag_matches_dense(m, n, spectrum):
+def test_hessian_diag_used_for_var_split_matches_dense(m, n, spectrum):
     gen = _gen(m + 2 * n)
     W = (torch.randn(m, n, generator=gen, dtype=F64) if spectrum is None
          else matrix_with_spectrum(m, n, spectrum, gen))
     H = dense_hessian(W, method="autograd" if spectrum is None else "fd")
     tol = 1e-12 if spectrum is None else 1e-8
-    assert rel(hessian_diag(thin_svd(W)).reshape(-1), H.diagonal()) <= tol
+    assert rel(hessian_diag(W).reshape(-1), H.diagonal()) <= tol
 
 
 # --- real per-sample gradients from torch.func ------------------------------------------------
@@ -324,3 +324,14 @@ def test_properties(m, n, B, seed):
     assert rel(a["drift_noise_var"] + a["drift_noise_cov"], a["drift_noise"]) <= 1e-14
     assert float(a["drift_noise"]) >= 0 and float(a["diffusion2"]) >= 0
     assert float(a["drift_noise_var"]) >= 0 and float(a["diffusion2_var"]) >= 0
+
+
+def test_float32_inputs_agree_with_float64():
+    W, tensors, G = _setup(11)
+    ref = sketch_layer_terms(W, G.mean(0), -LR * G.mean(0), LR, "rank1", tensors)
+    t32 = {k: v.float() for k, v in tensors.items()}
+    g32 = G.mean(0).float()
+    out = sketch_layer_terms(W.float(), g32, -LR * g32, torch.tensor(LR), "rank1", t32)
+    for k in COMPARED:
+        assert out[k].dtype == torch.float32
+        assert rel(out[k], ref[k]) <= 1e-4, k

@@ -1,7 +1,8 @@
 """One layer's Lipschitz dynamics: Itô terms of ``K = s_1(W)`` at recorded steps (MATH.md §3–§5).
 
 Every function takes arrays with optional leading dimensions ``...`` (e.g. steps) and returns a
-dict of arrays of shape ``(...)`` (per-sample outputs ``(..., B)``).
+dict of arrays of shape ``(...)`` (per-sample outputs ``(..., B)``). Derivatives of ``s_1`` come
+from :mod:`trajlab.spectral` (SVD form, one thin SVD of ``W`` per call, reused for every term).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from trajlab.sde._sigma import ThinSVD, hessian_diag, quadform, relative_gap, thin_svd
 from trajlab.sde.sketch import (
     SketchKind,
     noise_diag,
@@ -19,6 +19,9 @@ from trajlab.sde.sketch import (
     sketch_batch_size,
     sketch_coverage,
 )
+from trajlab.spectral import hessian_diag, hessian_quadform_proj, spectral_gap
+
+Svd = tuple[Tensor, Tensor, Tensor]
 
 __all__ = ["LAYER_KEYS", "layer_terms", "sketch_layer_terms", "pathwise_increment",
            "noise_scale"]
@@ -56,27 +59,33 @@ def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, 
     return fpc, fpc / (B * (B - 1))
 
 
-def _align(svd: ThinSVD, u1: Tensor, v1: Tensor) -> tuple[ThinSVD, Tensor]:
+def _svd(W: Tensor, svd: Svd | None) -> Svd:
+    if svd is None:
+        return torch.linalg.svd(W, full_matrices=False)
+    return svd
+
+
+def _align(svd: Svd, u1: Tensor, v1: Tensor) -> tuple[Svd, Tensor]:
     """Flip the SVD's first singular pair to the sign of the caller's ``(u1, v1)``."""
-    U, S, V = svd
+    U, S, Vh = svd
     cu = (U[..., :, 0] * u1).sum(-1)
-    cv = (V[..., :, 0] * v1).sum(-1)
+    cv = (Vh[..., 0, :] * v1).sum(-1)
     sign = torch.where(cu + cv < 0, -torch.ones_like(cu), torch.ones_like(cu))
-    flip = torch.ones_like(S)
-    flip = torch.cat([sign[..., None], flip[..., 1:]], dim=-1)[..., None, :]
+    flip = torch.cat([sign[..., None], torch.ones_like(S[..., 1:])], dim=-1)
     alignment = torch.minimum(cu.abs(), cv.abs())
-    return ThinSVD(U * flip, S, V * flip), alignment
+    return (U * flip[..., None, :], S, Vh * flip[..., :, None]), alignment
 
 
-def _directional(svd: ThinSVD, D: Tensor) -> tuple[Tensor, Tensor]:
+def _directional(W: Tensor, svd: Svd, D: Tensor) -> tuple[Tensor, Tensor]:
     """``(d s_1[D], d^2 s_1[D])`` for one direction ``D`` (..., m, n) per matrix."""
-    u, v = svd.U[..., :, 0], svd.V[..., :, 0]
+    u, v = svd[0][..., :, 0], svd[2][..., 0, :]
     p = (D @ v[..., :, None])[..., 0]             # D v_1      (..., m)
     q = (D.mT @ u[..., :, None])[..., 0]          # D^T u_1    (..., n)
-    return (u * p).sum(-1), quadform(svd, p[..., None, :], q[..., None, :])[..., 0]
+    second = hessian_quadform_proj(W, p[..., None, :], q[..., None, :], svd=svd)[..., 0]
+    return (u * p).sum(-1), second
 
 
-def pathwise_increment(W: Tensor, update: Tensor, *, svd: ThinSVD | None = None) -> Tensor:
+def pathwise_increment(W: Tensor, update: Tensor, *, svd: Svd | None = None) -> Tensor:
     """Second-order change of ``s_1`` along the applied update (MATH.md §5).
 
     ``d s_1[dW] + 1/2 d^2 s_1[dW]``: a per-step increment (not a rate).
@@ -87,15 +96,14 @@ def pathwise_increment(W: Tensor, update: Tensor, *, svd: ThinSVD | None = None)
         Weight before the step.
     update : Tensor (..., m, n)
         ``W(next) - W``.
-    svd : (U, S, V), optional
-        Thin SVD of ``W`` with ``V`` as columns, to reuse.
+    svd : (U, S, Vh), optional
+        Thin SVD of ``W`` (``torch.linalg.svd(W, full_matrices=False)``) to reuse.
 
     Returns
     -------
     Tensor (...)
     """
-    svd = thin_svd(W) if svd is None else ThinSVD(*svd)
-    d1, d2 = _directional(svd, update.to(W.dtype))
+    d1, d2 = _directional(W, _svd(W, svd), update.to(W.dtype))
     return d1 + 0.5 * d2
 
 
@@ -114,7 +122,7 @@ def layer_terms(
     grad_full: Tensor | None = None,
     population: int | None = None,
     gap_tol: float = 1e-3,
-    svd: ThinSVD | tuple[Tensor, Tensor, Tensor] | None = None,
+    svd: Svd | None = None,
 ) -> dict[str, Tensor]:
     """Drift, diffusion and pathwise terms of ``K = s_1(W)`` for one layer (MATH.md §3–§5).
 
@@ -147,8 +155,8 @@ def layer_terms(
         ``(N - B) / (N - 1)``.
     gap_tol : float
         ``degenerate = spectral_gap < gap_tol``.
-    svd : (U, S, V), optional
-        Thin SVD of ``W`` (``V`` as columns) to reuse.
+    svd : (U, S, Vh), optional
+        Thin SVD of ``W`` (``torch.linalg.svd(W, full_matrices=False)``) to reuse.
 
     Returns
     -------
@@ -181,13 +189,12 @@ def layer_terms(
         raise ValueError(f"Gv {tuple(Gv.shape)} / Gtu {tuple(Gtu.shape)} do not hold "
                          f"batch_size={batch_size} samples on dim -2")
     dt = W.dtype
-    svd = thin_svd(W) if svd is None else ThinSVD(*svd)
-    svd, alignment = _align(svd, u1.to(dt), v1.to(dt))
-    U, S, V = svd
-    u, v = U[..., :, 0], V[..., :, 0]
+    svd, alignment = _align(_svd(W, svd), u1.to(dt), v1.to(dt))
+    U, S, Vh = svd
+    u, v = U[..., :, 0], Vh[..., 0, :]
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
     K = S[..., 0]
-    gap = relative_gap(S)
+    gap = spectral_gap(S)
 
     g = g.to(dt)
     if grad_full is None:
@@ -197,7 +204,7 @@ def layer_terms(
         grad_full = grad_full.to(dt)
         used_full = torch.isfinite(grad_full).all(-1).all(-1)
         grad = torch.where(used_full[..., None, None], grad_full, g)
-    first, second = _directional(svd, grad)
+    first, second = _directional(W, svd, grad)
     drift_flow = -first
     drift_disc = 0.5 * eta * second
 
@@ -206,16 +213,16 @@ def layer_terms(
     Ov = Gv.to(dt) - gv[..., None, :]                     # Omega_i v_1     (..., B, m)
     Otu = Gtu.to(dt) - gtu[..., None, :]                  # Omega_i^T u_1   (..., B, n)
     c = (Ov * u[..., None, :]).sum(-1)                     # u_1^T Omega_i v_1 (..., B)
-    drift_noise = 0.5 * eta * scale * quadform(svd, Ov, Otu).sum(-1)
+    drift_noise = 0.5 * eta * scale * hessian_quadform_proj(W, Ov, Otu, svd=svd).sum(-1)
     diffusion2 = eta * scale * (c * c).sum(-1)
 
     sd = sigma_diag.to(dt) * fpc
-    H = hessian_diag(svd)
+    H = hessian_diag(W, svd=svd)
     drift_noise_var = 0.5 * eta * (H * sd).sum((-2, -1))
     J2 = (u * u)[..., :, None] * (v * v)[..., None, :]
     diffusion2_var = eta * (J2 * sd).sum((-2, -1))
 
-    p1, p2 = _directional(svd, update.to(dt))
+    p1, p2 = _directional(W, svd, update.to(dt))
     return {
         "K": K,
         "spectral_gap": gap,
@@ -259,10 +266,23 @@ def sketch_layer_terms(
     dict of str to Tensor
         The keys of :func:`layer_terms` plus ``coverage_u`` and ``coverage_v``
         (:func:`trajlab.sde.sketch_coverage`; 1 = the sketch holds ``u_1``, ``v_1`` exactly).
+
+    Examples
+    --------
+    >>> W = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    >>> delta = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    >>> a = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> g = delta.mT @ a / 2                       # batch mean of outer(delta_i, a_i): zero
+    >>> out = sketch_layer_terms(W, g, -0.1 * g, 0.1, "rank1",
+    ...                          {"ps_grad_out": delta, "ps_input": a})
+    >>> float(out["K"]), float(out["diffusion2"])
+    (2.0, 0.0)
+    >>> round(float(out["drift_noise"]), 6)     # 0.1/(2*2) * 2 * s1/(s1^2 - s2^2)
+    0.033333
     """
     B = sketch_batch_size(sketch, tensors)
-    svd = thin_svd(W)
-    u1, v1 = svd.U[..., :, 0], svd.V[..., :, 0]
+    svd = torch.linalg.svd(W, full_matrices=False)
+    u1, v1 = svd[0][..., :, 0], svd[2][..., 0, :]
     Gv, Gtu = per_sample_directions(sketch, tensors, u1, v1)
     sd = noise_diag(sketch, tensors, g, batch_size=B)
     out = layer_terms(W, g, update, lr, B, Gv, Gtu, sd, u1=u1, v1=v1, grad_full=grad_full,
