@@ -152,3 +152,26 @@ def test_power_warm_start():
     warm = conv_opnorm(k1, 8, padding=1, max_iter=3000, init=r0)
     assert warm.n_iter < cold.n_iter
     assert abs(float(warm.sigma - cold.sigma)) <= 1e-12 * float(cold.sigma)
+
+
+@pytest.mark.parametrize("size", [(6, 6), (5, 7), (4, 5)])
+def test_fft_gap_matches_full_spectrum(size):
+    from trajlab.spectral.conv import _geometry, _spectrum
+
+    k = torch.randn(3, 2, 3, 3, generator=_gen(50), dtype=f64)
+    r = conv_opnorm(k, size, padding=1, padding_mode="circular")
+    sv = _spectrum(k, _geometry(k, size, 1, 1, 1, "circular"))
+    fh, fw = r.freq
+    top = sv[..., 0].clone()
+    second = sv[fh, fw, 1]
+    top[fh, fw] = 0
+    top[(-fh) % size[0], (-fw) % size[1]] = 0
+    nxt = torch.maximum(top.max(), second)
+    torch.testing.assert_close(r.gap, (r.sigma - nxt) / r.sigma)
+
+
+def test_structural_frequency_tie_is_flagged():
+    # dilation 2 on an even torus: f and f + N/2 share the same symbol
+    k = torch.randn(2, 2, 3, 3, generator=_gen(51), dtype=f64)
+    r = conv_opnorm(k, 6, padding=2, dilation=2, padding_mode="circular")
+    assert bool(r.degenerate)

@@ -170,33 +170,49 @@ def _symbol(kernel: Tensor, g: _Geometry, freqs: Tensor) -> Tensor:
     return torch.einsum("oiab,fa,fb->foi", kernel.to(ph.dtype), ph, pw)
 
 
-def _spectrum(kernel: Tensor, g: _Geometry) -> Tensor:
-    """Singular values of ``K(f)`` for all frequencies: (H, W, min(C_out, C_in))."""
+def _padded_kernel(kernel: Tensor, g: _Geometry) -> Tensor:
+    """Kernel taps placed at their (dilated) offsets on the H x W torus, wrapped taps summed."""
     H, W = g.input_size
     kh, kw = kernel.shape[-2:]
     ih = (torch.arange(kh, device=kernel.device) * g.dilation[0]) % H
     iw = (torch.arange(kw, device=kernel.device) * g.dilation[1]) % W
     kp = kernel.new_zeros(*kernel.shape[:2], H, kw).index_add_(-2, ih, kernel)
-    kp = kp.new_zeros(*kernel.shape[:2], H, W).index_add_(-1, iw, kp)
+    return kp.new_zeros(*kernel.shape[:2], H, W).index_add_(-1, iw, kp)
+
+
+def _spectrum(kernel: Tensor, g: _Geometry) -> Tensor:
+    """Singular values of ``K(f)`` for all frequencies: (H, W, min(C_out, C_in))."""
     # fft2 gives conj(K(f)) times a unit phase: same singular values.
-    Khat = torch.fft.fft2(kp).permute(2, 3, 0, 1)
+    Khat = torch.fft.fft2(_padded_kernel(kernel, g)).permute(2, 3, 0, 1)
     return torch.linalg.svdvals(Khat)
+
+
+def _top_of_spectrum(kernel: Tensor, g: _Geometry) -> tuple[Tensor, tuple[int, int], Tensor]:
+    """``(sigma, f*, sigma_next)`` from the half spectrum (``K(-f) = conj K(f)``).
+
+    ``sigma_next`` is the largest singular value outside the conjugate pair ``{f*, -f*}``.
+    """
+    H, W = g.input_size
+    Khat = torch.fft.rfft2(_padded_kernel(kernel, g)).permute(2, 3, 0, 1)  # (H, W//2+1, o, i)
+    sv = torch.linalg.svdvals(Khat)
+    top = sv[..., 0]
+    Wh = top.shape[1]
+    flat = int(top.reshape(-1).argmax())
+    fh, fw = divmod(flat, Wh)
+    sigma = top[fh, fw]
+    mask = torch.ones_like(top, dtype=torch.bool)
+    mask[fh, fw] = False
+    ch, cw = (-fh) % H, (-fw) % W
+    if cw < Wh:  # the conjugate partner also lies in the stored half plane
+        mask[ch, cw] = False
+    other = top[mask].max() if bool(mask.any()) else sigma.new_zeros(())
+    second = sv[fh, fw, 1] if sv.shape[-1] > 1 else sigma.new_zeros(())
+    return sigma, (fh, fw), torch.maximum(other, second)
 
 
 def _conv_fft(kernel: Tensor, g: _Geometry, gap_tol: float) -> ConvOpNorm:
     H, W = g.input_size
-    sv = _spectrum(kernel, g)                            # (H, W, r)
-    top = sv[..., 0]
-    flat = int(top.reshape(-1).argmax())
-    fh, fw = divmod(flat, W)
-    sigma = top[fh, fw]
-    # next singular value outside the conjugate pair {f*, -f*}
-    mask = torch.ones_like(top, dtype=torch.bool)
-    mask[fh, fw] = False
-    mask[(-fh) % H, (-fw) % W] = False
-    other = top[mask].max() if bool(mask.any()) else sigma.new_zeros(())
-    second = sv[fh, fw, 1] if sv.shape[-1] > 1 else sigma.new_zeros(())
-    nxt = torch.maximum(other, second)
+    sigma, (fh, fw), nxt = _top_of_spectrum(kernel, g)
     gap = spectral_gap(torch.stack([sigma, nxt]))
     freqs = torch.tensor([[fh, fw]], device=kernel.device)
     K = _symbol(kernel, g, freqs)[0]
