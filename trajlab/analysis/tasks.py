@@ -1,0 +1,144 @@
+"""The work of one graph node: a (layer, step-chunk) or a network step-chunk.
+
+Tasks read their slice of the run store themselves (nothing big travels through the graph),
+compute with the pure kernels of :mod:`trajlab.sde` in float64, and return small arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from trajlab.analysis.variables import LAYER_TASK_KEYS, NETWORK_TASK_KEYS
+from trajlab.sde import network_terms, sketch_layer_terms
+from trajlab.store import schema
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices that change the result; stored in the analysis store's attributes."""
+
+    gradient: str = "auto"  # "auto" (probe where recorded, else batch), "batch", "probe"
+    population: int | None = None  # finite-population correction N (sampling w/o replacement)
+    gap_tol: float = 1e-3
+    every: int = 1  # optimizer steps per recorded row (dt = every * lr)
+
+
+def _open(store: Any, storage_options: dict | None) -> zarr.Group:
+    kw: dict[str, Any] = {"mode": "r"}
+    if storage_options is not None:
+        kw["storage_options"] = storage_options
+    return zarr.open_group(store, **kw)
+
+
+def layer_chunk(
+    store: Any,
+    storage_options: dict | None,
+    group: str,
+    sketch: str,
+    rows: tuple[int, int],
+    options: AnalysisOptions,
+) -> dict[str, np.ndarray]:
+    """Per-step terms of one layer for rows ``rows[0]:rows[1]`` of the run store.
+
+    Returns {key: (n,) array} for LAYER_TASK_KEYS plus ``noise_proj`` (n, B_max).
+    """
+    root = _open(store, storage_options)
+    lg = root[f"{schema.LAYERS_GROUP}/{group}"]
+    r0, r1 = rows
+    sl = slice(r0, r1)
+    batch = root["batch_size"][sl]
+    lr = lg["lr"][sl]
+    W, G, U = lg["weight"][sl], lg["grad"][sl], lg["update"][sl]
+    nonfinite = lg["nonfinite"][sl]
+    probe = None
+    if options.gradient in ("auto", "probe"):
+        has = root["probe"][sl]
+        if has.any():
+            probe = (has, lg["probe_grad"][sl])
+    names = list(schema.SKETCH_VARS[sketch])
+    sk = {k: lg[k][sl] for k in names}
+    n = r1 - r0
+    bmax = int(root["indices"].shape[1])
+    out = {k: np.full(n, np.nan) for k in LAYER_TASK_KEYS}
+    out["degenerate"] = np.zeros(n, dtype=bool)
+    out["noise_proj"] = np.full((n, bmax), np.nan)
+    for i in range(n):
+        b = int(batch[i])
+        if nonfinite[i] or b < 2:
+            continue
+        t = {}
+        for k, arr in sk.items():
+            dims = lg[k].metadata.dimension_names[1:]
+            a = arr[i][:b] if dims and dims[0] == schema.SAMPLE else arr[i]
+            t[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+        grad_full = None
+        if probe is not None and probe[0][i]:
+            grad_full = torch.from_numpy(probe[1][i].astype(np.float64))
+        terms = sketch_layer_terms(
+            torch.from_numpy(W[i].astype(np.float64)),
+            torch.from_numpy(G[i].astype(np.float64)),
+            torch.from_numpy(U[i].astype(np.float64)),
+            float(lr[i]),
+            sketch,
+            t,
+            grad_full=grad_full,
+            population=options.population,
+            gap_tol=options.gap_tol,
+        )
+        for k in LAYER_TASK_KEYS:
+            if k == "coverage":
+                out[k][i] = float(torch.minimum(terms["coverage_u"], terms["coverage_v"]))
+            else:
+                out[k][i] = float(terms[k])
+        out["noise_proj"][i, :b] = terms["noise_proj"].numpy()
+    return out
+
+
+def network_chunk(
+    store: Any,
+    storage_options: dict | None,
+    rows: tuple[int, int],
+    options: AnalysisOptions,
+    layer_results: list[dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Network terms for rows ``rows`` from the layers' chunk results (same rows, layer order)."""
+    root = _open(store, storage_options)
+    r0, r1 = rows
+    batch = root["batch_size"][r0:r1]
+    lr = root["lr"][r0:r1]
+    n = r1 - r0
+    out = {k: np.full(n, np.nan) for k in NETWORK_TASK_KEYS}
+    out["lr"], out["batch_size"] = lr.astype(np.float64), batch.astype(np.float64)
+    stack = {k: np.stack([r[k] for r in layer_results], axis=-1)
+             for k in ("K", "drift", "diffusion2", "drift_noise", "drift_flow",
+                       "drift_discretization")}
+    proj = np.stack([r["noise_proj"] for r in layer_results], axis=1)  # (n, L, Bmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["logK"] = np.log(stack["K"]).sum(-1)
+    out["K_net"] = np.exp(out["logK"])
+    for i in range(n):
+        b = int(batch[i])
+        if b < 2 or not np.all(np.isfinite(stack["K"][i])):
+            continue
+        c = proj[i, :, :b]
+        if not np.all(np.isfinite(c)):
+            continue
+        # Every layer must use the same lr for the network SDE; the root lr is group 0's.
+        terms = network_terms(
+            *(torch.from_numpy(stack[k][i]) for k in ("K", "drift", "diffusion2", "drift_noise")),
+            torch.from_numpy(c),
+            float(lr[i]),
+            b,
+            population=options.population,
+            drift_flow=torch.from_numpy(stack["drift_flow"][i]),
+            drift_discretization=torch.from_numpy(stack["drift_discretization"][i]),
+        )
+        for k in NETWORK_TASK_KEYS:
+            if k in terms and k not in ("K_net", "logK"):
+                out[k][i] = float(terms[k])
+    return out
