@@ -57,3 +57,24 @@ def test_cli_info_and_errors(tmp_path, capsys):
     zarr.open_group(tmp_path / "other.zarr", mode="w")
     assert cli_main(["info", str(tmp_path / "other.zarr")]) == 2
     assert "not a trajlab run store" in capsys.readouterr().err
+
+
+def test_cli_analyze_plot_and_accessor(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trajlab.recipes import TrainConfig, record_digits
+
+    run = record_digits(tmp_path / "r.zarr", TrainConfig(model="mlp", steps=12, batch_size=16),
+                        progress=False)
+    assert cli_main(["analyze", str(run), "--out", str(tmp_path / "a.zarr"),
+                     "--scheduler", "threads", "--quiet"]) == 0
+    assert cli_main(["plot", str(tmp_path / "a.zarr"), "--kind", "validation", "drift", "noise",
+                     "band", "--out-dir", str(tmp_path / "fig")]) == 0
+    for kind in ("validation", "drift", "noise", "band"):
+        assert (tmp_path / "fig" / f"{kind}.png").stat().st_size > 10_000
+    ds = trajlab.open_analysis(tmp_path / "a.zarr")
+    assert ds.K.dims == ("step", "layer") and "time" in ds.coords
+    assert ds.K.attrs["description"].startswith("measured")
+    fig = ds.lipschitz.plot_validation()
+    assert len(fig.axes) >= len(ds.layer) + 1

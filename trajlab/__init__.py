@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import trajlab.plot.accessor  # noqa: F401  (registers ds.lipschitz)
+from trajlab.analysis import analyze, open_analysis
 from trajlab.record import FullGradientProbe, Recorder, RecorderError, SelfCheckError
 from trajlab.store import Run, StoreError, StoreExistsError, open_run
 from trajlab.store.reconstruct import PerSampleGradients, per_sample_gradients
@@ -22,6 +24,8 @@ __all__ = [
     "StoreError",
     "StoreExistsError",
     "__version__",
+    "analyze",
+    "open_analysis",
     "open_run",
     "per_sample_gradients",
 ]

@@ -85,10 +85,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import trajlab
     from trajlab.recipes import TrainConfig, record_digits
 
-    torch.set_num_threads(max(1, args.threads)) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "run.zarr"
+    if store.exists() and not args.overwrite:
+        raise FileExistsError(f"{store} exists; pass --overwrite to replace the demo run")
     cfg = TrainConfig(model="convnet", steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     print(f"trajlab demo: training a ConvNet on scikit-learn's digits for {cfg.steps} steps "
           f"(batch {cfg.batch_size}, lr {cfg.lr}), recording every step into {store}")
@@ -108,29 +111,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'network bound (product)':<26}{k0:>10.4f}{k1:>10.4f}")
     loss = run.root.loss.values
     print(f"loss {loss[0]:.3f} -> {np.nanmean(loss[-20:]):.3f} (mean of the last 20 steps)")
-    try:
-        from trajlab.analysis import analyze  # noqa: F401
-    except ImportError:
-        return 0
     return _demo_analysis(store, out, args)
 
 
 def _demo_analysis(store: Path, out: Path, args: argparse.Namespace) -> int:
-    import trajlab
     from trajlab.analysis import analyze
 
     t0 = time.perf_counter()
+    scheduler = "threads" if args.workers == 0 else None
+    where = "threads" if scheduler else f"a local Dask cluster ({args.workers or 'one worker per core'})"
+    print(f"analysing on {where} ...")
     ds = analyze(store, out=out / "analysis.zarr", overwrite=True, progress=not args.quiet,
-                 scheduler="threads" if args.workers == 0 else None, workers=args.workers or None)
-    print(f"analysed in {time.perf_counter() - t0:.1f} s -> {out / 'analysis.zarr'}")
-    try:
-        from trajlab.plot import plot_validation
-    except ImportError:
-        return 0
-    fig = plot_validation(ds)
-    fig.savefig(out / "theory_vs_measured.png", dpi=120)
-    print(f"figure -> {out / 'theory_vs_measured.png'}")
-    _ = trajlab
+                 scheduler=scheduler, workers=args.workers)
+    print(f"analysed {ds.sizes['step']} steps x {ds.sizes['layer']} layers in "
+          f"{time.perf_counter() - t0:.1f} s -> {out / 'analysis.zarr'}")
+    last = ds.isel(step=-1).compute()
+    err = float(np.abs(last.K_pathwise - last.K).max() / last.K.max())
+    print(f"pathwise reconstruction of K at the last step: max relative error {err:.1e}")
+    print(f"log K_net: measured change {float(last.logK - ds.logK[0]):+.3f}, SDE drift "
+          f"predicts {float(last.logK_pred_mean - ds.logK[0]):+.3f} "
+          f"(± {1.96 * float(np.sqrt(last.logK_pred_var)):.3f}, 95%)")
+    path = out / "theory_vs_measured.png"
+    _save(ds.lipschitz.plot_validation(), path)
+    _save(ds.lipschitz.plot_drift(), out / "drift_decomposition.png")
+    print(f"figures -> {path}, {out / 'drift_decomposition.png'}")
+    return 0
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_steps(text: str | None):
+    if text is None:
+        return None
+    lo, _, hi = text.partition(":")
+    return (int(lo) if lo else -(2**62), int(hi) if hi else 2**62)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from trajlab.analysis import analyze
+
+    t0 = time.perf_counter()
+    ds = analyze(
+        args.run,
+        out=args.out,
+        layers=args.layers,
+        steps=_parse_steps(args.steps),
+        scheduler=args.scheduler,
+        workers=args.workers,
+        chunk_rows=args.chunk_rows,
+        gradient=args.gradient,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"analysed {ds.sizes['step']} steps x {ds.sizes['layer']} layers in "
+          f"{time.perf_counter() - t0:.1f} s -> {args.out}")
+    print("open it with: trajlab.open_analysis(" + repr(str(args.out)) + ")")
+    return 0
+
+
+PLOTS = {
+    "validation": "plot_validation",
+    "drift": "plot_drift",
+    "noise": "plot_noise_split",
+    "band": "plot_band",
+}
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from trajlab.analysis import open_analysis
+
+    ds = open_analysis(args.analysis).compute()
+    out = Path(args.out_dir or Path(str(args.analysis)).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in args.kind:
+        path = out / f"{kind}.png"
+        _save(getattr(ds.lipschitz, PLOTS[kind])(), path)
+        print(f"{kind} -> {path}")
     return 0
 
 
@@ -144,11 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--overwrite", action="store_true", help="replace an existing demo run")
-    d.add_argument("--workers", type=int, default=0,
-                   help="Dask workers for the analysis (0 = threads in this process)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="Dask worker processes for the analysis (default: one per core; "
+                   "0 = threads in this process)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("analyze", help="compute the SDE terms of a run into an analysis store")
+    a.add_argument("run", help="run store (path or URL)")
+    a.add_argument("--out", required=True, help="analysis store to write (resumed if unfinished)")
+    a.add_argument("--scheduler", default=None,
+                   help="Dask scheduler address (tcp://host:8786) or threads|processes|"
+                   "synchronous; default: a local cluster")
+    a.add_argument("--workers", type=int, default=None, help="local cluster worker processes")
+    a.add_argument("--layers", nargs="+", default=None, help="layers to analyse (default all)")
+    a.add_argument("--steps", default=None, help="step range START:STOP (stop exclusive)")
+    a.add_argument("--chunk-rows", type=int, default=None, help="steps per task")
+    a.add_argument("--gradient", choices=["auto", "batch", "probe"], default="auto")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing analysis")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_analyze)
+
+    pl = sub.add_parser("plot", help="write the figures of an analysis store as PNG")
+    pl.add_argument("analysis", help="analysis store written by `trajlab analyze`")
+    pl.add_argument("--kind", nargs="+", choices=sorted(PLOTS), default=["validation", "drift"])
+    pl.add_argument("--out-dir", default=None, help="folder for the PNGs (default: beside it)")
+    pl.set_defaults(func=cmd_plot)
 
     i = sub.add_parser("info", help="describe a run store: layers, shapes, steps, sizes, integrity")
     i.add_argument("run")
@@ -159,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import trajlab
 
+    if "MPLBACKEND" not in __import__("os").environ:
+        import matplotlib
+
+        matplotlib.use("Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

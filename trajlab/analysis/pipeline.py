@@ -199,7 +199,7 @@ def _single_threaded_in_workers() -> None:
 
 
 # ----------------------------------------------------------------------------- integrals
-def _integrals(K, inc, logK, mu, s2, s2b, disc, lr, every) -> dict[str, np.ndarray]:
+def _integrals(K, inc, drift, logK, mu, s2, s2b, disc, lr, every) -> dict[str, np.ndarray]:
     """Series-wide quantities at the start of each row (first row = initial values)."""
     dt = lr * every
     T = K.shape[0]
@@ -216,6 +216,7 @@ def _integrals(K, inc, logK, mu, s2, s2b, disc, lr, every) -> dict[str, np.ndarr
     else:
         kp = np.full_like(K, np.nan)
     out["K_pathwise"] = kp
+    out["K_pred_mean"] = K[0][None, :] + cum(drift)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["K_net_pathwise"] = np.prod(kp, axis=1)
     out["logK_pred_mean"] = logK[0] + cum(mu)
@@ -230,10 +231,11 @@ def _integrals(K, inc, logK, mu, s2, s2b, disc, lr, every) -> dict[str, np.ndarr
 
 
 def _integrate_into(g: zarr.Group, plan: _Plan) -> None:
-    vals = {k: g[k][:] for k in ("K", "pathwise_increment")}
+    vals = {k: g[k][:] for k in ("K", "pathwise_increment", "drift")}
     net = {k: g[k][:] for k in ("logK", "logK_drift", "logK_diffusion2",
                                 "logK_diffusion2_blockdiag", "logK_discretization", "lr")}
-    res = _integrals(vals["K"], vals["pathwise_increment"], net["logK"], net["logK_drift"],
+    res = _integrals(vals["K"], vals["pathwise_increment"], vals["drift"], net["logK"],
+                     net["logK_drift"],
                      net["logK_diffusion2"], net["logK_diffusion2_blockdiag"],
                      net["logK_discretization"], net["lr"], plan.options.every)
     T, c = plan.n_rows, plan.chunk_rows
@@ -359,7 +361,8 @@ def _in_memory_dataset(plan: _Plan, run: Run, results) -> xr.Dataset:
         for li, r in enumerate(lres):
             for k in LAYER_TASK_KEYS:
                 layer[k][sl, li] = r[k]
-    ints = _integrals(layer["K"], layer["pathwise_increment"], net["logK"], net["logK_drift"],
+    ints = _integrals(layer["K"], layer["pathwise_increment"], layer["drift"], net["logK"],
+                      net["logK_drift"],
                       net["logK_diffusion2"], net["logK_diffusion2_blockdiag"],
                       net["logK_discretization"], net["lr"], plan.options.every)
     data = {}

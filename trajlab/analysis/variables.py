@@ -23,6 +23,8 @@ LAYER_VARIABLES: dict[str, str] = {
     "coverage": "min(||U^T u1||, ||V^T v1||): how much of the top singular pair the per-sample "
     "sketch holds (1 = exact)",
     "K_pathwise": "K reconstructed from K(0) by summing pathwise_increment",
+    "K_pred_mean": "K(0) + int drift dt: the SDE's expected K with the drift evaluated along "
+    "the recorded trajectory",
 }
 
 #: Network-level variables (dims: step).
@@ -51,7 +53,7 @@ NETWORK_VARIABLES: dict[str, str] = {
 
 #: Per-layer keys computed by the layer task (the rest of LAYER_VARIABLES is integrated later).
 LAYER_TASK_KEYS: tuple[str, ...] = tuple(
-    k for k in LAYER_VARIABLES if k not in ("K_pathwise",)
+    k for k in LAYER_VARIABLES if k not in ("K_pathwise", "K_pred_mean")
 )
 #: Network keys computed by the network task.
 NETWORK_TASK_KEYS: tuple[str, ...] = (
@@ -60,7 +62,7 @@ NETWORK_TASK_KEYS: tuple[str, ...] = (
 )
 #: Keys integrated over the whole series once every chunk is done.
 INTEGRATED_KEYS: tuple[str, ...] = (
-    "time", "K_pathwise", "K_net_pathwise", "logK_pred_mean", "logK_pred_var",
+    "time", "K_pathwise", "K_pred_mean", "K_net_pathwise", "logK_pred_mean", "logK_pred_var",
     "logK_pred_var_blockdiag", "logK_discretization_integral", "K_net_pred_lower",
     "K_net_pred_upper",
 )
