@@ -93,6 +93,13 @@ def _plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> _Pla
             )
         rows = (int(sel[0]), int(sel[-1]) + 1)
     n = rows[1] - rows[0]
+    bs = run.root.batch_size.values[rows[0]:rows[1]]
+    if (bs < 2).all():
+        raise ValueError(
+            "every selected step has batch size 1: the gradient-noise terms need batch size >= 2 "
+            "(MATH.md §1); record with larger batches. (Steps with batch size 1 among others are "
+            "analysed without noise terms, which are NaN there.)"
+        )
     if chunk_rows is None:
         chunk_rows = min(run.meta.chunk_steps, max(8, math.ceil(n / 8)))
     if chunk_rows < 1:

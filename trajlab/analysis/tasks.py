@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from trajlab.analysis.variables import LAYER_TASK_KEYS, NETWORK_TASK_KEYS
-from trajlab.sde import network_terms, sketch_layer_terms
+from trajlab.sde import network_terms, pathwise_increment, sketch_layer_terms
 from trajlab.store import schema
 
 
@@ -69,7 +69,10 @@ def layer_chunk(
     out["noise_proj"] = np.full((n, bmax), np.nan)
     for i in range(n):
         b = int(batch[i])
-        if nonfinite[i] or b < 2:
+        if nonfinite[i]:
+            continue
+        if b < 2:
+            _noise_free_terms(out, i, W[i], G[i], U[i])
             continue
         t = {}
         for k, arr in sk.items():
@@ -97,6 +100,18 @@ def layer_chunk(
                 out[k][i] = float(terms[k])
         out["noise_proj"][i, :b] = terms["noise_proj"].numpy()
     return out
+
+
+def _noise_free_terms(out: dict, i: int, W, g, update) -> None:
+    """Terms defined without a noise estimate (batch size 1): K, gap, flow, pathwise."""
+    W = torch.from_numpy(W.astype(np.float64))
+    u, s, vh = torch.linalg.svd(W, full_matrices=False)
+    out["K"][i] = float(s[0])
+    out["spectral_gap"][i] = float((s[0] - s[1]) / s[0]) if s.numel() > 1 else 1.0
+    out["drift_flow"][i] = -float(u[:, 0] @ torch.from_numpy(g.astype(np.float64)) @ vh[0])
+    d = torch.from_numpy(update.astype(np.float64))
+    out["pathwise_increment"][i] = float(pathwise_increment(W, d))
+    out["pathwise_first_order"][i] = float(u[:, 0] @ d @ vh[0])
 
 
 def network_chunk(

@@ -18,6 +18,7 @@ from trajlab.record.probe import FullGradientProbe
 from trajlab.record.rules import Capture, LayerRule, rule_for
 from trajlab.record.rules.base import rank1_sketch, subspace_sketch
 from trajlab.record.writer import BackgroundWriter, PendingRecord
+from trajlab.store.lock import StoreLock
 from trajlab.store.run_store import RunStoreWriter, StoreLike
 from trajlab.store.schema import FORMAT_VERSION, LayerMeta, RunMeta, layer_group_name
 
@@ -164,6 +165,7 @@ class Recorder:
         self._layers = self._select_layers(layers)
         self._tracker = SubspaceTracker(rank)
         self._handles: list[Any] = []
+        self._lock: StoreLock | None = None
         self._writer: BackgroundWriter | None = None
         self._store_writer: RunStoreWriter | None = None
         self._step = 0
@@ -176,6 +178,7 @@ class Recorder:
         self._probe_grads: dict[str, Tensor] | None = None
         self._nonfinite_seen: list[tuple[int, str]] = []
         self._warned_nonfinite = False
+        self._warned_empty = False
 
     # ------------------------------------------------------------------ set-up
     def _select_layers(self, names: Sequence[str] | None) -> list[_Layer]:
@@ -241,12 +244,19 @@ class Recorder:
         )
 
     def __enter__(self) -> Recorder:
-        self._store_writer = RunStoreWriter(
-            self.store, mode=self.mode, storage_options=self.storage_options
-        )
+        self._lock = StoreLock(self.store)
+        self._lock.acquire()
+        try:
+            self._store_writer = RunStoreWriter(
+                self.store, mode=self.mode, storage_options=self.storage_options
+            )
+        except BaseException:
+            self._lock.release()
+            raise
         last = self._store_writer.last_step
         if self._start_step is not None:
             if last is not None and self._start_step <= last:
+                self._lock.release()
                 raise RecorderError(
                     f"start_step={self._start_step} but the store already holds steps up to "
                     f"{last}; resume with start_step > {last} or record into a new store"
@@ -259,6 +269,7 @@ class Recorder:
             queue_size=self.queue_size,
             flush_seconds=self.flush_seconds,
             on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
+            on_tick=self._lock.refresh,
         )
         try:
             for layer in self._layers:
@@ -270,6 +281,7 @@ class Recorder:
         except BaseException:
             self._remove_hooks()
             self._writer.close()
+            self._lock.release()
             raise
         self._active = True
         return self
@@ -290,7 +302,17 @@ class Recorder:
             self._writer = None
             if err is not None and self._stopped_reason is None:
                 self._fail(err)
+        if self._lock is not None:
+            self._lock.release()
         self._emit_nonfinite_warning()
+        if self._n_recorded == 0 and self._stopped_reason is None and not self._warned_empty:
+            self._warned_empty = True
+            warnings.warn(
+                "trajlab: no step was recorded (optimizer.step() was not called while recording"
+                f"); nothing was written to {self.store!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
@@ -678,6 +700,8 @@ class Recorder:
     def _fail(self, err: BaseException) -> None:
         reason = f"{type(err).__name__}: {err}"
         self._stopped_reason = reason
+        with contextlib.suppress(Exception):
+            self._store_writer.set_truncated(reason)
         if self.on_error == "raise":
             raise RecorderError(f"trajlab: writing the run store failed: {reason}") from err
         warnings.warn(
@@ -687,8 +711,6 @@ class Recorder:
             RuntimeWarning,
             stacklevel=4,
         )
-        with contextlib.suppress(Exception):
-            self._store_writer.set_truncated(reason)
 
     def _emit_nonfinite_warning(self) -> None:
         if self._nonfinite_seen and not self._warned_nonfinite:

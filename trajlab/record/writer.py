@@ -60,10 +60,12 @@ class BackgroundWriter:
         queue_size: int = 8,
         flush_seconds: float = 5.0,
         on_nonfinite: Callable[[int, str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.writer = writer
         self.flush_seconds = flush_seconds
         self.on_nonfinite = on_nonfinite
+        self.on_tick = on_tick
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._buffer: list[StepRecord] = []
         self._last_flush = time.monotonic()
@@ -149,6 +151,8 @@ class BackgroundWriter:
         return time.monotonic() - self._last_flush >= self.flush_seconds
 
     def _flush(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick()
         if self._buffer:
             self.writer.append(self._buffer)
             self._buffer = []

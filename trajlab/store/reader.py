@@ -56,24 +56,41 @@ class Run:
         return self.meta.layer(name)
 
     def _open(self, group: str | None) -> xr.Dataset:
-        kw: dict[str, Any] = {"consolidated": False, "zarr_format": 3, "chunks": {}}
-        if self.storage_options is not None:
-            kw["storage_options"] = self.storage_options
-        ds = xr.open_zarr(self.store, group=group, **kw)
-        ds = ds.isel({schema.STEP: slice(0, self.n_steps)})
-        if "sample" in ds.dims:
-            ds = ds.drop_vars([v for v in ("sample",) if v in ds.coords])
+        """The group's arrays as a lazy Dataset, cut to the committed rows.
+
+        Built array by array (not with ``xr.open_zarr``) because after an interrupted write
+        arrays may have different lengths beyond the commit marker.
+        """
+        import dask.array as da
+
+        try:
+            g = self._group if group is None else self._group[group]
+        except KeyError as e:
+            raise StoreError(
+                f"{self.store!r} has no data for {group!r} yet (the recorder stopped before "
+                "its first commit)"
+            ) from e
+        data = {}
+        for name, arr in g.arrays():
+            dims = tuple(arr.metadata.dimension_names)
+            lazy = da.from_zarr(arr, chunks=arr.chunks)[: self.n_steps]
+            data[name] = xr.Variable(dims, lazy, attrs=dict(arr.attrs))
+        ds = xr.Dataset(data, attrs=dict(g.attrs))
         return ds
 
     @cached_property
     def root(self) -> xr.Dataset:
         """Step-level variables (lr, batch_size, loss, indices, probe) with a ``step`` coordinate."""
         ds = self._open(None)
+        if schema.STEP not in ds:
+            return ds
         return ds.assign_coords({schema.STEP: np.asarray(ds[schema.STEP].values)})
 
     @property
     def steps(self) -> np.ndarray:
         """Step indices of the committed rows."""
+        if schema.STEP not in self.root:
+            return np.zeros(0, dtype=np.int64)
         return self.root[schema.STEP].values
 
     def layer(self, name: str) -> xr.Dataset:

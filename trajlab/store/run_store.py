@@ -134,9 +134,13 @@ class RunStoreWriter:
             )
         if exists and mode == "a":
             group = _open_group(store, "r+", storage_options)
-            self.meta, self.committed = read_meta(group, where=str(store))
-            self.group = group
-            self._bind_arrays()
+            meta, committed = read_meta(group, where=str(store))
+            if committed > 0:
+                self.meta, self.committed, self.group = meta, committed, group
+                self._bind_arrays()
+            else:
+                # Created, but killed before its first commit: lay it out anew.
+                self.mode = "w"
 
     # ----------------------------------------------------------------- layout
     @property
@@ -153,7 +157,14 @@ class RunStoreWriter:
     def create(self, meta: RunMeta, *, sample_capacity: int) -> None:
         """Create the layout for ``meta`` (mode "w-"/"w", or "a" on an absent store)."""
         mode = "w" if self.mode == "w" else "w-"
-        group = _open_group(self.store, mode, self.storage_options)
+        kw: dict[str, Any] = {"mode": mode, "zarr_format": 3,
+                              "attributes": {schema.ATTR_KEY: meta.to_dict(), schema.COMMIT_KEY: 0}}
+        if self.storage_options is not None:
+            kw["storage_options"] = self.storage_options
+        # The group document (with the metadata and a zero commit marker) is written first and
+        # atomically: a store killed during creation opens as an empty run and is re-laid out
+        # by a resumed recorder.
+        group = zarr.open_group(self.store, **kw)
         dtype = np.dtype(meta.dtype)
         c = meta.chunk_steps
         for name, (dims, dt) in schema.ROOT_VARS.items():
@@ -169,7 +180,6 @@ class RunStoreWriter:
             }
             for name, (dims, dt) in schema.layer_vars(lm.sketch).items():
                 self._create(lg, name, dims, dt, dtype, c, sizes)
-        group.attrs.update({schema.ATTR_KEY: meta.to_dict(), schema.COMMIT_KEY: 0})
         self.group, self.meta, self.committed = group, meta, 0
         self._bind_arrays()
 
