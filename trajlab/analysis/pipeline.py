@@ -323,7 +323,7 @@ def analyze(
     if out is not None:
         g = _prepare_store(out, storage_options, plan, run, overwrite)
         if g.attrs["trajlab"].get("complete"):
-            return open_analysis(out, storage_options=storage_options)
+            return open_analysis(out, storage_options=storage_options, run=run)
     L = len(plan.layers)
     nodes = []
     for ci in range(len(plan.chunks)):
@@ -334,7 +334,7 @@ def analyze(
         results = run_graph(nodes, where, progress=progress, desc="analysing")
     if g is not None:
         _integrate_into(_open_store(out, storage_options, "r+"), plan)
-        return open_analysis(out, storage_options=storage_options)
+        return open_analysis(out, storage_options=storage_options, run=run)
     return _in_memory_dataset(plan, run, results)
 
 
@@ -412,8 +412,16 @@ def _dataset_attrs(run: Run, plan_or_meta) -> dict[str, Any]:
     }
 
 
-def open_analysis(store: Any, *, storage_options: dict | None = None) -> xr.Dataset:
+def open_analysis(
+    store: Any, *, storage_options: dict | None = None, run: Run | None = None
+) -> xr.Dataset:
     """Open an analysis store written by :func:`analyze` lazily (Dask-backed).
+
+    Parameters
+    ----------
+    store : path/URL of the analysis store.
+    storage_options : fsspec options for ``store`` (also tried for the run store).
+    run : the analysed Run, if already open (its attributes describe the result).
 
     Raises
     ------
@@ -441,8 +449,9 @@ def open_analysis(store: Any, *, storage_options: dict | None = None) -> xr.Data
     ds = ds.set_coords(["time"])
     ds = ds.assign_coords(layer=list(meta["layers"]))
     try:
-        run = open_run(meta["run"])
+        if run is None:
+            run = open_run(meta["run"], storage_options=storage_options)
         ds.attrs.update(_dataset_attrs(run, meta))
-    except (FileNotFoundError, StoreError):
+    except Exception:  # noqa: BLE001 - the run may have moved; the results stand alone
         ds.attrs["run"] = meta["run"]
     return ds
