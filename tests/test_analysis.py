@@ -150,11 +150,12 @@ def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, mon
     calls = []
     real = tasks_module.layer_chunk
 
-    def flaky(store_, so, group, sketch, rows, options):
+    def flaky(*args):
+        rows = args[4]
         calls.append(rows)
         if rows[0] >= 12:
             raise KeyboardInterrupt("killed")
-        return real(store_, so, group, sketch, rows, options)
+        return real(*args)
 
     monkeypatch.setattr("trajlab.analysis.pipeline.layer_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -186,3 +187,26 @@ def test_bad_arguments(mlp_run, tmp_path):
                 progress=False)
     with pytest.raises(FileNotFoundError):
         open_analysis(tmp_path / "missing.zarr")
+
+
+def test_operator_definition_adds_exact_conv_norms(tmp_path):
+    from trajlab.spectral import conv_operator_matrix
+
+    torch.manual_seed(6)
+    X = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    Y = torch.randint(0, 4, (32,))
+    record(ConvModel().double(), X, Y, tmp_path / "r.zarr", steps=3, rank=2)
+    ds = analyze(tmp_path / "r.zarr", scheduler="synchronous", progress=False,
+                 conv_definition="operator")
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    geo = run.layer_meta("conv").conv
+    for step in range(3):
+        W = run.layer("conv").weight.sel(step=step).values
+        kernel = torch.from_numpy(W).reshape(geo["kernel_shape"])
+        A = conv_operator_matrix(kernel, tuple(geo["input_size"]), stride=tuple(geo["stride"]),
+                                 padding=tuple(geo["padding"]), dilation=tuple(geo["dilation"]))
+        exact = float(torch.linalg.matrix_norm(A, ord=2))
+        assert float(ds.K_operator.sel(step=step, layer="conv")) == pytest.approx(exact, rel=1e-8)
+    np.testing.assert_allclose(ds.K_operator.sel(layer="fc"), ds.K.sel(layer="fc"))
+    np.testing.assert_allclose(ds.K_net_operator, ds.K_operator.prod("layer"))
+    assert "6b" in ds.attrs["conv_definition"]

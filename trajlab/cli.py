@@ -165,6 +165,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         workers=args.workers,
         chunk_rows=args.chunk_rows,
         gradient=args.gradient,
+        conv_definition=args.conv_definition,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", default=None, help="step range START:STOP (stop exclusive)")
     a.add_argument("--chunk-rows", type=int, default=None, help="steps per task")
     a.add_argument("--gradient", choices=["auto", "batch", "probe"], default="auto")
+    a.add_argument("--conv-definition", choices=["matrix", "operator"], default="matrix",
+                   help="operator: also compute exact conv operator norms (MATH.md §6b)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing analysis")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_analyze)

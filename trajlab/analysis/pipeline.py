@@ -44,6 +44,7 @@ class _Plan:
     storage_options: dict | None
     layers: tuple[str, ...]
     groups: tuple[tuple[str, str], ...]  # (group, sketch) per layer
+    convs: tuple[Any, ...]  # Conv2d geometry per layer (None for Linear)
     rows: tuple[int, int]
     chunk_rows: int
     options: AnalysisOptions
@@ -52,6 +53,16 @@ class _Plan:
     def chunks(self) -> list[tuple[int, int]]:
         r0, r1 = self.rows
         return [(a, min(a + self.chunk_rows, r1)) for a in range(r0, r1, self.chunk_rows)]
+
+    @property
+    def layer_keys(self) -> tuple[str, ...]:
+        extra = ("K_operator",) if self.options.conv_definition == "operator" else ()
+        return LAYER_TASK_KEYS + extra
+
+    @property
+    def network_keys(self) -> tuple[str, ...]:
+        extra = ("K_net_operator",) if self.options.conv_definition == "operator" else ()
+        return NETWORK_TASK_KEYS + extra
 
     @property
     def n_rows(self) -> int:
@@ -105,7 +116,9 @@ def _plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> _Pla
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     groups = tuple((run.layer_meta(n).group, run.layer_meta(n).sketch) for n in names)
-    return _Plan(run.store, run.storage_options, names, groups, rows, int(chunk_rows), options)
+    convs = tuple(run.layer_meta(n).conv or None for n in names)
+    return _Plan(run.store, run.storage_options, names, groups, convs, rows, int(chunk_rows),
+                 options)
 
 
 # ----------------------------------------------------------------------------- store layout
@@ -125,12 +138,12 @@ def _create_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) 
 
     arr("step", (T,), (T,), ("step",), "int64", "optimizer-step index")[:] = run.steps[
         plan.rows[0]:plan.rows[1]]
-    for k in LAYER_TASK_KEYS:
+    for k in plan.layer_keys:
         arr(k, (T, L), (c, 1), ("step", "layer"), "bool" if k == "degenerate" else "float64",
             LAYER_VARIABLES[k])
     arr("noise_proj", (T, L, bmax), (c, 1, bmax), ("step", "layer", "sample"), "float64",
         "per-sample noise projection c_i = u1^T Omega_i v1")
-    for k in NETWORK_TASK_KEYS:
+    for k in plan.network_keys:
         arr(k, (T,), (c,), ("step",), "float64", NETWORK_VARIABLES[k])
     arr("_done", (len(plan.chunks), L + 1), (1, 1), ("chunk", "node"), "uint8",
         "1 = this (step chunk, layer or network) node is written")
@@ -161,14 +174,15 @@ def _layer_node(plan: _Plan, out, out_options, ci: int, li: int) -> dict[str, np
     sl = _store_rel(plan, rows)
     g = _open_store(out, out_options, "r+") if out is not None else None
     if g is not None and g["_done"][ci, li]:
-        res = {k: g[k][sl, li] for k in LAYER_TASK_KEYS}
+        res = {k: g[k][sl, li] for k in plan.layer_keys}
         res["noise_proj"] = g["noise_proj"][sl, li, :]
         return res
     _single_threaded_in_workers()
     group, sketch = plan.groups[li]
-    res = layer_chunk(plan.store, plan.storage_options, group, sketch, rows, plan.options)
+    res = layer_chunk(plan.store, plan.storage_options, group, sketch, rows, plan.options,
+                      plan.convs[li])
     if g is not None:
-        for k in LAYER_TASK_KEYS:
+        for k in plan.layer_keys:
             g[k][sl, li] = res[k]
         g["noise_proj"][sl, li, :] = res["noise_proj"]
         g["_done"][ci, li] = 1
@@ -185,8 +199,8 @@ def _network_node(plan: _Plan, out, out_options, ci: int, layer_results) -> Any:
     res = network_chunk(plan.store, plan.storage_options, rows, plan.options,
                         list(layer_results))
     if g is None:
-        return ci, res, [{k: r[k] for k in LAYER_TASK_KEYS} for r in layer_results]
-    for k in NETWORK_TASK_KEYS:
+        return ci, res, [{k: r[k] for k in plan.layer_keys} for r in layer_results]
+    for k in plan.network_keys:
         g[k][sl] = res[k]
     g["_done"][ci, L] = 1
     return ci
@@ -272,6 +286,7 @@ def analyze(
     gradient: str = "auto",
     population: int | str | None = "auto",
     gap_tol: float = 1e-3,
+    conv_definition: str = "matrix",
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
@@ -295,6 +310,10 @@ def analyze(
     population : finite-population correction N for sampling without replacement. "auto":
         the run's dataset size when its sampler is "reshuffle", else none.
     gap_tol : relative spectral gap below which a step is flagged ``degenerate``.
+    conv_definition : "matrix" (default): Conv2d K and SDE terms use the reshaped kernel
+        (MATH.md §6a), exact for the recorded sketch. "operator": additionally compute the exact
+        operator norm of each convolution (``K_operator``, ``K_net_operator``; §6b), a true
+        Lipschitz bound but more expensive.
     overwrite : replace an existing analysis store with different options.
     progress : progress bar on the terminal.
     storage_options : fsspec options for ``out``.
@@ -316,8 +335,12 @@ def analyze(
         raise ValueError(f"gradient must be 'auto', 'batch' or 'probe', got {gradient!r}")
     if population == "auto":
         population = run.meta.dataset_size if run.meta.sampler == "reshuffle" else None
+    if conv_definition not in ("matrix", "operator"):
+        raise ValueError(
+            f"conv_definition must be 'matrix' or 'operator', got {conv_definition!r}"
+        )
     options = AnalysisOptions(gradient=gradient, population=population, gap_tol=gap_tol,
-                              every=run.meta.every)
+                              every=run.meta.every, conv_definition=conv_definition)
     plan = _plan(run, layers, steps, chunk_rows, options)
     g = None
     if out is not None:
@@ -358,15 +381,15 @@ def _prepare_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool)
 
 def _in_memory_dataset(plan: _Plan, run: Run, results) -> xr.Dataset:
     T, L = plan.n_rows, len(plan.layers)
-    layer = {k: np.full((T, L), np.nan) for k in LAYER_TASK_KEYS}
+    layer = {k: np.full((T, L), np.nan) for k in plan.layer_keys}
     layer["degenerate"] = np.zeros((T, L), dtype=bool)
-    net = {k: np.full(T, np.nan) for k in NETWORK_TASK_KEYS}
+    net = {k: np.full(T, np.nan) for k in plan.network_keys}
     for ci, res, lres in results:
         sl = _store_rel(plan, plan.chunks[ci])
-        for k in NETWORK_TASK_KEYS:
+        for k in plan.network_keys:
             net[k][sl] = res[k]
         for li, r in enumerate(lres):
-            for k in LAYER_TASK_KEYS:
+            for k in plan.layer_keys:
                 layer[k][sl, li] = r[k]
     ints = _integrals(layer["K"], layer["pathwise_increment"], layer["drift"], net["logK"],
                       net["logK_drift"],
@@ -401,7 +424,12 @@ def _dataset_attrs(run: Run, plan_or_meta) -> dict[str, Any]:
         grad_used = f"full-data probe gradient at {probed} steps, batch gradient elsewhere"
     return {
         "run": str(sig["run"]),
-        "conv_definition": "matrix: Conv2d kernel reshaped to C_out x C_in*kh*kw (MATH.md 6a)",
+        "conv_definition": (
+            "matrix: Conv2d kernel reshaped to C_out x C_in*kh*kw (MATH.md 6a) for K and every "
+            "SDE term"
+            + ("; K_operator / K_net_operator: exact operator norm of the convolution on its "
+               "input size (MATH.md 6b)" if opts.get("conv_definition") == "operator" else "")
+        ),
         "gradient": grad_used,
         "population": str(opts["population"]),
         "sampler": run.meta.sampler,

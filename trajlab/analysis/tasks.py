@@ -26,6 +26,7 @@ class AnalysisOptions:
     population: int | None = None  # finite-population correction N (sampling w/o replacement)
     gap_tol: float = 1e-3
     every: int = 1  # optimizer steps per recorded row (dt = every * lr)
+    conv_definition: str = "matrix"  # "matrix" or "operator" (adds K_operator, MATH.md §6)
 
 
 def _open(store: Any, storage_options: dict | None) -> zarr.Group:
@@ -42,6 +43,7 @@ def layer_chunk(
     sketch: str,
     rows: tuple[int, int],
     options: AnalysisOptions,
+    conv: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-step terms of one layer for rows ``rows[0]:rows[1]`` of the run store.
 
@@ -99,6 +101,28 @@ def layer_chunk(
             else:
                 out[k][i] = float(terms[k])
         out["noise_proj"][i, :b] = terms["noise_proj"].numpy()
+    if options.conv_definition == "operator":
+        out["K_operator"] = _operator_norms(W, conv) if conv else out["K"].copy()
+    return out
+
+
+def _operator_norms(W: np.ndarray, conv: dict) -> np.ndarray:
+    """Exact operator norm of each step's convolution (MATH.md §6b), warm-started."""
+    from trajlab.spectral import conv_opnorm
+
+    shape = conv["kernel_shape"]
+    prev = None
+    out = np.full(W.shape[0], np.nan)
+    for i in range(W.shape[0]):
+        if not np.all(np.isfinite(W[i])):
+            continue
+        kernel = torch.from_numpy(W[i].astype(np.float64)).reshape(shape)
+        res = conv_opnorm(kernel, tuple(conv["input_size"]), stride=tuple(conv["stride"]),
+                          padding=tuple(conv["padding"]), dilation=tuple(conv["dilation"]),
+                          padding_mode="circular" if conv["padding_mode"] == "circular"
+                          else "zeros", init=prev)
+        prev = res
+        out[i] = float(res.sigma)
     return out
 
 
@@ -135,6 +159,8 @@ def network_chunk(
     proj = np.stack([r["noise_proj"] for r in layer_results], axis=1)  # (n, L, Bmax)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["logK"] = np.log(stack["K"]).sum(-1)
+        if options.conv_definition == "operator":
+            out["K_net_operator"] = np.prod([r["K_operator"] for r in layer_results], axis=0)
     out["K_net"] = np.exp(out["logK"])
     for i in range(n):
         b = int(batch[i])

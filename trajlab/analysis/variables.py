@@ -22,6 +22,8 @@ LAYER_VARIABLES: dict[str, str] = {
     "pathwise_first_order": "first-order change of K along the recorded update [K per step]",
     "coverage": "min(||U^T u1||, ||V^T v1||): how much of the top singular pair the per-sample "
     "sketch holds (1 = exact)",
+    "K_operator": "exact operator norm of the layer's linear map on its input size (Conv2d: "
+    "MATH.md 6b; Linear: = K); only with conv_definition='operator'",
     "K_pathwise": "K reconstructed from K(0) by summing pathwise_increment",
     "K_pred_mean": "K(0) + int drift dt: the SDE's expected K with the drift evaluated along "
     "the recorded trajectory",
@@ -49,11 +51,13 @@ NETWORK_VARIABLES: dict[str, str] = {
     "K_net_pred_lower": "lower end of the predicted 95% band exp(mean - 1.96 sqrt(var))",
     "K_net_pred_upper": "upper end of the predicted 95% band exp(mean + 1.96 sqrt(var))",
     "K_net_pathwise": "prod_l K_pathwise",
+    "K_net_operator": "prod_l K_operator: a true Lipschitz bound of a conv network "
+    "(only with conv_definition='operator')",
 }
 
 #: Per-layer keys computed by the layer task (the rest of LAYER_VARIABLES is integrated later).
 LAYER_TASK_KEYS: tuple[str, ...] = tuple(
-    k for k in LAYER_VARIABLES if k not in ("K_pathwise", "K_pred_mean")
+    k for k in LAYER_VARIABLES if k not in ("K_pathwise", "K_pred_mean", "K_operator")
 )
 #: Network keys computed by the network task.
 NETWORK_TASK_KEYS: tuple[str, ...] = (
