@@ -295,3 +295,16 @@ def test_cuda_recording_matches_cpu(tmp_path):
     b = trajlab.open_run(tmp_path / "gpu.zarr").layer("0").compute()
     for v in ("weight", "grad", "ps_grad_out", "ps_input"):
         np.testing.assert_allclose(a[v].values, b[v].values, rtol=1e-9, atol=1e-12)
+
+
+def test_inplace_activation_after_recorded_layer(tmp_path):
+    """Tensor hooks on the layer's output see the right gradient even when an in-place
+    activation modifies that output afterwards."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(inplace=True), nn.Linear(9, 4)).double()
+    X = torch.randn(10, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (10,))
+    ref = one_recorded_step(model, X, Y, tmp_path / "r.zarr")
+    got = trajlab.per_sample_gradients(tmp_path / "r.zarr", "0", 0)
+    want = ref["0.weight"].numpy()
+    assert np.abs(got.grads - want).max() <= 1e-10 * np.abs(want).max()
