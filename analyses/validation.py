@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.steps, a.hidden = QUICK["runs"], QUICK["steps"], QUICK["hidden"]
-    run_validation(a.out, n_runs=a.runs, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                   hidden=a.hidden, scheduler=None if a.scheduler == "cluster" else a.scheduler,
-                   progress=not a.no_progress)
+    res = run_validation(a.out, n_runs=a.runs, steps=a.steps, lr=a.lr,
+                         batch_size=a.batch_size, hidden=a.hidden,
+                         scheduler=None if a.scheduler == "cluster" else a.scheduler,
+                         progress=not a.no_progress)
+    if a.no_progress:  # with progress on, run_validation has printed the verdict already
+        print("\n".join(res["verdict"]))
+    print(f"wrote {a.out}/validation.json and {a.out}/validation.png "
+          f"in {res['runtime_s']['total']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -429,7 +429,7 @@ def plot_validation_study(result: dict[str, Any], path: str | Path) -> Path:
     ax3.set_ylabel("variance of Z(t) across runs  [nats²]")
     ax3.set_title(f"(3) ensemble variance vs ∫σ_Z² dt ({wr['n_runs']} runs per sampler; "
                   f"parted = 95% χ² band of the ratio outside [1/{BAR}, {BAR}])", fontsize=9)
-    ax3.legend(fontsize=7, loc="lower right")
+    ax3.legend(fontsize=7, loc="upper left")
 
     # (4) reshuffle: batch vs probe
     rm_b, rm_a = rs["batch"]["mean"], rs["auto"]["mean"]
