@@ -489,9 +489,10 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         f"gradient already holds the noise, so the probe is required for this check",
         f"(3) Var[Z(t)] / E[∫σ_Z²] at the end: {hz['ratio_end']:.3f} (paper toy: 0.03 after 500 "
         f"steps); the point ratio first leaves [1/{BAR}, {BAR}] at step {hz['first_exit_step']} "
-        f"(sampling noise), the two part beyond the 95% band at step {hz['parting_step']} "
-        f"({hz['parting_direction']} the prediction); largest ratio {hz['ratio_max']:.2f} at "
-        f"step {hz['ratio_max_step']}",
+        + (f"(sampling noise), the two part beyond the 95% band at step {hz['parting_step']} "
+           f"({hz['parting_direction']} the prediction)" if hz["parting_step"] is not None
+           else "(sampling noise); they do not part beyond the 95% band within the run")
+        + f"; largest ratio {hz['ratio_max']:.2f} at step {hz['ratio_max_step']}",
         f"(4) reshuffle: E[ΔZ] = {rs['auto']['mean']['measured']['mean']:.4f}; batch-gradient "
         f"Itô {rs['batch']['mean']['ito']['predicted']['mean']:.4f} (ratio "
         f"{rs['batch']['mean']['ito']['ratio']:.3f}), probe Itô "
@@ -500,9 +501,9 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         f"{rs['auto']['mean']['ito_plus_discretization']['ratio']:.3f}; flow bias batch - probe "
         f"{fb['batch_minus_probe']['mean']:.4f} ± {fb['batch_minus_probe']['se']:.4f} vs "
         f"-∫κ_Z {fb['minus_noise_curvature']['mean']:.4f} (paper: about -(noise curvature)); "
-        f"martingale variance ratio {rs['auto']['martingale']['full']['ratio']:.2f} and "
-        f"Var[Z(t)] parted at step {hr['parting_step']} (epoch = {rs.get('epoch_steps')} "
-        f"steps): reshuffled batches cancel within an epoch",
+        f"martingale variance ratio {rs['auto']['martingale']['full']['ratio']:.2f}; "
+        f"Var[Z(t)] parts from ∫σ_Z² at step {hr['parting_step']} ({hr['parting_direction']}; "
+        f"one epoch = {rs.get('epoch_steps')} steps)",
     ]
 
 
