@@ -502,8 +502,10 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         f"{fb['batch_minus_probe']['mean']:.4f} ± {fb['batch_minus_probe']['se']:.4f} vs "
         f"-∫κ_Z {fb['minus_noise_curvature']['mean']:.4f} (paper: about -(noise curvature)); "
         f"martingale variance ratio {rs['auto']['martingale']['full']['ratio']:.2f}; "
-        f"Var[Z(t)] parts from ∫σ_Z² at step {hr['parting_step']} ({hr['parting_direction']}; "
-        f"one epoch = {rs.get('epoch_steps')} steps)",
+        + (f"Var[Z(t)] parts from ∫σ_Z² at step {hr['parting_step']} "
+           f"({hr['parting_direction']})" if hr["parting_step"] is not None
+           else "Var[Z(t)] does not part from ∫σ_Z² within the run")
+        + f" (one epoch = {rs.get('epoch_steps')} steps)",
     ]
 
 
