@@ -177,9 +177,10 @@ def test_second_recorder_on_same_store_is_refused(tmp_path):
     model = mlp64()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     store = tmp_path / "r.zarr"
-    with trajlab.Recorder(model, store, optimizer=opt):
-        with pytest.raises(StoreLockedError, match="another recorder"):
-            trajlab.Recorder(mlp64(), store, optimizer=opt, mode="a").__enter__()
+    with pytest.warns(RuntimeWarning, match="no step was recorded"):
+        with trajlab.Recorder(model, store, optimizer=opt):
+            with pytest.raises(StoreLockedError, match="another recorder"):
+                trajlab.Recorder(mlp64(), store, optimizer=opt, mode="a").__enter__()
     assert not Path(str(store) + ".lock").exists()
 
 

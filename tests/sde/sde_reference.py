@@ -72,6 +72,9 @@ def dense_terms(W: Tensor, G: Tensor, lr: float, *, update: Tensor | None = None
         "drift_discretization": 0.5 * lr * grad.reshape(-1) @ H @ grad.reshape(-1),
         "noise_proj": Om @ J,
     }
+    if grad_full is None:
+        # Unbiased estimate of (lr/2) d2s1[grad L] from the batch gradient (MATH.md §4a).
+        out["drift_discretization"] = out["drift_discretization"] - out["drift_noise"]
     out["drift_noise_cov"] = out["drift_noise"] - out["drift_noise_var"]
     out["diffusion2_cov"] = out["diffusion2"] - out["diffusion2_var"]
     out["drift"] = out["drift_flow"] + out["drift_noise"]

@@ -87,14 +87,21 @@ def test_single_layer_full_equals_blockdiag_and_nonnegative():
 def test_discretisation_term_is_second_order_of_log_k():
     """Per step, 1/2 eta^2 d^2/de^2 log s_1(W - e grad) summed over layers, by FD."""
     Ws, Gs, st = _mlp_terms(8, seed=3)
-    net = _net(st, 8, drift_flow=st["drift_flow"],
-               drift_discretization=st["drift_discretization"])
+    # Treating g as the full-data gradient: the plain second derivative of log K_net along g.
+    disc_full = st["drift_discretization"] + st["drift_noise"]
+    net = _net(st, 8, drift_flow=st["drift_flow"], drift_discretization=disc_full,
+               flow_full_gradient=torch.ones_like(st["K"], dtype=torch.bool))
     ref = 0.0
     for W, G in zip(Ws, Gs):
         g = G.mean(0)
         K, d1 = sigma1(W), -(jacobian(W) * g).sum()
         ref = ref + 0.5 * LR * (fd_second(W, -g) / K - d1 ** 2 / K ** 2)
     assert rel(net["logK_discretization"], ref) <= 1e-7
+    # From the batch gradient, both parts are debiased by the noise (MATH.md §4a).
+    net_b = _net(st, 8, drift_flow=st["drift_flow"],
+                 drift_discretization=st["drift_discretization"])
+    debias = (-st["drift_noise"] / st["K"] + st["diffusion2"] / (2 * st["K"] ** 2)).sum()
+    assert rel(net_b["logK_discretization"], ref + debias) <= 1e-7
     with pytest.raises(ValueError, match="together"):
         _net(st, 8, drift_flow=st["drift_flow"])
 

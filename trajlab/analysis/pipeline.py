@@ -33,6 +33,7 @@ from trajlab.store import Run, StoreError, open_run
 from trajlab.store.run_store import store_exists
 
 ANALYSIS_FORMAT_VERSION = 1
+_BOOL_KEYS = ("degenerate", "flow_full_gradient")
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
@@ -139,7 +140,7 @@ def _create_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) 
     arr("step", (T,), (T,), ("step",), "int64", "optimizer-step index")[:] = run.steps[
         plan.rows[0]:plan.rows[1]]
     for k in plan.layer_keys:
-        arr(k, (T, L), (c, 1), ("step", "layer"), "bool" if k == "degenerate" else "float64",
+        arr(k, (T, L), (c, 1), ("step", "layer"), "bool" if k in _BOOL_KEYS else "float64",
             LAYER_VARIABLES[k])
     arr("noise_proj", (T, L, bmax), (c, 1, bmax), ("step", "layer", "sample"), "float64",
         "per-sample noise projection c_i = u1^T Omega_i v1")
@@ -382,7 +383,8 @@ def _prepare_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool)
 def _in_memory_dataset(plan: _Plan, run: Run, results) -> xr.Dataset:
     T, L = plan.n_rows, len(plan.layers)
     layer = {k: np.full((T, L), np.nan) for k in plan.layer_keys}
-    layer["degenerate"] = np.zeros((T, L), dtype=bool)
+    for k in _BOOL_KEYS:
+        layer[k] = np.zeros((T, L), dtype=bool)
     net = {k: np.full(T, np.nan) for k in plan.network_keys}
     for ci, res, lres in results:
         sl = _store_rel(plan, plan.chunks[ci])

@@ -68,6 +68,7 @@ def layer_chunk(
     bmax = int(root["indices"].shape[1])
     out = {k: np.full(n, np.nan) for k in LAYER_TASK_KEYS}
     out["degenerate"] = np.zeros(n, dtype=bool)
+    out["flow_full_gradient"] = np.zeros(n, dtype=bool)
     out["noise_proj"] = np.full((n, bmax), np.nan)
     for i in range(n):
         b = int(batch[i])
@@ -155,7 +156,7 @@ def network_chunk(
     out["lr"], out["batch_size"] = lr.astype(np.float64), batch.astype(np.float64)
     stack = {k: np.stack([r[k] for r in layer_results], axis=-1)
              for k in ("K", "drift", "diffusion2", "drift_noise", "drift_flow",
-                       "drift_discretization")}
+                       "drift_discretization", "flow_full_gradient")}
     proj = np.stack([r["noise_proj"] for r in layer_results], axis=1)  # (n, L, Bmax)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["logK"] = np.log(stack["K"]).sum(-1)
@@ -178,6 +179,7 @@ def network_chunk(
             population=options.population,
             drift_flow=torch.from_numpy(stack["drift_flow"][i]),
             drift_discretization=torch.from_numpy(stack["drift_discretization"][i]),
+            flow_full_gradient=torch.from_numpy(stack["flow_full_gradient"][i].astype(bool)),
         )
         for k in NETWORK_TASK_KEYS:
             if k in terms and k not in ("K_net", "logK"):

@@ -7,6 +7,8 @@ LAYER_VARIABLES: dict[str, str] = {
     "K": "measured layer Lipschitz constant sigma_1(W) at the start of the step",
     "spectral_gap": "relative gap (sigma_1 - sigma_2) / sigma_1",
     "degenerate": "gap below the tolerance: second-order terms unreliable at this step",
+    "flow_full_gradient": "the flow and discretisation terms used the full-data probe gradient "
+    "(else the batch gradient, debiased where it matters)",
     "drift_flow": "gradient-flow drift -u1^T grad L v1 [K per unit time]",
     "drift_noise": "noise-curvature drift (eta/2) tr(A^T H A) [K per unit time]",
     "drift_noise_var": "part of drift_noise from gradient-noise variances [K per unit time]",

@@ -206,7 +206,7 @@ def layer_terms(
         grad = torch.where(used_full[..., None, None], grad_full, g)
     first, second = _directional(W, svd, grad)
     drift_flow = -first
-    drift_disc = 0.5 * eta * second
+    drift_disc_raw = 0.5 * eta * second
 
     gv = (g @ v[..., :, None])[..., 0]
     gtu = (g.mT @ u[..., :, None])[..., 0]
@@ -215,6 +215,9 @@ def layer_terms(
     c = (Ov * u[..., None, :]).sum(-1)                     # u_1^T Omega_i v_1 (..., B)
     drift_noise = 0.5 * eta * scale * hessian_quadform_proj(W, Ov, Otu, svd=svd).sum(-1)
     diffusion2 = eta * scale * (c * c).sum(-1)
+    # With the batch gradient g standing in for grad L, E[d2 s1[g]] = d2 s1[grad L] + tr(H Sigma),
+    # so (eta/2) d2 s1[g] overestimates the discretisation term by drift_noise: remove it there.
+    drift_disc = torch.where(used_full, drift_disc_raw, drift_disc_raw - drift_noise)
 
     sd = sigma_diag.to(dt) * fpc
     H = hessian_diag(W, svd=svd)

@@ -28,6 +28,7 @@ def network_terms(
     population: int | None = None,
     drift_flow: Tensor | None = None,
     drift_discretization: Tensor | None = None,
+    flow_full_gradient: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Drift and diffusion of ``Z = log K_net`` from the layers' terms (MATH.md §4).
 
@@ -44,6 +45,11 @@ def network_terms(
         As in :func:`layer_terms` (use the same value there).
     drift_flow, drift_discretization : Tensor (..., L), optional
         Given together, they add ``logK_discretization``.
+    flow_full_gradient : Tensor (..., L) of bool, optional
+        Where the flow term used the full-data gradient (:func:`layer_terms` key
+        ``flow_full_gradient``). Elsewhere (default: everywhere) the batch gradient's noise is
+        removed from the squared flow, which is then unbiased (E[(u1^T g v1)^2] exceeds
+        (u1^T grad L v1)^2 by s^2 / eta).
 
     Returns
     -------
@@ -81,6 +87,10 @@ def network_terms(
     if (drift_flow is None) != (drift_discretization is None):
         raise ValueError("pass drift_flow and drift_discretization together")
     if drift_flow is not None:
-        out["logK_discretization"] = (drift_discretization / K
-                                      - eta[..., None] * drift_flow ** 2 / (2 * K2)).sum(-1)
+        # E[(u1^T g v1)^2] = (u1^T grad L v1)^2 + s^2 / eta when the flow used the batch gradient.
+        flow2 = eta[..., None] * drift_flow**2
+        if flow_full_gradient is None:
+            flow_full_gradient = torch.zeros_like(K, dtype=torch.bool)
+        flow2 = torch.where(flow_full_gradient, flow2, flow2 - diffusion2)
+        out["logK_discretization"] = (drift_discretization / K - flow2 / (2 * K2)).sum(-1)
     return out
