@@ -4,7 +4,8 @@
     python analyses/study_batch_size.py --out studies/batch_size --quick
     python analyses/study_batch_size.py --out my --runs my_sweep_dir/
 
-Writes batch_size.json, batch_size.png and batch_size_drift.png into --out. Logic: trajlab.studies.paper.
+Writes batch_size.json, batch_size.png and batch_size_drift.png into --out.
+Logic: trajlab.studies.paper.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128],
                    help="swept values (default: %(default)s)")
     a = p.parse_args(argv)
-    return batch_size_sweep(a.out, config=study_config(a), batch_sizes=values(a.batch_sizes, [8, 32], a.quick),
-               **study_kwargs(a))
+    swept = values(a.batch_sizes, [8, 32], a.quick)
+    return batch_size_sweep(a.out, config=study_config(a), batch_sizes=swept, **study_kwargs(a))
 
 
 if __name__ == "__main__":

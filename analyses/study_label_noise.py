@@ -4,7 +4,8 @@
     python analyses/study_label_noise.py --out studies/label_noise --quick
     python analyses/study_label_noise.py --out my --runs my_sweep_dir/
 
-Writes label_noise.json, label_noise.png and label_noise_drift.png into --out. Logic: trajlab.studies.paper.
+Writes label_noise.json, label_noise.png and label_noise_drift.png into --out.
+Logic: trajlab.studies.paper.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-noise", type=float, nargs="+", default=[0, 0.2, 0.4],
                    help="swept values (default: %(default)s)")
     a = p.parse_args(argv)
-    return label_noise_sweep(a.out, config=study_config(a), fractions=values(a.label_noise, [0.0, 0.4], a.quick),
-               **study_kwargs(a))
+    swept = values(a.label_noise, [0.0, 0.4], a.quick)
+    return label_noise_sweep(a.out, config=study_config(a), fractions=swept, **study_kwargs(a))
 
 
 if __name__ == "__main__":

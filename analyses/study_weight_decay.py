@@ -4,7 +4,8 @@
     python analyses/study_weight_decay.py --out studies/weight_decay --quick
     python analyses/study_weight_decay.py --out my --runs my_sweep_dir/
 
-Writes weight_decay.json, weight_decay.png and weight_decay_drift.png into --out. Logic: trajlab.studies.paper.
+Writes weight_decay.json, weight_decay.png and weight_decay_drift.png into --out.
+Logic: trajlab.studies.paper.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weight-decays", type=float, nargs="+", default=[0, 0.001, 0.01],
                    help="swept values (default: %(default)s)")
     a = p.parse_args(argv)
-    return weight_decay_sweep(a.out, config=study_config(a), decays=values(a.weight_decays, [0.0, 0.01], a.quick),
-               **study_kwargs(a))
+    swept = values(a.weight_decays, [0.0, 0.01], a.quick)
+    return weight_decay_sweep(a.out, config=study_config(a), decays=swept, **study_kwargs(a))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from trajlab.studies import paper, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {  # entry point -> (JSON, figures)
-    "theory": ("theory.json", ["theory_theory.png"]),
-    "convergence": ("convergence.json", ["convergence_long.png", "convergence_drift_long.png",
-                                         "convergence_noise_long.png"]),
+    "theory": ("theory.json", ["theory_mlp.png"]),
+    "convergence": ("convergence.json", ["convergence_mlp.png", "convergence_drift_mlp.png",
+                                         "convergence_noise_mlp.png"]),
     "orders": ("orders.json", ["orders.png"]),
     "batch_size": ("batch_size.json", ["batch_size.png", "batch_size_drift.png"]),
     "label_noise": ("label_noise.json", ["label_noise.png", "label_noise_drift.png"]),
