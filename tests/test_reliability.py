@@ -220,8 +220,9 @@ def test_analysing_while_recording_reads_committed_steps(tmp_path):
             except FileNotFoundError:
                 pass
             time.sleep(0.05)
-        n = trajlab.open_run(store).n_steps
-        ds = trajlab.analyze(store, scheduler="synchronous", progress=False)
+        run = trajlab.open_run(store)  # a snapshot: the committed rows at this moment
+        n = run.n_steps
+        ds = trajlab.analyze(run, scheduler="synchronous", progress=False)
         assert ds.sizes["step"] == n >= 6
         assert np.isfinite(ds.K.values).all()
 

@@ -124,9 +124,20 @@ def _plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> _Pla
 
 # ----------------------------------------------------------------------------- store layout
 def _create_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) -> zarr.Group:
-    kw: dict[str, Any] = {"mode": "w" if overwrite else "w-", "zarr_format": 3}
+    meta = {
+        "kind": "analysis",
+        "format_version": ANALYSIS_FORMAT_VERSION,
+        "complete": False,
+        "layout": "partial",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **plan.signature(),
+    }
+    kw: dict[str, Any] = {"mode": "w" if overwrite else "w-", "zarr_format": 3,
+                          "attributes": {"trajlab": meta}}
     if storage_options is not None:
         kw["storage_options"] = storage_options
+    # The group document is written atomically with its metadata first; "layout" turns "ready"
+    # once every array exists, so a store killed while being laid out is laid out anew.
     g = zarr.open_group(out, **kw)
     T, L, c = plan.n_rows, len(plan.layers), plan.chunk_rows
     bmax = int(run._group["indices"].shape[1])
@@ -148,13 +159,7 @@ def _create_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) 
         arr(k, (T,), (c,), ("step",), "float64", NETWORK_VARIABLES[k])
     arr("_done", (len(plan.chunks), L + 1), (1, 1), ("chunk", "node"), "uint8",
         "1 = this (step chunk, layer or network) node is written")
-    g.attrs["trajlab"] = {
-        "kind": "analysis",
-        "format_version": ANALYSIS_FORMAT_VERSION,
-        "complete": False,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **plan.signature(),
-    }
+    g.attrs["trajlab"] = {**meta, "layout": "ready"}
     return g
 
 
@@ -260,7 +265,7 @@ def _integrate_into(g: zarr.Group, plan: _Plan) -> None:
                      net["logK_drift"],
                      net["logK_diffusion2"], net["logK_diffusion2_blockdiag"],
                      net["logK_discretization"], net["lr"], plan.options.every)
-    T, c = plan.n_rows, plan.chunk_rows
+    c = plan.chunk_rows
     for k, v in res.items():
         dims = ("step", "layer") if v.ndim == 2 else ("step",)
         desc = LAYER_VARIABLES.get(k) or NETWORK_VARIABLES.get(k) or "time t = sum of lr * every"
@@ -271,7 +276,6 @@ def _integrate_into(g: zarr.Group, plan: _Plan) -> None:
     meta = dict(g.attrs["trajlab"])
     meta["complete"] = True
     g.attrs["trajlab"] = meta
-    _ = T
 
 
 # ----------------------------------------------------------------------------- public API
@@ -371,6 +375,8 @@ def _prepare_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool)
                 f"{out!r} exists and is not a trajlab analysis store; choose another path "
                 "or pass overwrite=True"
             )
+        if meta.get("layout", "ready") != "ready":
+            return _create_store(out, storage_options, plan, run, overwrite=True)
         if {k: meta.get(k) for k in plan.signature()} != plan.signature():
             raise StoreError(
                 f"{out!r} holds an analysis with other settings (run, steps, layers or "

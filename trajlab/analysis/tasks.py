@@ -55,7 +55,7 @@ def layer_chunk(
     sl = slice(r0, r1)
     batch = root["batch_size"][sl]
     lr = lg["lr"][sl]
-    W, G, U = lg["weight"][sl], lg["grad"][sl], lg["update"][sl]
+    W, U = lg["weight"][sl], lg["update"][sl]
     nonfinite = lg["nonfinite"][sl]
     probe = None
     if options.gradient in ("auto", "probe"):
@@ -64,6 +64,13 @@ def layer_chunk(
             probe = (has, lg["probe_grad"][sl])
     names = list(schema.SKETCH_VARS[sketch])
     sk = {k: lg[k][sl] for k in names}
+    per_sample = {k for k in names if schema.SKETCH_VARS[sketch][k][0][:1] == (schema.SAMPLE,)}
+    if "grad" in lg:
+        G = lg["grad"][sl]
+    else:  # rank-1 layers: the factors imply the batch mean exactly (docs/format.md)
+        d = np.nan_to_num(sk["ps_grad_out"])
+        a = np.nan_to_num(sk["ps_input"])
+        G = np.einsum("tbm,tbn->tmn", d, a) / np.maximum(batch, 1)[:, None, None]
     n = r1 - r0
     bmax = int(root["indices"].shape[1])
     out = {k: np.full(n, np.nan) for k in LAYER_TASK_KEYS}
@@ -79,8 +86,7 @@ def layer_chunk(
             continue
         t = {}
         for k, arr in sk.items():
-            dims = lg[k].metadata.dimension_names[1:]
-            a = arr[i][:b] if dims and dims[0] == schema.SAMPLE else arr[i]
+            a = arr[i][:b] if k in per_sample else arr[i]
             t[k] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
         grad_full = None
         if probe is not None and probe[0][i]:

@@ -87,6 +87,11 @@ class Recorder:
         Commit at least this often (a crash loses at most this much).
     self_check : bool
         Check the first recorded step (see :class:`SelfCheckError`).
+    store_grad : bool
+        Also store ``.grad`` for Linear layers on (batch, features) inputs, where the exact
+        per-sample factors imply it (their batch mean, checked by the self-check). Off by
+        default: it would add one dense matrix per step. Always stored when ``self_check`` is
+        off or the layer is sketched.
     on_error : {"stop", "raise"}
         When writing fails (disk full, ...): ``"stop"`` warns, stops recording, keeps training
         and marks the store truncated; ``"raise"`` raises in the training loop.
@@ -125,6 +130,7 @@ class Recorder:
         queue_size: int = 8,
         flush_seconds: float = 5.0,
         self_check: bool = True,
+        store_grad: bool = False,
         on_error: Literal["stop", "raise"] = "stop",
         metadata: dict[str, Any] | None = None,
         storage_options: dict | None = None,
@@ -158,6 +164,7 @@ class Recorder:
         self.queue_size = queue_size
         self.flush_seconds = flush_seconds
         self.self_check = self_check
+        self.store_grad = store_grad
         self.on_error = on_error
         self.metadata = dict(metadata or {})
         self.storage_options = storage_options
@@ -379,6 +386,7 @@ class Recorder:
             rank=rank,
             positions=int(geo["positions"]),
             conv=geo["conv"],
+            stored_grad=geo["sketch"] != "rank1" or self.store_grad or not self.self_check,
         )
 
     def _capture(self, layer: _Layer, inp: Tensor, grad_out: Tensor) -> None:
@@ -467,9 +475,6 @@ class Recorder:
             cap = layer.captures[0]
             W = layer.weight_before
             Wnow = layer.rule.weight_matrix(layer.module).detach()
-            grad = layer.rule.weight_grad_matrix(layer.module)
-            if grad is None:
-                grad = torch.full_like(W, float("nan"))
             b = next(iter(cap.tensors.values())).shape[0]
             if batch_size is not None and b != batch_size:
                 raise RecorderError(
@@ -480,21 +485,19 @@ class Recorder:
             out = {
                 "lr": torch.tensor(self._lr_of(layer.module.weight), dtype=torch.float64),
                 "weight": W,
-                "grad": grad.detach().clone(),
                 "update": Wnow - W,
                 **cap.tensors,
             }
+            if layer.meta.stored_grad:
+                grad = layer.rule.weight_grad_matrix(layer.module)
+                out["grad"] = (torch.full_like(W, float("nan")) if grad is None
+                               else grad.detach().clone())
             if layer.meta.sketch == "subspace":
                 U, V, residual = layer.basis
                 out["basis_u"], out["basis_v"] = U, V
                 out["basis_residual"] = residual.to(torch.float64).reshape(())
             if probe_grads is not None:
                 out["probe_grad"] = probe_grads[layer.name]
-            finite = torch.stack(
-                [torch.isfinite(out["grad"]).all()]
-                + [torch.isfinite(t).all() for k, t in cap.tensors.items()]
-            ).all()
-            out["nonfinite"] = ~finite
             layers[layer.name] = out
         if self._n_recorded == 0:
             self._create_or_validate_store(int(batch_size))

@@ -124,6 +124,7 @@ class BackgroundWriter:
                         self._flush()
                 elif kind == "close":
                     self._flush()
+                    self.writer.finalize()
                     if item[1]:
                         self.writer.set_truncated(item[1])
         except BaseException as e:  # noqa: BLE001 - reported to the training thread
@@ -137,10 +138,17 @@ class BackgroundWriter:
                 pass
 
     def _check_flags(self, rec: StepRecord) -> None:
-        if self.on_nonfinite is None:
-            return
+        """Flag layers whose gradient or per-sample information holds NaN/Inf (on the host,
+        off the training thread)."""
         for name, arrays in rec.layers.items():
-            if bool(np.asarray(arrays.get("nonfinite", False))):
+            bad = not all(
+                np.isfinite(a).all()
+                for k, a in arrays.items()
+                if k not in ("weight", "update", "probe_grad", "lr", "basis_residual")
+                and a.dtype.kind == "f"
+            )
+            arrays["nonfinite"] = np.bool_(bad)
+            if bad and self.on_nonfinite is not None:
                 self.on_nonfinite(int(rec.root["step"]), name)
 
     def _at_chunk_boundary(self) -> bool:

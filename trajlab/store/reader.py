@@ -98,6 +98,8 @@ class Run:
         lm = self.layer_meta(name)
         ds = self._open(f"{schema.LAYERS_GROUP}/{lm.group}")
         ds = ds.assign_coords({schema.STEP: self.steps})
+        if "grad" not in ds and lm.sketch == "rank1":
+            ds["grad"] = derived_rank1_grad(ds, self.root["batch_size"])
         ds.attrs.update({"layer": name, "sketch": lm.sketch, "module": lm.module})
         return ds
 
@@ -120,6 +122,18 @@ class Run:
             f"<trajlab.Run {self.store!r}: {self.n_steps} steps, layers "
             f"{', '.join(self.layers)}{' (truncated)' if self.meta.truncated else ''}>"
         )
+
+
+def derived_rank1_grad(ds: xr.Dataset, batch_size: xr.DataArray) -> xr.DataArray:
+    """Batch-mean gradient implied by exact rank-one factors: mean_i outer(delta_i, a_i)."""
+    d = ds["ps_grad_out"].fillna(0.0)
+    a = ds["ps_input"].fillna(0.0)
+    g = xr.dot(d, a, dim=schema.SAMPLE) / batch_size.astype(d.dtype)
+    g = g.transpose(schema.STEP, schema.OUT, schema.IN).astype(d.dtype)
+    g.attrs["description"] = (
+        "batch-mean gradient, derived from the exact per-sample factors (not stored)"
+    )
+    return g
 
 
 def open_run(store: StoreLike, *, storage_options: dict | None = None) -> Run:

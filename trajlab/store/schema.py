@@ -77,7 +77,8 @@ DESCRIPTIONS: dict[str, str] = {
     "indices": "dataset indices of the batch's samples (-1 = padding or not given)",
     "probe": "whether a full-data gradient probe was computed at this step",
     "weight": "weight matrix W before the update (Conv2d: kernel reshaped to out x in*kh*kw)",
-    "grad": "batch-mean gradient of the loss w.r.t. W (.grad at optimizer.step)",
+    "grad": "batch-mean gradient of the loss w.r.t. W (.grad at optimizer.step); not stored "
+    "for rank-1 layers (stored_grad false), where it is the mean of outer(ps_grad_out, ps_input)",
     "update": "update actually applied by the optimizer: W(next) - W",
     "probe_grad": "full-data gradient (NaN where no probe ran)",
     "nonfinite": "the gradient or per-sample information held NaN or Inf",
@@ -107,6 +108,8 @@ class LayerMeta:
     rank : k of the subspace sketch (0 for rank1).
     positions : number of weight-sharing positions per sample seen at the first step.
     conv : Conv2d geometry (kernel_size, stride, padding, dilation, padding_mode, input_size), else {}.
+    stored_grad : whether ``grad`` is stored; rank-1 layers imply it exactly through their
+        per-sample factors (checked on the first step), so by default it is not stored there.
     """
 
     name: str
@@ -117,6 +120,7 @@ class LayerMeta:
     rank: int = 0
     positions: int = 1
     conv: dict[str, Any] = field(default_factory=dict)
+    stored_grad: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,6 +138,7 @@ class LayerMeta:
             rank=int(d.get("rank", 0)),
             positions=int(d.get("positions", 1)),
             conv=dict(d.get("conv", {})),
+            stored_grad=bool(d.get("stored_grad", True)),
         )
 
 
@@ -194,6 +199,11 @@ def layer_group_name(module_name: str) -> str:
     return module_name if module_name else "_root"
 
 
-def layer_vars(sketch: str) -> dict[str, tuple[tuple[str, ...], str | None]]:
+def layer_vars(
+    sketch: str, stored_grad: bool = True
+) -> dict[str, tuple[tuple[str, ...], str | None]]:
     """All variables of a layer group with the given sketch kind."""
-    return {**LAYER_VARS, **SKETCH_VARS[sketch]}
+    out = {**LAYER_VARS, **SKETCH_VARS[sketch]}
+    if not stored_grad:
+        del out["grad"]
+    return out
