@@ -210,3 +210,24 @@ def test_operator_definition_adds_exact_conv_norms(tmp_path):
     np.testing.assert_allclose(ds.K_operator.sel(layer="fc"), ds.K.sel(layer="fc"))
     np.testing.assert_allclose(ds.K_net_operator, ds.K_operator.prod("layer"))
     assert "6b" in ds.attrs["conv_definition"]
+
+
+def test_drift_optimizer_is_zero_for_sgd_and_minus_lambda_K_for_weight_decay(tmp_path):
+    torch.manual_seed(8)
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    record(mlp64(8), X, Y, tmp_path / "sgd.zarr", steps=5)
+    ds = analyze(tmp_path / "sgd.zarr", scheduler="synchronous", progress=False)
+    assert np.abs(ds.drift_optimizer / ds.K).max() < 1e-10
+    model = mlp64(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=0.01)
+    with trajlab.Recorder(model, tmp_path / "wd.zarr", optimizer=opt) as rec:
+        for s in range(5):
+            idx = torch.arange(8) + 8 * s
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            rec.log(indices=idx)
+            opt.step()
+    wd = analyze(tmp_path / "wd.zarr", scheduler="synchronous", progress=False)
+    np.testing.assert_allclose(wd.drift_optimizer, -0.01 * wd.K, rtol=1e-9)
+    np.testing.assert_allclose(wd.logK_drift_optimizer, -0.01 * 2, rtol=1e-9)

@@ -85,12 +85,13 @@ def run_graph(nodes: Sequence[Any], where: Any, *, progress: bool, desc: str) ->
                 return list(dask.compute(*nodes, scheduler=where))
         from distributed import as_completed
 
-        futures = where.compute(list(nodes))
-        index = {f.key: i for i, f in enumerate(futures)}
-        results: list[Any] = [None] * len(futures)
-        for fut in as_completed(futures):
-            results[index[fut.key]] = fut.result()
-            bar.update(1)
+        with where.as_current():  # also when `where` is not the default client
+            futures = where.compute(list(nodes))
+            index = {f.key: i for i, f in enumerate(futures)}
+            results: list[Any] = [None] * len(futures)
+            for fut in as_completed(futures):
+                results[index[fut.key]] = fut.result()
+                bar.update(1)
         return results
     finally:
         bar.close()

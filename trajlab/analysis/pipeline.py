@@ -425,7 +425,7 @@ def _dataset_attrs(run: Run, plan_or_meta) -> dict[str, Any]:
     else:
         sig = plan_or_meta
     opts = sig["options"]
-    probed = int(run.root.probe.values.sum()) if "probe" in run.root else 0
+    probed = int(run._group["probe"][: run.n_steps].sum()) if run.n_steps else 0
     if opts["gradient"] == "batch" or probed == 0:
         grad_used = "batch gradient"
     else:

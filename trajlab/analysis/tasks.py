@@ -190,4 +190,8 @@ def network_chunk(
         for k in NETWORK_TASK_KEYS:
             if k in terms and k not in ("K_net", "logK"):
                 out[k][i] = float(terms[k])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["logK_drift_optimizer"] = (
+            np.stack([r["drift_optimizer"] for r in layer_results], -1) / stack["K"]
+        ).sum(-1)
     return out

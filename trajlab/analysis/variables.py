@@ -22,6 +22,9 @@ LAYER_VARIABLES: dict[str, str] = {
     "pathwise_increment": "second-order change of K along the recorded update "
     "dsigma1[dW] + 1/2 d2sigma1[dW] [K per step]",
     "pathwise_first_order": "first-order change of K along the recorded update [K per step]",
+    "drift_optimizer": "first-order drift the optimizer adds to plain SGD, (dsigma1[dW] + eta "
+    "u1^T g v1)/eta: 0 for SGD, -lambda K for weight decay lambda; NOT in drift (the paper's "
+    "SGD SDE) [K per unit time]",
     "coverage": "min(||U^T u1||, ||V^T v1||): how much of the top singular pair the per-sample "
     "sketch holds (1 = exact)",
     "K_operator": "exact operator norm of the layer's linear map on its input size (Conv2d: "
@@ -44,6 +47,8 @@ NETWORK_VARIABLES: dict[str, str] = {
     "noise) [per unit time]",
     "logK_noise_curvature": "kappa_Z = sum_l drift_noise_l / K_l, noise-curvature part of mu_Z "
     "[per unit time]",
+    "logK_drift_optimizer": "sum_l drift_optimizer_l / K_l: what the optimizer (weight decay, "
+    "momentum, Adam) adds to the drift of log K_net, not in logK_drift [per unit time]",
     "logK_discretization": "finite-step second-order term for log K_net left out by the SDE "
     "[per unit time]",
     "logK_pred_mean": "predicted E[Z(t)] = Z(0) + int mu_Z dt (coefficients as given)",
@@ -65,6 +70,7 @@ LAYER_TASK_KEYS: tuple[str, ...] = tuple(
 NETWORK_TASK_KEYS: tuple[str, ...] = (
     "lr", "batch_size", "K_net", "logK", "logK_drift", "logK_diffusion2",
     "logK_diffusion2_blockdiag", "logK_noise_curvature", "logK_discretization",
+    "logK_drift_optimizer",
 )
 #: Keys integrated over the whole series once every chunk is done.
 INTEGRATED_KEYS: tuple[str, ...] = (

@@ -23,11 +23,15 @@ def _plt():
 
 
 def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1 or y.size < window:
+    """Centred moving average that ignores NaN and is normalised at the edges."""
+    if window <= 1 or y.size < 2:
         return y
-    k = np.ones(window) / window
-    valid = np.convolve(np.where(np.isfinite(y), y, 0.0), k, mode="same")
-    return valid
+    ok = np.isfinite(y)
+    k = np.ones(min(window, y.size))
+    total = np.convolve(np.where(ok, y, 0.0), k, mode="same")
+    count = np.convolve(ok.astype(float), k, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _inset(ax, x, series, *, steps: int, log: bool = False):

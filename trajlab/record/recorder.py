@@ -570,17 +570,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ store
     def _chunk_steps(self, metas: list[LayerMeta], batch_size: int, itemsize: int) -> int:
+        """Rows per chunk so that the largest array's chunk holds about 4 MB (1..128)."""
         if self.chunk_steps is not None:
             return int(self.chunk_steps)
         biggest = 0
         for m in metas:
             o, i = m.shape
-            if m.sketch == "rank1":
-                per = batch_size * (o + i)
-            else:
-                per = batch_size * (o + i) * m.rank + 2 * o * i
-            biggest = max(biggest, per + 4 * o * i)
-        rows = (8 << 20) // max(1, biggest * itemsize)
+            per_sample = batch_size * (o + i) if m.sketch == "rank1" else batch_size * i * m.rank
+            biggest = max(biggest, o * i, per_sample)
+        rows = (4 << 20) // max(1, biggest * itemsize)
         return int(min(128, max(1, 2 ** int(math.log2(max(1, rows))))))
 
     def _create_or_validate_store(self, batch_size: int) -> None:

@@ -31,7 +31,7 @@ LAYER_KEYS: tuple[str, ...] = (
     "K", "spectral_gap", "degenerate", "alignment", "flow_full_gradient",
     "drift_flow", "drift_noise", "drift_noise_var", "drift_noise_cov", "drift",
     "diffusion2", "diffusion2_var", "diffusion2_cov", "drift_discretization",
-    "pathwise_increment", "pathwise_first_order", "noise_proj",
+    "pathwise_increment", "pathwise_first_order", "drift_optimizer", "noise_proj",
 )
 
 
@@ -177,6 +177,9 @@ def layer_terms(
         drift_discretization : ``eta / 2 d^2 s_1[grad]``, a rate (per step: times eta, §4a).
         pathwise_increment : ``d s_1[dW] + 1/2 d^2 s_1[dW]`` per step (§5).
         pathwise_first_order : ``d s_1[dW]``.
+        drift_optimizer : ``(d s_1[dW] + eta u_1^T g v_1) / eta``, a rate: the first-order drift
+            the optimizer adds to plain SGD (0 for SGD, ``-lambda K`` for L2 weight decay
+            lambda, more for momentum or Adam); not part of the paper's SGD SDE.
         noise_proj : (..., B), ``c_i = u_1^T Omega_i v_1`` (for the network's full sigma_Z^2).
 
     Raises
@@ -226,6 +229,11 @@ def layer_terms(
     diffusion2_var = eta * (J2 * sd).sum((-2, -1))
 
     p1, p2 = _directional(W, svd, update.to(dt))
+    # What the optimizer adds to plain SGD's first-order drift (weight decay, momentum, Adam):
+    # (d s1[dW] - d s1[-eta g]) / eta; zero for plain SGD, -lambda K for L2 weight decay.
+    plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
+    safe_eta = torch.where(eta == 0, torch.ones_like(eta), eta)
+    drift_optimizer = torch.where(eta == 0, torch.zeros_like(p1), (p1 - plain) / safe_eta)
     return {
         "K": K,
         "spectral_gap": gap,
@@ -243,6 +251,7 @@ def layer_terms(
         "drift_discretization": drift_disc,
         "pathwise_increment": p1 + 0.5 * p2,
         "pathwise_first_order": p1,
+        "drift_optimizer": drift_optimizer,
         "noise_proj": c,
     }
 

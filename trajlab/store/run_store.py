@@ -237,7 +237,8 @@ class RunStoreWriter:
     def append(self, records: list[StepRecord]) -> int:
         """Write ``records`` after the committed rows, then commit them. Returns committed rows.
 
-        Arrays grow by whole chunks (readers cut at the commit marker; :meth:`finalize` trims),
+        Arrays grow geometrically by whole chunks (readers cut at the commit marker;
+        :meth:`finalize` trims),
         and all arrays are written concurrently.
         """
         if not records:
@@ -248,8 +249,9 @@ class RunStoreWriter:
             self._grow_samples(n_max)
         start, stop = self.committed, self.committed + len(records)
         if stop > self.capacity:
+            # Grow geometrically (whole chunks): O(log T) metadata rewrites for a run of T rows.
             c = self.meta.chunk_steps
-            self._resize_steps(math.ceil(stop / c) * c)
+            self._resize_steps(math.ceil(max(stop, 2 * self.capacity) / c) * c)
         writes = []
         for (layer, name), arr in self._arrays.items():
             if layer == "":
