@@ -84,7 +84,7 @@ def time_steps(w: Workload, n: int, store: Path | None) -> tuple[float, float]:
         w.steps(n)
         t = time.perf_counter() - t0
         return t, t
-    rec = trajlab.Recorder(w.model, store, optimizer=w.opt, self_check=False)
+    rec = trajlab.Recorder(w.model, store, optimizer=w.opt)
     with rec:
         w.steps(n, rec)
         t_hot = time.perf_counter() - t0
@@ -250,7 +250,7 @@ def profile_recorded(w: Workload, n: int, store: Path) -> str:
     try:
         t0 = time.perf_counter()
         prof.enable()
-        with trajlab.Recorder(w.model, store, optimizer=w.opt, self_check=False) as rec:
+        with trajlab.Recorder(w.model, store, optimizer=w.opt) as rec:
             w.steps(n, rec)
         prof.disable()
         wall = time.perf_counter() - t0

@@ -56,6 +56,8 @@ def _assert_rows_equal(run, ref, n):
     for name in ref.layers:
         a, b = run.layer(name).compute(), ref.layer(name).isel(step=slice(0, n)).compute()
         for v in a.data_vars:
+            if v == "weight_stored":  # where keyframes fall may differ after a resume
+                continue
             np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=f"{name}/{v}")
     for v in ("lr", "loss", "indices", "batch_size"):
         np.testing.assert_array_equal(run.root[v].values, ref.root[v].values[:n])

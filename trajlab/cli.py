@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="record, analyse and plot a short run on the digits data")
     d.add_argument("--out", default="trajlab-demo", help="output folder (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=600)
+    d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--overwrite", action="store_true", help="replace an existing demo run")

@@ -16,6 +16,7 @@ import zarr
 from trajlab.analysis.variables import LAYER_TASK_KEYS, NETWORK_TASK_KEYS
 from trajlab.sde import network_terms, pathwise_increment, sketch_layer_terms
 from trajlab.store import schema
+from trajlab.store.weights import read_weights
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ def layer_chunk(
     sl = slice(r0, r1)
     batch = root["batch_size"][sl]
     lr = lg["lr"][sl]
-    W, U = lg["weight"][sl], lg["update"][sl]
+    W, U = read_weights(lg, r0, r1), lg["update"][sl]
     nonfinite = lg["nonfinite"][sl]
     probe = None
-    if options.gradient in ("auto", "probe"):
+    if options.gradient in ("auto", "probe") and "probe_grad" in lg:
         has = root["probe"][sl]
         if has.any():
             probe = (has, lg["probe_grad"][sl])

@@ -80,7 +80,8 @@ class Recorder:
     start_step : int, optional
         Index of the next optimizer step; default 0, or last recorded step + 1 when appending.
     chunk_steps : int, optional
-        Rows per Zarr chunk along ``step``; default chosen for ~8 MB chunks (1..128).
+        Rows per Zarr chunk along ``step``; default chosen for ~16 MB chunks of the largest
+        array (1..256).
     queue_size : int
         Steps that may wait for the writer before training blocks.
     flush_seconds : float
@@ -172,6 +173,7 @@ class Recorder:
         self._layers = self._select_layers(layers)
         self._tracker = SubspaceTracker(rank)
         self._handles: list[Any] = []
+        self._group_of: dict[int, int | None] = {}
         self._lock: StoreLock | None = None
         self._writer: BackgroundWriter | None = None
         self._store_writer: RunStoreWriter | None = None
@@ -456,10 +458,15 @@ class Recorder:
         self._probe_grads = None
 
     def _lr_of(self, param: Tensor) -> float:
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                lr = group.get("lr", float("nan"))
-                return float(lr.item() if isinstance(lr, Tensor) else lr)
+        groups = self.optimizer.param_groups
+        index = self._group_of.get(id(param))
+        if index is None or index >= len(groups):
+            index = next((i for i, g in enumerate(groups)
+                          if any(p is param for p in g["params"])), None)
+            self._group_of[id(param)] = index
+        if index is not None:
+            lr = groups[index].get("lr", float("nan"))
+            return float(lr.item() if isinstance(lr, Tensor) else lr)
         raise RecorderError(
             "a recorded layer's weight is not among the optimizer's parameters; pass the "
             "optimizer that trains this model"
@@ -570,7 +577,11 @@ class Recorder:
 
     # ------------------------------------------------------------------ store
     def _chunk_steps(self, metas: list[LayerMeta], batch_size: int, itemsize: int) -> int:
-        """Rows per chunk so that the largest array's chunk holds about 4 MB (1..128)."""
+        """Rows per chunk so that the largest array's chunk holds about 16 MB (1..256).
+
+        Rows are committed a chunk at a time (or every ``flush_seconds``), and each flush costs
+        a few milliseconds per array whatever its size: long chunks keep that off small models.
+        """
         if self.chunk_steps is not None:
             return int(self.chunk_steps)
         biggest = 0
@@ -578,8 +589,8 @@ class Recorder:
             o, i = m.shape
             per_sample = batch_size * (o + i) if m.sketch == "rank1" else batch_size * i * m.rank
             biggest = max(biggest, o * i, per_sample)
-        rows = (4 << 20) // max(1, biggest * itemsize)
-        return int(min(128, max(1, 2 ** int(math.log2(max(1, rows))))))
+        rows = (16 << 20) // max(1, biggest * itemsize)
+        return int(min(256, max(1, 2 ** int(math.log2(max(1, rows))))))
 
     def _create_or_validate_store(self, batch_size: int) -> None:
         metas = [layer.meta for layer in self._layers]
@@ -603,6 +614,8 @@ class Recorder:
                 problems.append(f"store layers {sorted(old_layers)} != recorded {[m.name for m in metas]}")
             if old.dtype != np_dtype:
                 problems.append(f"store dtype {old.dtype} != model dtype {np_dtype}")
+            if self.probe is not None and not old.probe:
+                problems.append("the store was recorded without a probe (no probe_grad arrays)")
             if problems:
                 raise RecorderError(
                     "cannot append: the model does not match the stored run: " + "; ".join(problems)
@@ -622,6 +635,7 @@ class Recorder:
             trajlab_version=__version__,
             torch_version=torch.__version__,
             user=_jsonable(self.metadata),
+            probe=self.probe is not None,
         )
         self._writer.create(meta, batch_size)
 

@@ -13,6 +13,7 @@ import zarr.errors
 from trajlab.store import schema
 from trajlab.store.run_store import StoreError, StoreLike, read_meta
 from trajlab.store.schema import LayerMeta, RunMeta
+from trajlab.store.weights import rebuild_weights
 
 
 class Run:
@@ -98,6 +99,8 @@ class Run:
         lm = self.layer_meta(name)
         ds = self._open(f"{schema.LAYERS_GROUP}/{lm.group}")
         ds = ds.assign_coords({schema.STEP: self.steps})
+        if "weight_stored" in ds:
+            ds["weight"] = _rebuilt_weight(ds)
         if "grad" not in ds and lm.sketch == "rank1":
             ds["grad"] = derived_rank1_grad(ds, self.root["batch_size"])
         ds.attrs.update({"layer": name, "sketch": lm.sketch, "module": lm.module})
@@ -122,6 +125,18 @@ class Run:
             f"<trajlab.Run {self.store!r}: {self.n_steps} steps, layers "
             f"{', '.join(self.layers)}{' (truncated)' if self.meta.truncated else ''}>"
         )
+
+
+def _rebuilt_weight(ds: xr.Dataset) -> xr.DataArray:
+    """Lazily rebuild the weights between keyframes (chunk by chunk; see store.weights)."""
+    import dask.array as da
+
+    w = ds["weight"].data
+    u = ds["update"].data.rechunk(w.chunks)
+    f = ds["weight_stored"].data.rechunk((w.chunks[0],))[:, None, None]
+    data = da.map_blocks(rebuild_weights, w, u, f, dtype=w.dtype)
+    return xr.DataArray(data, dims=ds["weight"].dims, coords=ds["weight"].coords,
+                        attrs=ds["weight"].attrs)
 
 
 def derived_rank1_grad(ds: xr.Dataset, batch_size: xr.DataArray) -> xr.DataArray:

@@ -139,6 +139,7 @@ class RunStoreWriter:
         self.meta: RunMeta | None = None
         self.committed = 0
         self.capacity = 0  # rows allocated along step (whole chunks); 0 = resize on next append
+        self._weight_after: dict[str, np.ndarray] = {}  # W + update of the last row written
         self.sample_capacity = 0
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         exists = store_exists(store, storage_options=storage_options)
@@ -193,7 +194,8 @@ class RunStoreWriter:
                 schema.IN: lm.shape[1],
                 schema.RANK: lm.rank,
             }
-            for name, (dims, dt) in schema.layer_vars(lm.sketch, lm.stored_grad).items():
+            for name, (dims, dt) in schema.layer_vars(lm.sketch, lm.stored_grad,
+                                                      meta.probe).items():
                 self._create(lg, name, dims, dt, dtype, c, sizes)
         self.group, self.meta, self.committed = group, meta, 0
         self._bind_arrays()
@@ -218,8 +220,9 @@ class RunStoreWriter:
         self._arrays = {("", name): self.group[name] for name in schema.ROOT_VARS}
         for lm in self.meta.layers:
             lg = self.group[f"{schema.LAYERS_GROUP}/{lm.group}"]
-            for name in schema.layer_vars(lm.sketch, lm.stored_grad):
-                self._arrays[(lm.name, name)] = lg[name]
+            for name in schema.layer_vars(lm.sketch, lm.stored_grad, self.meta.probe):
+                if name in lg:  # older stores lack the newer optional variables
+                    self._arrays[(lm.name, name)] = lg[name]
         self.sample_capacity = self._arrays[("", "indices")].shape[1]
 
     def _grow_samples(self, n: int) -> None:
@@ -252,6 +255,7 @@ class RunStoreWriter:
             # Grow geometrically (whole chunks): O(log T) metadata rewrites for a run of T rows.
             c = self.meta.chunk_steps
             self._resize_steps(math.ceil(max(stop, 2 * self.capacity) / c) * c)
+        self._mark_keyframes(records, start)
         writes = []
         for (layer, name), arr in self._arrays.items():
             if layer == "":
@@ -269,6 +273,28 @@ class RunStoreWriter:
         self.committed = stop
         self.group.attrs[schema.COMMIT_KEY] = stop
         return stop
+
+    def _mark_keyframes(self, records: list[StepRecord], start: int) -> None:
+        """Keep a weight row only where W(prev) + update(prev) would not rebuild it exactly.
+
+        Rows at chunk starts and the first row this writer writes are always kept. Sets each
+        layer's ``weight_stored`` flag and drops the weight of the other rows (in place).
+        """
+        c = self.meta.chunk_steps
+        for j, rec in enumerate(records):
+            row = start + j
+            for name, arrays in rec.layers.items():
+                if (name, "weight_stored") not in self._arrays:
+                    arrays["weight_stored"] = np.bool_(True)
+                    continue
+                W = arrays["weight"]
+                prev = self._weight_after.get(name)
+                keep = (row % c == 0 or prev is None
+                        or not np.array_equal(prev, W) or not np.isfinite(W).all())
+                self._weight_after[name] = np.add(W, arrays["update"])
+                arrays["weight_stored"] = np.bool_(keep)
+                if not keep:
+                    arrays["weight"] = None
 
     def _resize_steps(self, rows: int) -> None:
         for arr in self._arrays.values():

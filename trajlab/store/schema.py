@@ -45,8 +45,13 @@ LAYER_VARS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "weight": ((OUT, IN), None),
     "grad": ((OUT, IN), None),
     "update": ((OUT, IN), None),
-    "probe_grad": ((OUT, IN), None),
+    "weight_stored": ((), "bool"),
     "nonfinite": ((), "bool"),
+}
+
+#: Layer variables that exist only in some stores.
+OPTIONAL_LAYER_VARS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "probe_grad": ((OUT, IN), None),  # only when the run was recorded with a probe
 }
 
 #: Per-sample variables, by sketch kind.
@@ -76,7 +81,12 @@ DESCRIPTIONS: dict[str, str] = {
     "loss": "training loss passed to Recorder.log (NaN when not given)",
     "indices": "dataset indices of the batch's samples (-1 = padding or not given)",
     "probe": "whether a full-data gradient probe was computed at this step",
-    "weight": "weight matrix W before the update (Conv2d: kernel reshaped to out x in*kh*kw)",
+    "weight": "weight matrix W before the update (Conv2d: kernel reshaped to out x in*kh*kw); "
+    "stored where weight_stored is true, elsewhere W = W(previous row) + update(previous row) "
+    "exactly (trajlab.open_run rebuilds it)",
+    "weight_stored": "the weight row is stored (a keyframe: first row of each chunk, first row "
+    "after a resume, every row of a run with every > 1, and any row that W(prev) + update(prev) "
+    "would not reproduce bit for bit)",
     "grad": "batch-mean gradient of the loss w.r.t. W (.grad at optimizer.step); not stored "
     "for rank-1 layers (stored_grad false), where it is the mean of outer(ps_grad_out, ps_input)",
     "update": "update actually applied by the optimizer: W(next) - W",
@@ -144,7 +154,10 @@ class LayerMeta:
 
 @dataclass(frozen=True)
 class RunMeta:
-    """Run-level metadata stored in the root attributes under ``"trajlab"``."""
+    """Run-level metadata stored in the root attributes under ``"trajlab"``.
+
+    ``probe``: the layer groups have ``probe_grad`` (a full-data gradient probe was set up).
+    """
 
     format_version: int
     dtype: str
@@ -158,6 +171,7 @@ class RunMeta:
     torch_version: str
     user: dict[str, Any] = field(default_factory=dict)
     truncated: str | None = None
+    probe: bool = True
 
     def layer(self, name: str) -> LayerMeta:
         for lm in self.layers:
@@ -191,6 +205,7 @@ class RunMeta:
             torch_version=d.get("torch_version", ""),
             user=dict(d.get("user", {})),
             truncated=d.get("truncated"),
+            probe=bool(d.get("probe", True)),
         )
 
 
@@ -200,10 +215,12 @@ def layer_group_name(module_name: str) -> str:
 
 
 def layer_vars(
-    sketch: str, stored_grad: bool = True
+    sketch: str, stored_grad: bool = True, probe: bool = True
 ) -> dict[str, tuple[tuple[str, ...], str | None]]:
-    """All variables of a layer group with the given sketch kind."""
+    """All variables of a layer group with the given sketch kind (as created now)."""
     out = {**LAYER_VARS, **SKETCH_VARS[sketch]}
     if not stored_grad:
         del out["grad"]
+    if probe:
+        out.update(OPTIONAL_LAYER_VARS)
     return out

@@ -85,15 +85,11 @@ def subspace_sketch(
         ps_sqnorm (B,) = ||G_i||_F^2, grad_sq_sum (m, n) = sum_i G_i**2.
     per_sample : (B, m, n) when ``want_per_sample``.
     """
-    aV = torch.einsum("bnp,nk->bpk", act, V)
-    dU = torch.einsum("bmp,mk->bpk", delta, U)
-    proj_out = torch.bmm(delta, aV)
-    proj_in = torch.bmm(act, dU)
-    G = torch.bmm(delta, act.transpose(1, 2))
+    G = torch.bmm(delta, act.transpose(1, 2))  # (B, m, n): as costly as the weight gradient
     sq = G.square()
     tensors = {
-        "ps_proj_out": proj_out,
-        "ps_proj_in": proj_in,
+        "ps_proj_out": G @ V,
+        "ps_proj_in": G.transpose(1, 2) @ U,
         "ps_sqnorm": sq.sum((1, 2)),
         "grad_sq_sum": sq.sum(0),
     }
