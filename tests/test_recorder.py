@@ -243,13 +243,13 @@ def test_store_round_trip_and_plain_xarray(tmp_path):
     # Without trajlab: plain xarray sees the same data with named dimensions.
     plain = xr.open_zarr(store, group="layers/0", consolidated=False)
     assert plain.weight.dims == ("step", "out", "in")
-    kept = plain.weight_stored.values
-    assert kept[0] and not kept.all()  # keyframes plus exact updates (docs/format.md)
-    rebuilt = run.layer("0").weight.values
-    np.testing.assert_array_equal(plain.weight.values[kept], rebuilt[kept])
-    for r in np.flatnonzero(~kept):
-        np.testing.assert_array_equal(rebuilt[r - 1] + plain["update"].values[r - 1],
-                                      rebuilt[r])
+    stored = plain.update_stored.values
+    assert stored[-1] and not stored.all()  # updates mostly derived from consecutive weights
+    np.testing.assert_array_equal(plain.weight.values, run.layer("0").weight.values)
+    derived = run.layer("0")["update"].values
+    diff = plain.weight.values[1:] - plain.weight.values[:-1]
+    np.testing.assert_array_equal(derived[:-1][~stored[:-1]], diff[~stored[:-1]])
+    np.testing.assert_array_equal(derived[stored], plain["update"].values[stored])
     tree = xr.open_datatree(store, engine="zarr", consolidated=False)
     assert "layers" in tree.children
 
@@ -317,28 +317,43 @@ def test_inplace_activation_after_recorded_layer(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_stored_weights_are_the_true_weights_bit_for_bit(tmp_path, optimizer):
+def test_updates_are_the_applied_updates_bit_for_bit(tmp_path, optimizer):
+    """Derived updates (every=1) and stored ones (every=2, user edits between steps) both equal
+    what the optimizer did, W(after step) - W(before), exactly."""
     torch.manual_seed(9)
-    model = mlp64(9).float()
     X = torch.randn(64, 6)
     Y = torch.randint(0, 4, (64,))
-    opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optimizer == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1))
-    truth = []
-    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, chunk_steps=8) as rec:
-        for s in range(30):
-            truth.append(model[0].weight.detach().clone().numpy())
-            idx = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(s))
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), Y[idx]).backward()
-            rec.log(indices=idx)
-            opt.step()
-    ds = trajlab.open_run(tmp_path / "r.zarr").layer("0")
-    np.testing.assert_array_equal(ds.weight.values, np.stack(truth))
-    assert ds.weight_stored.values.sum() < 30  # most rows were rebuilt, not stored
-    # Analysis tasks rebuild from the chunk's keyframe for any row range.
-    from trajlab.store.weights import read_weights
-    import zarr
+    for every in (1, 2):
+        model = mlp64(9).float()
+        opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optimizer == "sgd"
+               else torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1))
+        truth = []
+        store = tmp_path / f"r{every}.zarr"
+        with trajlab.Recorder(model, store, optimizer=opt, chunk_steps=8, every=every) as rec:
+            for s in range(30):
+                before = model[0].weight.detach().clone()
+                idx = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(s))
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), Y[idx]).backward()
+                rec.log(indices=idx)
+                opt.step()
+                truth.append((before.numpy(), (model[0].weight.detach() - before).numpy()))
+                if s == 13:
+                    with torch.no_grad():  # user code edits the weights between steps
+                        model[0].weight.mul_(0.5)
+        ds = trajlab.open_run(store).layer("0")
+        rows = list(range(0, 30, every))
+        np.testing.assert_array_equal(ds.weight.values, np.stack([truth[r][0] for r in rows]))
+        np.testing.assert_array_equal(ds["update"].values, np.stack([truth[r][1] for r in rows]))
+        stored = ds.update_stored.values
+        if every == 1:  # row 13 (edited weights) and each flush's last row (chunks of 8)
+            assert stored[13] and stored[-1] and stored.sum() == 1 + len(range(7, 30, 8)) + 1
+        else:
+            assert stored.all()
+        from trajlab.store.updates import read_updates
+        import zarr
 
-    g = zarr.open_group(tmp_path / "r.zarr", mode="r")["layers/0"]
-    np.testing.assert_array_equal(read_weights(g, 11, 27), np.stack(truth[11:27]))
+        g = zarr.open_group(store, mode="r")
+        lg, n = g["layers/0"], g.attrs["trajlab_committed"]
+        np.testing.assert_array_equal(read_updates(lg, 3, 11, n), ds["update"].values[3:11])
+        np.testing.assert_array_equal(read_updates(lg, 9, n, n), ds["update"].values[9:])

@@ -56,7 +56,7 @@ def _assert_rows_equal(run, ref, n):
     for name in ref.layers:
         a, b = run.layer(name).compute(), ref.layer(name).isel(step=slice(0, n)).compute()
         for v in a.data_vars:
-            if v == "weight_stored":  # where keyframes fall may differ after a resume
+            if v == "update_stored":  # a run's last row stores its update; a resumed one not
                 continue
             np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=f"{name}/{v}")
     for v in ("lr", "loss", "indices", "batch_size"):

@@ -16,7 +16,7 @@ import zarr
 from trajlab.analysis.variables import LAYER_TASK_KEYS, NETWORK_TASK_KEYS
 from trajlab.sde import network_terms, pathwise_increment, sketch_layer_terms
 from trajlab.store import schema
-from trajlab.store.weights import read_weights
+from trajlab.store.updates import read_updates
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def layer_chunk(
     sl = slice(r0, r1)
     batch = root["batch_size"][sl]
     lr = lg["lr"][sl]
-    W, U = read_weights(lg, r0, r1), lg["update"][sl]
+    committed = int(root.attrs.get(schema.COMMIT_KEY, r1))
+    W, U = lg["weight"][sl], read_updates(lg, r0, r1, committed)
     nonfinite = lg["nonfinite"][sl]
     probe = None
     if options.gradient in ("auto", "probe") and "probe_grad" in lg:

@@ -492,7 +492,7 @@ class Recorder:
             out = {
                 "lr": torch.tensor(self._lr_of(layer.module.weight), dtype=torch.float64),
                 "weight": W,
-                "update": Wnow - W,
+                "weight_after": Wnow.clone(),  # the writer derives the update (store.updates)
                 **cap.tensors,
             }
             if layer.meta.stored_grad:

@@ -144,7 +144,7 @@ class BackgroundWriter:
             bad = not all(
                 np.isfinite(a).all()
                 for k, a in arrays.items()
-                if k not in ("weight", "update", "probe_grad", "lr", "basis_residual")
+                if k not in ("weight", "weight_after", "probe_grad", "lr", "basis_residual")
                 and a.dtype.kind == "f"
             )
             arrays["nonfinite"] = np.bool_(bad)
@@ -159,9 +159,30 @@ class BackgroundWriter:
         return time.monotonic() - self._last_flush >= self.flush_seconds
 
     def _flush(self) -> None:
+        """Write and commit the buffered rows."""
         if self.on_tick is not None:
             self.on_tick()
         if self._buffer:
-            self.writer.append(self._buffer)
+            self.writer.append(self._settle_updates(self._buffer))
             self._buffer = []
         self._last_flush = time.monotonic()
+
+    def _settle_updates(self, rows: list[StepRecord]) -> list[StepRecord]:
+        """Turn each row's ``weight_after`` into ``update``/``update_stored``.
+
+        The update of row r is left out when row r + 1 is in the same flush, is the next
+        optimizer step and starts from exactly the weights row r's step left (bit for bit): the
+        reader then derives it. The last row of a flush stores its update, so committed rows
+        never depend on rows that may not be committed.
+        """
+        derive = self.writer.derives_updates
+        for i, rec in enumerate(rows):
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            consecutive = nxt is not None and int(nxt.root["step"]) == int(rec.root["step"]) + 1
+            for name, arrays in rec.layers.items():
+                after = arrays.pop("weight_after")
+                same = (derive and consecutive
+                        and np.array_equal(nxt.layers[name]["weight"], after))
+                arrays["update"] = None if same else np.subtract(after, arrays["weight"])
+                arrays["update_stored"] = np.bool_(not same)
+        return rows

@@ -13,7 +13,6 @@ import zarr.errors
 from trajlab.store import schema
 from trajlab.store.run_store import StoreError, StoreLike, read_meta
 from trajlab.store.schema import LayerMeta, RunMeta
-from trajlab.store.weights import rebuild_weights
 
 
 class Run:
@@ -99,8 +98,8 @@ class Run:
         lm = self.layer_meta(name)
         ds = self._open(f"{schema.LAYERS_GROUP}/{lm.group}")
         ds = ds.assign_coords({schema.STEP: self.steps})
-        if "weight_stored" in ds:
-            ds["weight"] = _rebuilt_weight(ds)
+        if "update_stored" in ds:
+            ds["update"] = _derived_update(ds)
         if "grad" not in ds and lm.sketch == "rank1":
             ds["grad"] = derived_rank1_grad(ds, self.root["batch_size"])
         ds.attrs.update({"layer": name, "sketch": lm.sketch, "module": lm.module})
@@ -127,16 +126,17 @@ class Run:
         )
 
 
-def _rebuilt_weight(ds: xr.Dataset) -> xr.DataArray:
-    """Lazily rebuild the weights between keyframes (chunk by chunk; see store.weights)."""
+def _derived_update(ds: xr.Dataset) -> xr.DataArray:
+    """Lazily fill the updates that are not stored from consecutive weights (store.updates)."""
     import dask.array as da
 
     w = ds["weight"].data
-    u = ds["update"].data.rechunk(w.chunks)
-    f = ds["weight_stored"].data.rechunk((w.chunks[0],))[:, None, None]
-    data = da.map_blocks(rebuild_weights, w, u, f, dtype=w.dtype)
-    return xr.DataArray(data, dims=ds["weight"].dims, coords=ds["weight"].coords,
-                        attrs=ds["weight"].attrs)
+    nxt = da.concatenate([w[1:], da.full((1, *w.shape[1:]), np.nan, dtype=w.dtype)])
+    nxt = nxt.rechunk(w.chunks)
+    f = ds["update_stored"].data.rechunk((w.chunks[0],))[:, None, None]
+    data = da.where(f, ds["update"].data.rechunk(w.chunks), nxt - w)
+    return xr.DataArray(data, dims=ds["update"].dims, coords=ds["update"].coords,
+                        attrs=ds["update"].attrs)
 
 
 def derived_rank1_grad(ds: xr.Dataset, batch_size: xr.DataArray) -> xr.DataArray:

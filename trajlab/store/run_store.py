@@ -26,18 +26,17 @@ from trajlab.store.schema import LayerMeta, RunMeta
 
 StoreLike = Any  # str path, fsspec URL, or zarr Store
 
-# Float matrices (weights, gradients, updates) are nearly incompressible (zstd-3 keeps ~89% of
-# the bytes at ~350 MB/s): a fast LZ4 pass with byte shuffle keeps the writer ahead of training.
-# Indices, flags and per-sample activations (ReLU zeros) compress well with zstd.
+# Float data (weights, gradients, per-sample factors) is nearly incompressible: zstd-3 keeps
+# ~89% of random-like float32 at ~350 MB/s, LZ4 ~93% at ~900 MB/s (NaN placeholders and ReLU
+# zeros shrink under both). The writer must keep up with training, so floats get LZ4 with byte
+# shuffle; integers and flags (indices, step, masks) get zstd.
 _FAST = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 _DENSE = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
 def compressor_for(name: str, dtype: np.dtype) -> zarr.codecs.BloscCodec:
     """The codec of one stored variable."""
-    if dtype.kind == "f" and name in ("weight", "grad", "update", "probe_grad", "grad_sq_sum"):
-        return _FAST
-    return _DENSE
+    return _FAST if dtype.kind == "f" else _DENSE
 
 
 class StoreError(Exception):
@@ -139,7 +138,6 @@ class RunStoreWriter:
         self.meta: RunMeta | None = None
         self.committed = 0
         self.capacity = 0  # rows allocated along step (whole chunks); 0 = resize on next append
-        self._weight_after: dict[str, np.ndarray] = {}  # W + update of the last row written
         self.sample_capacity = 0
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         exists = store_exists(store, storage_options=storage_options)
@@ -255,7 +253,6 @@ class RunStoreWriter:
             # Grow geometrically (whole chunks): O(log T) metadata rewrites for a run of T rows.
             c = self.meta.chunk_steps
             self._resize_steps(math.ceil(max(stop, 2 * self.capacity) / c) * c)
-        self._mark_keyframes(records, start)
         writes = []
         for (layer, name), arr in self._arrays.items():
             if layer == "":
@@ -274,27 +271,10 @@ class RunStoreWriter:
         self.group.attrs[schema.COMMIT_KEY] = stop
         return stop
 
-    def _mark_keyframes(self, records: list[StepRecord], start: int) -> None:
-        """Keep a weight row only where W(prev) + update(prev) would not rebuild it exactly.
-
-        Rows at chunk starts and the first row this writer writes are always kept. Sets each
-        layer's ``weight_stored`` flag and drops the weight of the other rows (in place).
-        """
-        c = self.meta.chunk_steps
-        for j, rec in enumerate(records):
-            row = start + j
-            for name, arrays in rec.layers.items():
-                if (name, "weight_stored") not in self._arrays:
-                    arrays["weight_stored"] = np.bool_(True)
-                    continue
-                W = arrays["weight"]
-                prev = self._weight_after.get(name)
-                keep = (row % c == 0 or prev is None
-                        or not np.array_equal(prev, W) or not np.isfinite(W).all())
-                self._weight_after[name] = np.add(W, arrays["update"])
-                arrays["weight_stored"] = np.bool_(keep)
-                if not keep:
-                    arrays["weight"] = None
+    @property
+    def derives_updates(self) -> bool:
+        """Whether this store's layout stores updates only where weights cannot give them."""
+        return any(name == "update_stored" for _, name in self._arrays)
 
     def _resize_steps(self, rows: int) -> None:
         for arr in self._arrays.values():
@@ -310,6 +290,8 @@ class RunStoreWriter:
     def _stack(self, arr: zarr.Array, rows: list[Any]) -> np.ndarray:
         shape = arr.shape[1:]
         dims = arr.metadata.dimension_names[1:]
+        if all(r is not None and np.shape(r) == shape for r in rows):
+            return np.stack([np.asarray(r, dtype=arr.dtype) for r in rows])  # common case
         out = np.full((len(rows), *shape), arr.metadata.fill_value, dtype=arr.dtype)
         for i, row in enumerate(rows):
             if row is None:

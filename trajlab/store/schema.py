@@ -45,7 +45,7 @@ LAYER_VARS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "weight": ((OUT, IN), None),
     "grad": ((OUT, IN), None),
     "update": ((OUT, IN), None),
-    "weight_stored": ((), "bool"),
+    "update_stored": ((), "bool"),
     "nonfinite": ((), "bool"),
 }
 
@@ -81,15 +81,14 @@ DESCRIPTIONS: dict[str, str] = {
     "loss": "training loss passed to Recorder.log (NaN when not given)",
     "indices": "dataset indices of the batch's samples (-1 = padding or not given)",
     "probe": "whether a full-data gradient probe was computed at this step",
-    "weight": "weight matrix W before the update (Conv2d: kernel reshaped to out x in*kh*kw); "
-    "stored where weight_stored is true, elsewhere W = W(previous row) + update(previous row) "
-    "exactly (trajlab.open_run rebuilds it)",
-    "weight_stored": "the weight row is stored (a keyframe: first row of each chunk, first row "
-    "after a resume, every row of a run with every > 1, and any row that W(prev) + update(prev) "
-    "would not reproduce bit for bit)",
+    "weight": "weight matrix W before the update (Conv2d: kernel reshaped to out x in*kh*kw)",
+    "update_stored": "the update row is stored; elsewhere update = weight(next row) - weight "
+    "(the next row is the next optimizer step and starts from exactly the weights this step "
+    "left, checked by the writer; trajlab.open_run derives it)",
     "grad": "batch-mean gradient of the loss w.r.t. W (.grad at optimizer.step); not stored "
     "for rank-1 layers (stored_grad false), where it is the mean of outer(ps_grad_out, ps_input)",
-    "update": "update actually applied by the optimizer: W(next) - W",
+    "update": "update actually applied by the optimizer: W(after step) - W; stored where "
+    "update_stored is true, else derived from the next row's weight",
     "probe_grad": "full-data gradient (NaN where no probe ran)",
     "nonfinite": "the gradient or per-sample information held NaN or Inf",
     "ps_grad_out": "per-sample output gradient (scaled by batch size): G_i = outer(ps_grad_out, ps_input)",
