@@ -37,6 +37,7 @@ test-all: test test-slow
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py
 	$(BIN)/python benchmarks/spectral.py
+	$(BIN)/python benchmarks/analysis.py
 
 clean:
 	rm -rf $(VENV) trajlab-demo .pytest_cache

@@ -109,9 +109,9 @@ def bench_throughput(run: Path, tmp: Path, repeats: int) -> None:
 
 def peak_child(run: str, out: str) -> None:
     """Subprocess entry: analyse ``run`` synchronously, print RSS figures as JSON."""
-    import psutil  # noqa: F401 - only to fail early with a clear message when absent
-
     import threading
+
+    import psutil
 
     r = trajlab.open_run(run)
     # Warm-up on one step: imports, torch/zarr thread pools, first allocations.
@@ -158,7 +158,7 @@ def bench_memory(runs: dict[int, Path], tmp: Path, repeats: int) -> None:
         grow[T] = statistics.median(delta)
         attrs = trajlab.open_analysis(str(tmp / f"peak-{T}.zarr")).attrs
         chunk = attrs.get("trajlab", {}).get("chunk_rows", "?")
-        print(f"{T:6d} {str(chunk):>10} {statistics.median(r['rss_before_kb'] for r in rs) / 1024:13.0f}"
+        print(f"{T:6d} {chunk!s:>10} {statistics.median(r['rss_before_kb'] for r in rs) / 1024:13.0f}"
               f" {statistics.median(peak):8.0f} ({min(peak):.0f}..{max(peak):.0f})"
               f" {statistics.median(delta):8.1f} ({min(delta):.1f}..{max(delta):.1f})"
               f" {statistics.median(r['maxrss_kb'] for r in rs) / 1024:12.0f}")

@@ -28,10 +28,10 @@ from torch.func import functional_call, grad, vmap
 
 import trajlab
 from trajlab.data import load_digits
+from trajlab.recipes import TrainConfig, digits_model
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.rules import rule_for
 from trajlab.record.rules.base import rank1_sketch, subspace_sketch
-from trajlab.recipes import TrainConfig, digits_model
 
 TARGET_STEP = {"mlp": 1.3, "convnet": 2.0}
 

@@ -350,8 +350,9 @@ def test_updates_are_the_applied_updates_bit_for_bit(tmp_path, optimizer):
             assert stored[13] and stored[-1] and stored.sum() == 1 + len(range(7, 30, 8)) + 1
         else:
             assert stored.all()
-        from trajlab.store.updates import read_updates
         import zarr
+
+        from trajlab.store.updates import read_updates
 
         g = zarr.open_group(store, mode="r")
         lg, n = g["layers/0"], g.attrs["trajlab_committed"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from trajlab.store.lock import StoreLockedError
 
 WORKER = str(Path(__file__).with_name("crash_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
-import crash_worker  # noqa: E402
+import crash_worker
 
 STEPS = 40
 

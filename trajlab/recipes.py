@@ -154,7 +154,7 @@ def record_digits(
         Y = with_label_noise(Y, cfg.label_noise, num_classes=10, seed=cfg.init_seed)
     return record_training(
         digits_model(cfg), X, Y, out, cfg, overwrite=overwrite, progress=progress,
-        extra_metadata={"dataset": "sklearn-digits", "n_train": int(len(X))},
+        extra_metadata={"dataset": "sklearn-digits", "n_train": len(X)},
     )
 
 
@@ -180,7 +180,7 @@ def record_cifar(
         scale_init(model, cfg.init_scale)
     return record_training(
         model, X, Y, out, cfg, overwrite=overwrite, progress=progress,
-        extra_metadata={"dataset": dataset, "n_train": int(len(X))},
+        extra_metadata={"dataset": dataset, "n_train": len(X)},
     )
 
 

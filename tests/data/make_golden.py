@@ -16,8 +16,9 @@ import torch.nn.functional as F
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-import trajlab  # noqa: E402
-from helpers import ConvModel  # noqa: E402
+from helpers import ConvModel
+
+import trajlab
 
 STORE = HERE / "golden_v1.zarr"
 EXPECTED = HERE / "golden_v1_expected.json"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -23,7 +24,6 @@ from dask import delayed
 from trajlab.analysis.engine import run_graph, scheduler_context
 from trajlab.analysis.tasks import AnalysisOptions, layer_chunk, network_chunk
 from trajlab.analysis.variables import (
-    INTEGRATED_KEYS,
     LAYER_TASK_KEYS,
     LAYER_VARIABLES,
     NETWORK_TASK_KEYS,

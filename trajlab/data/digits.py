@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["load_digits", "with_label_noise", "DIGITS_NUM_CLASSES"]
+__all__ = ["DIGITS_NUM_CLASSES", "load_digits", "with_label_noise"]
 
 DIGITS_NUM_CLASSES = 10
 """Number of classes in the digits data set."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
@@ -14,7 +14,7 @@ def _plt():
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         try:
-            import matplotlib.pyplot as plt  # noqa: F401
+            import matplotlib.pyplot as plt
         except Exception:  # pragma: no cover - headless without a GUI toolkit
             matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,7 +4,7 @@ summary numbers) and returns a matplotlib Figure."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr

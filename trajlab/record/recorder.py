@@ -6,8 +6,9 @@ import contextlib
 import datetime as _dt
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -551,9 +552,8 @@ class Recorder:
         if self.probe is None or self._step % self.probe.every != 0:
             return None
         params = [layer.module.weight for layer in self._layers]
-        with self._isolated():
-            with torch.enable_grad():
-                grads = self.probe.gradient(self.model, params)
+        with self._isolated(), torch.enable_grad():
+            grads = self.probe.gradient(self.model, params)
         return {
             layer.name: g.reshape(layer.weight_before.shape).detach()
             for layer, g in zip(self._layers, grads)

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["integrate", "logK_prediction", "pathwise", "euler_maruyama"]
+__all__ = ["euler_maruyama", "integrate", "logK_prediction", "pathwise"]
 
 
 def _steps(rates: Tensor, lr: Tensor | float) -> Tensor:

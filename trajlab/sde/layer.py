@@ -7,7 +7,7 @@ from :mod:`trajlab.spectral` (SVD form, one thin SVD of ``W`` per call, reused f
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -23,8 +23,13 @@ from trajlab.spectral import hessian_diag, hessian_quadform_proj, spectral_gap
 
 Svd = tuple[Tensor, Tensor, Tensor]
 
-__all__ = ["LAYER_KEYS", "layer_terms", "sketch_layer_terms", "pathwise_increment",
-           "noise_scale"]
+__all__ = [
+    "LAYER_KEYS",
+    "layer_terms",
+    "noise_scale",
+    "pathwise_increment",
+    "sketch_layer_terms",
+]
 
 #: Keys returned by :func:`layer_terms`.
 LAYER_KEYS: tuple[str, ...] = (

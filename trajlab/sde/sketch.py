@@ -14,13 +14,19 @@ Leading dimensions ``...`` (e.g. a step dimension) are carried through every fun
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["SketchKind", "per_sample_directions", "sketch_coverage", "noise_diag",
-           "sketch_batch_size"]
+__all__ = [
+    "SketchKind",
+    "noise_diag",
+    "per_sample_directions",
+    "sketch_batch_size",
+    "sketch_coverage",
+]
 
 SketchKind = Literal["rank1", "subspace"]
 

@@ -17,18 +17,18 @@ from trajlab.spectral.hessian import hessian_diag, hessian_quadform, hessian_qua
 from trajlab.spectral.singular import TopSingular, opnorm_jacobian, spectral_gap, top_singular
 
 __all__ = [
-    "TopSingular",
-    "top_singular",
-    "opnorm_jacobian",
-    "spectral_gap",
-    "hessian_quadform",
-    "hessian_quadform_proj",
-    "hessian_diag",
     "ConvOpNorm",
-    "conv_opnorm",
-    "conv_opnorm_grad",
+    "TopSingular",
     "conv_hessian_quadform",
     "conv_matrix_proxy",
     "conv_operator",
     "conv_operator_matrix",
+    "conv_opnorm",
+    "conv_opnorm_grad",
+    "hessian_diag",
+    "hessian_quadform",
+    "hessian_quadform_proj",
+    "opnorm_jacobian",
+    "spectral_gap",
+    "top_singular",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fix_phase", "default_tol", "real_dtype", "orthonormalize"]
+__all__ = ["default_tol", "fix_phase", "orthonormalize", "real_dtype"]
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,11 +29,11 @@ from trajlab.spectral.singular import spectral_gap, subspace_iteration
 
 __all__ = [
     "ConvOpNorm",
-    "conv_opnorm",
-    "conv_opnorm_grad",
     "conv_hessian_quadform",
     "conv_matrix_proxy",
     "conv_operator",
+    "conv_opnorm",
+    "conv_opnorm_grad",
 ]
 
 PaddingMode = Literal["zeros", "circular"]

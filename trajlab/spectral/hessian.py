@@ -22,7 +22,7 @@ from torch import Tensor
 from trajlab.spectral._util import real_dtype
 from trajlab.spectral.singular import AUTO_SVD_MAX, TopSingular, _top_singular, top_singular
 
-__all__ = ["hessian_quadform", "hessian_quadform_proj", "hessian_diag"]
+__all__ = ["hessian_diag", "hessian_quadform", "hessian_quadform_proj"]
 
 Method = Literal["auto", "svd", "resolvent"]
 Svd = tuple[Tensor, Tensor, Tensor]

@@ -7,14 +7,15 @@ and ``r = min(m, n)`` (notation of MATH.md §2).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from trajlab.spectral._util import default_tol, fix_phase, orthonormalize
 
-__all__ = ["TopSingular", "top_singular", "opnorm_jacobian", "spectral_gap", "subspace_iteration"]
+__all__ = ["TopSingular", "opnorm_jacobian", "spectral_gap", "subspace_iteration", "top_singular"]
 
 Method = Literal["auto", "svd", "iterative"]
 

@@ -22,7 +22,7 @@ import zarr.errors
 from zarr.core.sync import sync
 
 from trajlab.store import schema
-from trajlab.store.schema import LayerMeta, RunMeta
+from trajlab.store.schema import RunMeta
 
 StoreLike = Any  # str path, fsspec URL, or zarr Store
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from trajlab.recipes import TrainConfig
 from trajlab.studies.paper import BASE

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -42,8 +43,10 @@ from trajlab.studies.sweep import (
     find_runs,
     record_sweep,
     run_config,
-    scheduler as sweep_scheduler,
     write_json,
+)
+from trajlab.studies.sweep import (
+    scheduler as sweep_scheduler,
 )
 
 __all__ = [

@@ -16,8 +16,9 @@ import dataclasses
 import json
 import math
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
