@@ -70,7 +70,8 @@ def _integrity(run) -> list[str]:
             problems.append(f"{gaps.size} gap(s) in the step sequence (first after {steps[gaps[0]]})")
     raw = run._group["step"]
     if raw.shape[0] > run.n_steps:
-        problems.append(f"{raw.shape[0] - run.n_steps} uncommitted row(s) ignored (interrupted write)")
+        problems.append(f"{raw.shape[0] - run.n_steps} row(s) past the commit marker ignored "
+                        "(still recording, or an interrupted write)")
     return problems
 
 

@@ -22,7 +22,7 @@ def _plt():
     return plt
 
 
-def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average that ignores NaN and is normalised at the edges."""
     if window <= 1 or y.size < 2:
         return y
@@ -127,7 +127,7 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for label, y, c in parts:
         a.plot(x, y, color=c, alpha=0.15, lw=0.8)
-        a.plot(x, _moving_average(y, window), color=c, lw=1.5, label=label)
+        a.plot(x, moving_average(y, window), color=c, lw=1.5, label=label)
     a.axhline(0, color="0.6", lw=0.6)
     a.set_xlabel("step")
     a.set_ylabel("rate of log K_net [per unit time t = Σ lr]")
@@ -158,7 +158,7 @@ def plot_noise_split(ds: xr.Dataset, *, window: int = 25):
             ax = axes[i, j]
             for part, c in (("", "k"), ("_var", "C0"), ("_cov", "C3")):
                 y = d[term + part].values
-                ax.plot(x, _moving_average(y, window), color=c, lw=1.3,
+                ax.plot(x, moving_average(y, window), color=c, lw=1.3,
                         label={"": "total", "_var": "variances", "_cov": "covariances"}[part])
             ax.axhline(0, color="0.6", lw=0.6)
             ax.set_title(f"{term}, layer {name}", fontsize=9)

@@ -10,21 +10,9 @@ import numpy as np
 import xarray as xr
 
 from trajlab.plot.figures import _plt
+from trajlab.plot.figures import moving_average as _moving_average
 
 __all__ = ["plot_convergence", "plot_drift_bars", "plot_order_spread", "plot_sweep"]
-
-
-def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average that ignores NaN and averages fewer points at the edges."""
-    y = np.asarray(y, dtype=np.float64)
-    if window <= 1 or y.size < 2:
-        return y
-    k = np.ones(min(window, y.size))
-    ok = np.isfinite(y)
-    num = np.convolve(np.where(ok, y, 0.0), k, mode="same")
-    den = np.convolve(ok.astype(np.float64), k, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
 
 
 def _colors(n: int):
