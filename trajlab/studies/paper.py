@@ -762,10 +762,12 @@ def weight_decay_sweep(out: str | Path, *, config: TrainConfig | None = None,
 
     The flow and noise terms use the recorded ``.grad``, which for ``torch.optim.SGD`` excludes
     the decay (added inside ``step()``; checked per run by :func:`decay_check`); the pathwise
-    term uses the recorded update, which includes it. Along the decay direction
-    dsigma1[-eta wd W] = -eta wd sigma1, so the missing drift is exactly -wd per layer for
-    log K and -wd * L for log K_net: the study reports the SDE's prediction with and without
-    that term. Writes ``weight_decay.json``, ``weight_decay.png``, ``weight_decay_drift.png``.
+    term uses the recorded update, which includes it. The analysis's ``logK_drift_optimizer``
+    (sum_l drift_optimizer/K: the first-order drift the optimizer adds to plain SGD, measured
+    from the recorded update; -wd per layer for an L2 decay wd) supplies the missing drift: the
+    study reports the SDE prediction int logK_drift dt alone and int (logK_drift +
+    logK_drift_optimizer) dt (dt = lr) against the measured change of log K_net. Writes
+    ``weight_decay.json``, ``weight_decay.png``, ``weight_decay_drift.png``.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -776,8 +778,14 @@ def weight_decay_sweep(out: str | Path, *, config: TrainConfig | None = None,
     checks = [decay_check(p) for p in sweep.runs]
     for r, c, wd, ds in zip(rows, checks, lam, sweep.datasets):
         r.update({f"grad_check_{k}": v for k, v in c.items()})
-        r["decay_term"] = -wd * ds.sizes["layer"] * r["duration"]
-        r["pred_delta_Z_with_decay"] = r["pred_delta_Z"] + r["decay_term"]
+        r["int_drift_optimizer"] = _integral(
+            np.asarray(ds.logK_drift_optimizer.values, dtype=np.float64), _dt(ds))
+        r["pred_delta_Z_with_optimizer"] = r["pred_delta_Z"] + r["int_drift_optimizer"]
+        # the finite-step term the SDE leaves out (debiased when the batch gradient is used)
+        r["int_discretization"] = _integral(
+            np.asarray(ds.logK_discretization.values, dtype=np.float64), _dt(ds))
+        # reference only: the L2 decay's exact first-order drift of log K_net, -wd * L * t
+        r["decay_term_reference"] = -wd * ds.sizes["layer"] * r["duration"]
     num = {"weight_decay": lam, "per_run": rows,
            "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
            "grad_excludes_decay": all(abs(c["wd_estimate"] - wd) <= 0.05 * wd + 1e-9
@@ -785,17 +793,23 @@ def weight_decay_sweep(out: str | Path, *, config: TrainConfig | None = None,
     figs = _sweep_figures(out, "weight_decay", sweep, rows, lam, param="weight decay λ",
                           summary_keys={"delta_Z": "measured ΔZ",
                                         "pred_delta_Z": "SDE ∫μ_Z dt (from .grad: no decay)",
-                                        "pred_delta_Z_with_decay": "SDE ∫μ_Z dt − λ·L·t",
+                                        "pred_delta_Z_with_optimizer":
+                                            "SDE ∫(μ_Z + logK_drift_optimizer) dt",
                                         "pathwise_delta_Z": "pathwise (recorded update)"},
                           summary_ylabel="change of log K_net over the run")
+    with_disc = [r["pred_delta_Z_with_optimizer"] + r["int_discretization"] for r in rows]
     verdict = [
         f"λ = {', '.join(_fmt(x) for x in lam)}: ΔZ "
         f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'delta_Z'))} "
         f"({num['delta_Z_trend']}); K_net(T) "
         f"{', '.join(f'{v:.3g}' for v in _col(rows, 'K_net_end'))}",
         f"SDE from .grad predicts ΔZ {', '.join(f'{v:+.3f}' for v in _col(rows, 'pred_delta_Z'))};"
-        f" with the decay term −λLt: "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'pred_delta_Z_with_decay'))}; pathwise "
+        f" with the optimizer drift ∫logK_drift_optimizer dt "
+        f"({', '.join(f'{v:+.3f}' for v in _col(rows, 'int_drift_optimizer'))}; −λLt = "
+        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'decay_term_reference'))}): "
+        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'pred_delta_Z_with_optimizer'))} "
+        f"(+ discretisation ∫d dt: "
+        f"{', '.join(f'{v:+.3f}' for v in with_disc)}); pathwise "
         f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'pathwise_delta_Z'))}",
         "recorded .grad excludes the decay: λ estimated from update vs grad = "
         + ", ".join(f"{c['wd_estimate']:.2g}" for c in checks)
