@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from trajlab.plot.figures import moving_average
 from trajlab.recipes import TrainConfig
 from trajlab.store import open_run
 from trajlab.studies.sweep import (
@@ -74,19 +75,6 @@ BASE = TrainConfig(model="mlp", hidden=32, steps=600, batch_size=32, lr=0.05, dt
 
 
 # ============================================================================ numbers (pure)
-def moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over ``window`` rows; NaN ignored, fewer points at the edges."""
-    y = np.asarray(y, dtype=np.float64)
-    if window <= 1 or y.size < 2:
-        return y
-    k = np.ones(min(window, y.size))
-    ok = np.isfinite(y)
-    num = np.convolve(np.where(ok, y, 0.0), k, mode="same")
-    den = np.convolve(ok.astype(np.float64), k, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
-
-
 def _dt(ds: xr.Dataset) -> np.ndarray:
     return np.asarray(ds["lr"].values, dtype=np.float64) * int(ds.attrs.get("every", 1))
 
