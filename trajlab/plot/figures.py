@@ -133,8 +133,11 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     a.set_ylabel("rate of log K_net [per unit time t = Σ lr]")
     a.set_title(f"drift of log K_net (moving average, {window} steps)", fontsize=10)
     a.legend(fontsize=7)
-    for label, y, c in parts[:3]:
+    for label, y, c in parts[:3] + parts[4:]:
         b.plot(x, np.cumsum(np.nan_to_num(y) * ds.lr.values), color=c, lw=1.5, label=label)
+    total = sum(np.nan_to_num(p[1]) for p in (parts[3], parts[4]))
+    b.plot(x, np.cumsum(total * ds.lr.values), color="C1", lw=1.2, ls="--",
+           label="SDE μ_Z + discretisation")
     b.plot(x, ds.logK.values - ds.logK.values[0], color="k", lw=1.6, label="measured Z(t) − Z(0)")
     b.set_xlabel("step")
     b.set_ylabel("integrated contribution to log K_net")
