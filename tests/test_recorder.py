@@ -358,3 +358,28 @@ def test_updates_are_the_applied_updates_bit_for_bit(tmp_path, optimizer):
         lg, n = g["layers/0"], g.attrs["trajlab_committed"]
         np.testing.assert_array_equal(read_updates(lg, 3, 11, n), ds["update"].values[3:11])
         np.testing.assert_array_equal(read_updates(lg, 9, n, n), ds["update"].values[9:])
+
+
+def test_derived_batch_gradient_of_rank1_layers_equals_dot_grad(tmp_path):
+    """Rank-one layers do not store .grad; the store derives it from the factors."""
+    torch.manual_seed(10)
+    model = mlp64(10)
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    grads = []
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        for s in range(5):
+            idx = torch.arange(8) + 8 * s
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            grads.append(model[2].weight.grad.clone().numpy())
+            rec.log(indices=idx)
+            opt.step()
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    assert not run.layer_meta("2").stored_grad
+    import zarr
+
+    assert "grad" not in zarr.open_group(tmp_path / "r.zarr", mode="r")["layers/2"]
+    np.testing.assert_allclose(run.layer("2").grad.values, np.stack(grads), rtol=1e-12,
+                               atol=1e-15)
