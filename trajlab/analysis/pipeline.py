@@ -30,6 +30,7 @@ from trajlab.analysis.variables import (
     NETWORK_VARIABLES,
 )
 from trajlab.store import Run, StoreError, open_run
+from trajlab.store.io import write_many
 from trajlab.store.run_store import store_exists
 
 ANALYSIS_FORMAT_VERSION = 1
@@ -188,10 +189,10 @@ def _layer_node(plan: _Plan, out, out_options, ci: int, li: int) -> dict[str, np
     res = layer_chunk(plan.store, plan.storage_options, group, sketch, rows, plan.options,
                       plan.convs[li])
     if g is not None:
-        for k in plan.layer_keys:
-            g[k][sl, li] = res[k]
-        g["noise_proj"][sl, li, :] = res["noise_proj"]
-        g["_done"][ci, li] = 1
+        arrays = dict(g.arrays())
+        write_many([(arrays[k], (sl, li), res[k]) for k in plan.layer_keys]
+                   + [(arrays["noise_proj"], (sl, li, slice(None)), res["noise_proj"])])
+        g["_done"][ci, li] = 1  # after the data: a node is done only once all of it is written
     return res
 
 
@@ -206,8 +207,8 @@ def _network_node(plan: _Plan, out, out_options, ci: int, layer_results) -> Any:
                         list(layer_results))
     if g is None:
         return ci, res, [{k: r[k] for k in plan.layer_keys} for r in layer_results]
-    for k in plan.network_keys:
-        g[k][sl] = res[k]
+    arrays = dict(g.arrays())
+    write_many([(arrays[k], sl, res[k]) for k in plan.network_keys])
     g["_done"][ci, L] = 1
     return ci
 

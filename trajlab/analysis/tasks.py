@@ -16,6 +16,7 @@ import zarr
 from trajlab.analysis.variables import LAYER_TASK_KEYS, NETWORK_TASK_KEYS
 from trajlab.sde import network_terms, pathwise_increment, sketch_layer_terms
 from trajlab.store import schema
+from trajlab.store.io import read_many
 from trajlab.store.updates import read_updates
 
 
@@ -54,21 +55,26 @@ def layer_chunk(
     lg = root[f"{schema.LAYERS_GROUP}/{group}"]
     r0, r1 = rows
     sl = slice(r0, r1)
-    batch = root["batch_size"][sl]
-    lr = lg["lr"][sl]
     committed = int(root.attrs.get(schema.COMMIT_KEY, r1))
-    W, U = lg["weight"][sl], read_updates(lg, r0, r1, committed)
-    nonfinite = lg["nonfinite"][sl]
-    probe = None
-    if options.gradient in ("auto", "probe") and "probe_grad" in lg:
-        has = root["probe"][sl]
-        if has.any():
-            probe = (has, lg["probe_grad"][sl])
     names = list(schema.SKETCH_VARS[sketch])
-    sk = {k: lg[k][sl] for k in names}
+    arrays = dict(lg.arrays())
+    want = ["lr", "weight", "nonfinite", *names]
+    if "grad" in arrays:
+        want.append("grad")
+    use_probe = options.gradient in ("auto", "probe") and "probe_grad" in arrays
+    fetched = read_many([(root["batch_size"], sl), *((arrays[k], sl) for k in want)]
+                        + ([(root["probe"], sl), (arrays["probe_grad"], sl)] if use_probe
+                           else []))
+    batch, vals = fetched[0], dict(zip(want, fetched[1:]))
+    lr, W, nonfinite = vals["lr"], vals["weight"], vals["nonfinite"]
+    U = read_updates(lg, r0, r1, committed)
+    probe = None
+    if use_probe and fetched[-2].any():
+        probe = (fetched[-2], fetched[-1])
+    sk = {k: vals[k] for k in names}
     per_sample = {k for k in names if schema.SKETCH_VARS[sketch][k][0][:1] == (schema.SAMPLE,)}
-    if "grad" in lg:
-        G = lg["grad"][sl]
+    if "grad" in vals:
+        G = vals["grad"]
     else:  # rank-1 layers: the factors imply the batch mean exactly (docs/format.md)
         d = np.nan_to_num(sk["ps_grad_out"])
         a = np.nan_to_num(sk["ps_input"])
