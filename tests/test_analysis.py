@@ -231,3 +231,17 @@ def test_drift_optimizer_is_zero_for_sgd_and_minus_lambda_K_for_weight_decay(tmp
     wd = analyze(tmp_path / "wd.zarr", scheduler="synchronous", progress=False)
     np.testing.assert_allclose(wd.drift_optimizer, -0.01 * wd.K, rtol=1e-9)
     np.testing.assert_allclose(wd.logK_drift_optimizer, -0.01 * 2, rtol=1e-9)
+
+
+def test_simulated_paths_match_the_lognormal_prediction(mlp_run):
+    from trajlab.analysis import simulate_paths
+
+    ds = analyze(mlp_run[0], scheduler="synchronous", progress=False)
+    paths = simulate_paths(ds, n_paths=4000, seed=1)
+    assert paths.dims == ("path", "step") and paths.sizes["step"] == ds.sizes["step"]
+    z = np.log(paths.isel(step=-1).values)
+    mean, var = float(ds.logK_pred_mean[-1]), float(ds.logK_pred_var[-1])
+    assert abs(z.mean() - mean) < 5 * np.sqrt(var / 4000) + 1e-12
+    assert abs(z.var() / var - 1) < 0.15
+    again = simulate_paths(ds, n_paths=4000, seed=1)
+    np.testing.assert_array_equal(again.values, paths.values)  # seeded, no global RNG

@@ -51,7 +51,7 @@ def format_info(path: str) -> str:
         extra = f", {nonfinite} steps with NaN/Inf" if nonfinite else ""
         lines.append(
             f"  {name:<{width}}  {lm.module:<7} W {lm.shape[0]}x{lm.shape[1]}  "
-            f"{lm.positions} position(s)  {sk}{extra}"
+            f"{lm.positions} position(s)  {sk}  {_human(run.layer_nbytes_stored(name))}{extra}"
         )
     problems = _integrity(run)
     lines.append(f"stored      {_human(run.nbytes_stored())} compressed")

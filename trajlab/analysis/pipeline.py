@@ -492,3 +492,31 @@ def open_analysis(
     except Exception:  # noqa: BLE001 - the run may have moved; the results stand alone
         ds.attrs["run"] = meta["run"]
     return ds
+
+
+def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.DataArray:
+    """Euler–Maruyama paths of the network SDE dZ = mu_Z dt + sigma_Z dB with the recorded
+    coefficients (MATH.md §4), for distribution plots.
+
+    Parameters
+    ----------
+    ds : an analysis Dataset (``trajlab.analyze`` / ``open_analysis``).
+    n_paths : number of paths.  seed : seed of the paths' own generator (no global RNG).
+
+    Returns
+    -------
+    xr.DataArray (path, step) of K_net = exp(Z) at the start of each recorded step.
+    """
+    import torch
+
+    from trajlab.sde import euler_maruyama
+
+    mu = np.nan_to_num(np.asarray(ds["logK_drift"].values, dtype=np.float64))
+    s2 = np.nan_to_num(np.asarray(ds["logK_diffusion2"].values, dtype=np.float64))
+    dt = np.asarray(ds["lr"].values, dtype=np.float64) * int(ds.attrs.get("every", 1))
+    z0 = float(ds["logK"].values[0])
+    paths = euler_maruyama(z0, torch.from_numpy(mu[:-1]), torch.from_numpy(s2[:-1]),
+                           torch.from_numpy(dt[:-1]), n_paths=n_paths, seed=seed)
+    return xr.DataArray(np.exp(paths.numpy()), dims=("path", "step"),
+                        coords={"step": ds["step"].values},
+                        attrs={"description": "K_net along Euler-Maruyama paths of the SDE"})

@@ -108,6 +108,11 @@ class Run:
     def __getitem__(self, name: str) -> xr.Dataset:
         return self.layer(name)
 
+    def layer_nbytes_stored(self, name: str) -> int:
+        """Bytes one layer's group occupies (compressed)."""
+        g = self._group[f"{schema.LAYERS_GROUP}/{self.layer_meta(name).group}"]
+        return sum(int(arr.nbytes_stored()) for _, arr in g.arrays())
+
     def nbytes_stored(self) -> int:
         """Bytes the store occupies (compressed), summed over its arrays."""
         total = 0
