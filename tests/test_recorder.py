@@ -383,3 +383,27 @@ def test_derived_batch_gradient_of_rank1_layers_equals_dot_grad(tmp_path):
     assert "grad" not in zarr.open_group(tmp_path / "r.zarr", mode="r")["layers/2"]
     np.testing.assert_allclose(run.layer("2").grad.values, np.stack(grads), rtol=1e-12,
                                atol=1e-15)
+
+
+def test_weights_edited_through_data_between_steps_keep_updates_exact(tmp_path):
+    """Edits that bypass autograd's version counter (p.data.clamp_) are still caught: the
+    writer compares the weights bit for bit before deriving an update."""
+    torch.manual_seed(11)
+    model = mlp64(11)
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    truth = []
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        for s in range(6):
+            before = model[0].weight.detach().clone()
+            idx = torch.arange(8) + 8 * s
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            rec.log(indices=idx)
+            opt.step()
+            truth.append((model[0].weight.detach() - before).numpy())
+            model[0].weight.data.clamp_(-0.1, 0.1)  # WGAN-style clipping after the step
+    ds = trajlab.open_run(tmp_path / "r.zarr").layer("0")
+    np.testing.assert_array_equal(ds["update"].values, np.stack(truth))
+    assert ds.update_stored.values.all()
