@@ -54,7 +54,7 @@ def well_separated_matrices(*, min_side: int = 1, max_side: int = 8, min_gap: fl
                             dtype: torch.dtype = torch.float64) -> Any:
     """Strategy for matrices whose relative top gap ``(s_1 - s_2)/s_1`` is at least ``min_gap``
     (derivatives of ``s_1`` are well conditioned there)."""
-    st = _st()
+    _st()  # imports hypothesis (a clear error when it is missing)
 
     def ok(W: torch.Tensor) -> bool:
         s = torch.linalg.svdvals(W.double())

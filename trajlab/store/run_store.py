@@ -9,8 +9,6 @@ at its last committed step, and a resumed writer overwrites the uncommitted tail
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,9 +17,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 import zarr.errors
-from zarr.core.sync import sync
 
 from trajlab.store import schema
+from trajlab.store.io import write_many
 from trajlab.store.schema import RunMeta
 
 StoreLike = Any  # str path, fsspec URL, or zarr Store
@@ -261,12 +259,8 @@ class RunStoreWriter:
                 rows = [r.root["step"] for r in records]
             else:
                 rows = [r.layers[layer].get(name) for r in records]
-            writes.append(arr._async_array.setitem(slice(start, stop), self._stack(arr, rows)))
-
-        async def _all() -> None:
-            await asyncio.gather(*writes)
-
-        sync(_all())
+            writes.append((arr, slice(start, stop), self._stack(arr, rows)))
+        write_many(writes)
         self.committed = stop
         self.group.attrs[schema.COMMIT_KEY] = stop
         return stop
@@ -310,11 +304,3 @@ class RunStoreWriter:
         d = self.meta.to_dict()
         d["truncated"] = reason
         self.group.attrs[schema.ATTR_KEY] = d
-
-    def update_user_meta(self, user: dict[str, Any]) -> None:
-        if self.group is None or self.meta is None:
-            return
-        d = self.meta.to_dict()
-        d["user"] = {**d.get("user", {}), **json.loads(json.dumps(user, default=str))}
-        self.group.attrs[schema.ATTR_KEY] = d
-        self.meta = RunMeta.from_dict(d)

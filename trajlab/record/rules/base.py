@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ class Capture:
     sketch: str
     tensors: dict[str, Tensor]
     per_sample: Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     def mean_gradient(self) -> Tensor:
         """Batch mean of the per-sample gradients this capture implies, (m, n)."""
