@@ -13,6 +13,7 @@ from helpers import ConvModel, mlp64, reference_per_sample_grads
 import trajlab
 from trajlab.analysis import analyze, open_analysis
 from trajlab.analysis import tasks as tasks_module
+from trajlab.analysis.plan import AnalysisOptions, make_plan
 from trajlab.spectral import hessian_quadform
 
 
@@ -99,10 +100,9 @@ def test_dask_result_equals_eager_loop(mlp_run):
     store = mlp_run[0]
     ds = analyze(store, scheduler="threads", chunk_rows=5, progress=False)
     run = trajlab.open_run(store)
+    plan = make_plan(run, None, None, run.n_steps, AnalysisOptions())
     for li, name in enumerate(run.layers):
-        lm = run.layer_meta(name)
-        eager = tasks_module.layer_chunk(store, None, lm.group, lm.sketch, (0, run.n_steps),
-                                         tasks_module.AnalysisOptions())
+        eager = tasks_module.layer_chunk(plan, li, (0, run.n_steps))
         for k in ("K", "drift_flow", "drift_noise", "diffusion2", "pathwise_increment"):
             np.testing.assert_array_equal(ds[k].sel(layer=name).values, eager[k])
 
@@ -151,7 +151,7 @@ def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, mon
     real = tasks_module.layer_chunk
 
     def flaky(*args):
-        rows = args[4]
+        rows = args[2]
         calls.append(rows)
         if rows[0] >= 12:
             raise KeyboardInterrupt("killed")
@@ -166,7 +166,7 @@ def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, mon
     calls.clear()
     monkeypatch.setattr("trajlab.analysis.pipeline.layer_chunk", real)
     monkeypatch.setattr("trajlab.analysis.pipeline.layer_chunk",
-                        lambda *a: calls.append(a[4]) or real(*a))
+                        lambda *a: calls.append(a[2]) or real(*a))
     resumed = analyze(store, out=out, scheduler="synchronous", chunk_rows=4, progress=False)
     assert not (set(calls) & done_before)  # finished chunks were not recomputed
     for k in full.data_vars:
@@ -182,7 +182,7 @@ def test_bad_arguments(mlp_run, tmp_path):
     with pytest.raises(ValueError, match="gradient"):
         analyze(store, gradient="exact", progress=False)
     analyze(store, out=tmp_path / "a.zarr", scheduler="synchronous", progress=False)
-    with pytest.raises(trajlab.StoreError, match="other settings"):
+    with pytest.raises(trajlab.StoreError, match="does not match this request.*rows 0..24"):
         analyze(store, out=tmp_path / "a.zarr", steps=(0, 5), scheduler="synchronous",
                 progress=False)
     with pytest.raises(FileNotFoundError):
@@ -199,12 +199,12 @@ def test_operator_definition_adds_exact_conv_norms(tmp_path):
     ds = analyze(tmp_path / "r.zarr", scheduler="synchronous", progress=False,
                  conv_definition="operator")
     run = trajlab.open_run(tmp_path / "r.zarr")
-    geo = run.layer_meta("conv").conv
+    geo = run.layer_meta("conv").geometry
     for step in range(3):
         W = run.layer("conv").weight.sel(step=step).values
-        kernel = torch.from_numpy(W).reshape(geo["kernel_shape"])
-        A = conv_operator_matrix(kernel, tuple(geo["input_size"]), stride=tuple(geo["stride"]),
-                                 padding=tuple(geo["padding"]), dilation=tuple(geo["dilation"]))
+        kernel = torch.from_numpy(W).reshape(geo.kernel_shape)
+        A = conv_operator_matrix(kernel, tuple(geo.input_size), stride=tuple(geo.stride),
+                                 padding=tuple(geo.padding), dilation=tuple(geo.dilation))
         exact = float(torch.linalg.matrix_norm(A, ord=2))
         assert float(ds.K_operator.sel(step=step, layer="conv")) == pytest.approx(exact, rel=1e-8)
     np.testing.assert_allclose(ds.K_operator.sel(layer="fc"), ds.K.sel(layer="fc"))

@@ -350,14 +350,12 @@ def test_updates_are_the_applied_updates_bit_for_bit(tmp_path, optimizer):
             assert stored[13] and stored[-1] and stored.sum() == 1 + len(range(7, 30, 8)) + 1
         else:
             assert stored.all()
-        import zarr
-
-        from trajlab.store.updates import read_updates
-
-        g = zarr.open_group(store, mode="r")
-        lg, n = g["layers/0"], g.attrs["trajlab_committed"]
-        np.testing.assert_array_equal(read_updates(lg, 3, 11, n), ds["update"].values[3:11])
-        np.testing.assert_array_equal(read_updates(lg, 9, n, n), ds["update"].values[9:])
+        run = trajlab.open_run(store)
+        n = run.n_steps  # the row reader (used by the analysis) decodes any row range alike
+        np.testing.assert_array_equal(run.layer_rows("0", ["update"], (3, 11))["update"],
+                                      ds["update"].values[3:11])
+        np.testing.assert_array_equal(run.layer_rows("0", ["update"], (9, n))["update"],
+                                      ds["update"].values[9:])
 
 
 def test_derived_batch_gradient_of_rank1_layers_equals_dot_grad(tmp_path):

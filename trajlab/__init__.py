@@ -1,17 +1,27 @@
 """trajlab: record PyTorch training runs and analyse the Lipschitz dynamics of SGD offline.
 
-Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients` (and, from
-the analysis layer, :func:`analyze`, :func:`open_analysis`).
+Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients`,
+:func:`register_rule` (and, from the analysis layer, :func:`analyze`, :func:`open_analysis`,
+:func:`open_analyses`). Every error trajlab raises on purpose is a :class:`TrajlabError`.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import trajlab.plot.accessor  # noqa: F401  (registers ds.lipschitz)
-from trajlab.analysis import analyze, open_analysis
-from trajlab.record import FullGradientProbe, Recorder, RecorderError, SelfCheckError
-from trajlab.store import Run, StoreError, StoreExistsError, open_run
+from trajlab.analysis import analyze, open_analyses, open_analysis
+from trajlab.errors import (
+    RecorderError,
+    SelfCheckError,
+    StoreCorruptError,
+    StoreError,
+    StoreExistsError,
+    StoreLockedError,
+    TrajlabError,
+)
+from trajlab.record import FullGradientProbe, Recorder
+from trajlab.store import Run, open_run
 from trajlab.store.reconstruct import PerSampleGradients, per_sample_gradients
 
 __all__ = [
@@ -21,10 +31,14 @@ __all__ = [
     "RecorderError",
     "Run",
     "SelfCheckError",
+    "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
+    "TrajlabError",
     "__version__",
     "analyze",
+    "open_analyses",
     "open_analysis",
     "open_run",
     "per_sample_gradients",

@@ -54,7 +54,7 @@ def dense_terms(W: Tensor, G: Tensor, lr: float, *, update: Tensor | None = None
                 H: Tensor | None = None) -> dict[str, Tensor]:
     """Every layer term from the dense per-sample gradients G (B, m, n), straight from MATH."""
     B, m, n = G.shape
-    fpc = 1.0 if population is None else (population - B) / (population - 1)
+    fpc = 1.0 if population is None else (population - B) / population
     g = G.mean(0)
     grad = g if grad_full is None else grad_full
     Om = (G - g).reshape(B, -1)
@@ -108,6 +108,13 @@ def subspace_sketch(G: Tensor, U: Tensor, V: Tensor) -> dict:
         "ps_proj_out": G @ V, "ps_proj_in": G.mT @ U,
         "ps_sqnorm": G.square().sum((1, 2)), "grad_sq_sum": G.square().sum(0),
     }
+
+
+def err_to(a: Tensor, b: Tensor, scale: float | Tensor) -> float:
+    """max |a - b| measured against the scale of the operands that produced b (for quantities
+    that may cancel to much less than their parts)."""
+    a, b = torch.as_tensor(a, dtype=F64), torch.as_tensor(b, dtype=F64)
+    return float((a - b).abs().max() / torch.as_tensor(scale, dtype=F64).clamp_min(1e-300))
 
 
 def rel(a: Tensor, b: Tensor) -> float:

@@ -1,6 +1,16 @@
-"""The Dask-parallel analysis: run store -> SDE terms -> analysis store -> xarray."""
+"""The Dask-parallel analysis: run stores -> SDE terms -> analysis stores -> xarray."""
 
-from trajlab.analysis.pipeline import analyze, open_analysis, simulate_paths
-from trajlab.analysis.variables import LAYER_VARIABLES, NETWORK_VARIABLES
+from trajlab.analysis.pipeline import analyze, open_analyses, open_analysis, simulate_paths
+from trajlab.analysis.plan import AnalysisOptions
+from trajlab.analysis.variables import LAYER_VARIABLES, NETWORK_VARIABLES, VARIABLES
 
-__all__ = ["LAYER_VARIABLES", "NETWORK_VARIABLES", "analyze", "open_analysis", "simulate_paths"]
+__all__ = [
+    "LAYER_VARIABLES",
+    "NETWORK_VARIABLES",
+    "VARIABLES",
+    "AnalysisOptions",
+    "analyze",
+    "open_analyses",
+    "open_analysis",
+    "simulate_paths",
+]

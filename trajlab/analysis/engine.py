@@ -1,15 +1,26 @@
-"""Where a Dask graph runs: a local cluster, an existing scheduler, or a local scheduler."""
+"""Where a Dask graph runs: a local cluster, an existing scheduler, or a local scheduler.
+
+Thread discipline: every graph node runs torch with one intra-op thread (inside Dask workers
+and under the in-process "threads" scheduler alike), so that Dask's own parallelism does not
+oversubscribe the cores; ``torch_threads=`` overrides it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "sync", "processes")
+#: Estimated single-core seconds below which the default runs in-process (a LocalCluster's
+#: start-up, ~2-4 s on 2 cores, does not pay for less).
+IN_PROCESS_SECONDS = 30.0
+
+_torch_threads_lock = threading.Lock()
 
 
 def default_workers() -> int:
@@ -20,8 +31,27 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def choose_scheduler(estimated_seconds: float) -> str | None:
+    """The default scheduler for a graph of that much work: "threads" (in-process) when a
+    cluster would not pay, None (a LocalCluster) otherwise."""
+    return "threads" if estimated_seconds < IN_PROCESS_SECONDS else None
+
+
+def describe(scheduler: Any, workers: int | None) -> str:
+    """Human-readable name of where the graph runs (printed by the CLI)."""
+    if scheduler is None:
+        return f"a local Dask cluster ({workers or default_workers()} worker processes)"
+    if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
+        return {"threads": "threads in this process", "processes": "local processes",
+                "synchronous": "this thread", "sync": "this thread"}[scheduler]
+    if isinstance(scheduler, str):
+        return f"the Dask scheduler at {scheduler}"
+    return "the given Dask client"
+
+
 @contextlib.contextmanager
-def scheduler_context(scheduler: Any = None, *, workers: int | None = None) -> Iterator[Any]:
+def scheduler_context(scheduler: Any = None, *, workers: int | None = None,
+                      torch_threads: int = 1) -> Iterator[Any]:
     """Yield a ``distributed.Client`` or the name of a local Dask scheduler.
 
     Parameters
@@ -31,14 +61,24 @@ def scheduler_context(scheduler: Any = None, *, workers: int | None = None) -> I
         close it afterwards. "threads", "processes", "synchronous": Dask's local schedulers.
         Any other string: the address of a running scheduler ("tcp://host:8786").
         A Client: use it as is (not closed).
+    workers : worker processes of the LocalCluster, or threads of the "threads" scheduler.
+    torch_threads : torch intra-op threads per node.
     """
     from distributed import Client, LocalCluster
 
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if isinstance(scheduler, Client):
         yield scheduler
         return
     if isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS:
-        yield "synchronous" if scheduler == "sync" else scheduler
+        name = "synchronous" if scheduler == "sync" else scheduler
+        cfg: dict[str, Any] = {}
+        if name == "threads" and workers:
+            cfg["num_workers"] = workers
+        with dask.config.set(cfg), _local_torch_threads(torch_threads):
+            yield name
         return
     if isinstance(scheduler, str):
         with Client(scheduler) as client:
@@ -50,20 +90,46 @@ def scheduler_context(scheduler: Any = None, *, workers: int | None = None) -> I
             f"distributed.Client, got {type(scheduler).__name__}"
         )
     n = workers or default_workers()
+    env = {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads),
+           "OPENBLAS_NUM_THREADS": str(torch_threads), "OMP_WAIT_POLICY": "PASSIVE"}
     with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=40,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        )
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40, env=env)
     try:
         with Client(cluster) as client:
             yield client
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def _local_torch_threads(n: int):
+    """Limit torch's intra-op threads in this process for the duration (in-process
+    schedulers), restoring the user's setting afterwards."""
+    import torch
+
+    with _torch_threads_lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _torch_threads_lock:
+            torch.set_num_threads(before)
+
+
+def single_threaded_in_workers(n: int = 1) -> None:
+    """Inside a distributed worker, keep torch to ``n`` intra-op threads."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def run_graph(nodes: Sequence[Any], where: Any, *, progress: bool, desc: str) -> list[Any]:

@@ -1,292 +1,94 @@
-"""``trajlab.analyze``: a run store in, the paper's dynamics out, as an xarray Dataset.
+"""``trajlab.analyze``: run stores in, the paper's dynamics out, as xarray Datasets.
 
-The work is a Dask graph over (layer, step-chunk) nodes feeding one network node per chunk. With
-``out=`` every finished node writes its own Zarr chunks and a done-marker into the analysis
-store, so an analysis that is killed resumes without recomputing finished nodes; the series-wide
-integrals (pathwise reconstruction, predicted mean and variance of log K) are computed at the end
-from the stored per-step terms.
+The work is one Dask graph over every analysed run: (layer, step-chunk) nodes feed one chunk
+node per step chunk, which computes the network terms and (with ``out=``) writes every variable
+of that chunk into the run's analysis store, then its done-marker. A killed analysis resumes
+with the unfinished chunks only; the series-wide integrals are computed at the end from the
+stored per-step terms.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import math
+import glob as _glob
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
-import zarr
-import zarr.codecs
 from dask import delayed
 
-from trajlab.analysis.engine import run_graph, scheduler_context
-from trajlab.analysis.tasks import AnalysisOptions, layer_chunk, network_chunk
-from trajlab.analysis.variables import (
-    LAYER_TASK_KEYS,
-    LAYER_VARIABLES,
-    NETWORK_TASK_KEYS,
-    NETWORK_VARIABLES,
+from trajlab.analysis import engine
+from trajlab.analysis.assemble import (
+    INTEGRAL_INPUTS,
+    build_dataset,
+    dataset_attrs,
+    integrals,
+    store_specs,
 )
-from trajlab.store import Run, StoreError, open_run
-from trajlab.store.io import write_many
-from trajlab.store.run_store import store_exists
-
-ANALYSIS_FORMAT_VERSION = 1
-_BOOL_KEYS = ("degenerate", "flow_full_gradient")
-_COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What to compute; small and picklable (it travels with every graph node)."""
-
-    store: Any
-    storage_options: dict | None
-    layers: tuple[str, ...]
-    groups: tuple[tuple[str, str], ...]  # (group, sketch) per layer
-    convs: tuple[Any, ...]  # Conv2d geometry per layer (None for Linear)
-    rows: tuple[int, int]
-    chunk_rows: int
-    options: AnalysisOptions
-
-    @property
-    def chunks(self) -> list[tuple[int, int]]:
-        r0, r1 = self.rows
-        return [(a, min(a + self.chunk_rows, r1)) for a in range(r0, r1, self.chunk_rows)]
-
-    @property
-    def layer_keys(self) -> tuple[str, ...]:
-        extra = ("K_operator",) if self.options.conv_definition == "operator" else ()
-        return LAYER_TASK_KEYS + extra
-
-    @property
-    def network_keys(self) -> tuple[str, ...]:
-        extra = ("K_net_operator",) if self.options.conv_definition == "operator" else ()
-        return NETWORK_TASK_KEYS + extra
-
-    @property
-    def n_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
-
-    def signature(self) -> dict[str, Any]:
-        """What must match for a stored analysis to be resumed."""
-        return {
-            "run": str(self.store),
-            "rows": list(self.rows),
-            "layers": list(self.layers),
-            "chunk_rows": self.chunk_rows,
-            "options": dataclasses.asdict(self.options),
-        }
+from trajlab.analysis.plan import AnalysisOptions, Plan, make_plan
+from trajlab.analysis.tasks import chunk_values, layer_chunk, network_chunk
+from trajlab.errors import StoreError
+from trajlab.store import Run, open_run
+from trajlab.store.analysis_store import AnalysisStore
+from trajlab.store.lock import StoreLock
+from trajlab.store.metadata import AnalysisMeta
+from trajlab.store.target import check_writable, inspect
 
 
-def _plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> _Plan:
-    if run.n_steps == 0:
-        raise ValueError(f"{run.store!r} has no committed steps to analyse")
-    names = tuple(run.layers if layers is None else layers)
-    if not names:
-        raise ValueError("layers=[] selects nothing; pass None to analyse every recorded layer")
-    for n in names:
-        run.layer_meta(n)  # KeyError naming the recorded layers
-    all_steps = run.steps
-    if steps is None:
-        rows = (0, run.n_steps)
-    else:
-        if isinstance(steps, slice):
-            lo = all_steps[0] if steps.start is None else steps.start
-            hi = all_steps[-1] + 1 if steps.stop is None else steps.stop
-        else:
-            lo, hi = steps
-        sel = np.flatnonzero((all_steps >= lo) & (all_steps < hi))
-        if sel.size == 0:
-            raise ValueError(
-                f"steps [{lo}, {hi}) select no recorded step; this run holds steps "
-                f"{all_steps[0]}..{all_steps[-1]}"
-            )
-        rows = (int(sel[0]), int(sel[-1]) + 1)
-    n = rows[1] - rows[0]
-    bs = run.root.batch_size.values[rows[0]:rows[1]]
-    if (bs < 2).all():
-        raise ValueError(
-            "every selected step has batch size 1: the gradient-noise terms need batch size >= 2 "
-            "(MATH.md §1); record with larger batches. (Steps with batch size 1 among others are "
-            "analysed without noise terms, which are NaN there.)"
-        )
-    if chunk_rows is None:
-        chunk_rows = min(run.meta.chunk_steps, max(8, math.ceil(n / 8)))
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    groups = tuple((run.layer_meta(n).group, run.layer_meta(n).sketch) for n in names)
-    convs = tuple(run.layer_meta(n).conv or None for n in names)
-    return _Plan(run.store, run.storage_options, names, groups, convs, rows, int(chunk_rows),
-                 options)
+@dataclass
+class _Job:
+    """One run's analysis inside a (possibly many-run) graph."""
 
-
-# ----------------------------------------------------------------------------- store layout
-def _create_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) -> zarr.Group:
-    meta = {
-        "kind": "analysis",
-        "format_version": ANALYSIS_FORMAT_VERSION,
-        "complete": False,
-        "layout": "partial",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **plan.signature(),
-    }
-    kw: dict[str, Any] = {"mode": "w" if overwrite else "w-", "zarr_format": 3,
-                          "attributes": {"trajlab": meta}}
-    if storage_options is not None:
-        kw["storage_options"] = storage_options
-    # The group document is written atomically with its metadata first; "layout" turns "ready"
-    # once every array exists, so a store killed while being laid out is laid out anew.
-    g = zarr.open_group(out, **kw)
-    T, L, c = plan.n_rows, len(plan.layers), plan.chunk_rows
-    bmax = int(run._group["indices"].shape[1])
-
-    def arr(name, shape, chunks, dims, dtype="float64", desc=""):
-        fill = {"bool": False, "uint8": 0, "int64": -1}.get(dtype, np.nan)
-        return g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                              dimension_names=dims, compressors=[_COMPRESSOR],
-                              attributes={"description": desc})
-
-    arr("step", (T,), (T,), ("step",), "int64", "optimizer-step index")[:] = run.steps[
-        plan.rows[0]:plan.rows[1]]
-    for k in plan.layer_keys:
-        arr(k, (T, L), (c, 1), ("step", "layer"), "bool" if k in _BOOL_KEYS else "float64",
-            LAYER_VARIABLES[k])
-    arr("noise_proj", (T, L, bmax), (c, 1, bmax), ("step", "layer", "sample"), "float64",
-        "per-sample noise projection c_i = u1^T Omega_i v1")
-    for k in plan.network_keys:
-        arr(k, (T,), (c,), ("step",), "float64", NETWORK_VARIABLES[k])
-    arr("_done", (len(plan.chunks), L + 1), (1, 1), ("chunk", "node"), "uint8",
-        "1 = this (step chunk, layer or network) node is written")
-    g.attrs["trajlab"] = {**meta, "layout": "ready"}
-    return g
-
-
-def _open_store(out, storage_options, mode="r"):
-    kw: dict[str, Any] = {"mode": mode}
-    if storage_options is not None:
-        kw["storage_options"] = storage_options
-    return zarr.open_group(out, **kw)
-
-
-def _store_rel(plan: _Plan, rows: tuple[int, int]) -> slice:
-    return slice(rows[0] - plan.rows[0], rows[1] - plan.rows[0])
+    run: Run
+    plan: Plan
+    out: Any
+    out_options: dict | None
+    store: AnalysisStore | None = None
+    pending: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------- graph nodes
-def _layer_node(plan: _Plan, out, out_options, ci: int, li: int) -> dict[str, np.ndarray]:
+def _layer_node(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndarray]:
+    engine.single_threaded_in_workers()
+    return layer_chunk(plan, li, rows)
+
+
+def _chunk_node(plan: Plan, out, out_options, ci: int, layer_results) -> Any:
     rows = plan.chunks[ci]
-    sl = _store_rel(plan, rows)
-    g = _open_store(out, out_options, "r+") if out is not None else None
-    if g is not None and g["_done"][ci, li]:
-        res = {k: g[k][sl, li] for k in plan.layer_keys}
-        res["noise_proj"] = g["noise_proj"][sl, li, :]
-        return res
-    _single_threaded_in_workers()
-    group, sketch = plan.groups[li]
-    res = layer_chunk(plan.store, plan.storage_options, group, sketch, rows, plan.options,
-                      plan.convs[li])
-    if g is not None:
-        arrays = dict(g.arrays())
-        write_many([(arrays[k], (sl, li), res[k]) for k in plan.layer_keys]
-                   + [(arrays["noise_proj"], (sl, li, slice(None)), res["noise_proj"])])
-        g["_done"][ci, li] = 1  # after the data: a node is done only once all of it is written
-    return res
+    net = network_chunk(plan, rows, list(layer_results))
+    vals = chunk_values(plan, rows, list(layer_results), net)
+    if out is None:
+        return ci, vals
+    AnalysisStore.open(out, storage_options=out_options, mode="r+").write_chunk(
+        ci, plan.relative(rows), vals)
+    return ci, None
 
 
-def _network_node(plan: _Plan, out, out_options, ci: int, layer_results) -> Any:
-    rows = plan.chunks[ci]
-    sl = _store_rel(plan, rows)
-    L = len(plan.layers)
-    g = _open_store(out, out_options, "r+") if out is not None else None
-    if g is not None and g["_done"][ci, L]:
-        return ci
-    res = network_chunk(plan.store, plan.storage_options, rows, plan.options,
-                        list(layer_results))
-    if g is None:
-        return ci, res, [{k: r[k] for k in plan.layer_keys} for r in layer_results]
-    arrays = dict(g.arrays())
-    write_many([(arrays[k], sl, res[k]) for k in plan.network_keys])
-    g["_done"][ci, L] = 1
-    return ci
-
-
-def _single_threaded_in_workers() -> None:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return
-    import torch
-
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------- integrals
-def _integrals(K, inc, drift, logK, mu, s2, s2b, disc, lr, every) -> dict[str, np.ndarray]:
-    """Series-wide quantities at the start of each row (first row = initial values)."""
-    dt = lr * every
-    T = K.shape[0]
-
-    def cum(rate):  # value at the start of each row: sum over earlier rows
-        x = np.where(np.isfinite(rate), rate, 0.0) * (dt if rate.ndim == 1 else dt[:, None])
-        return np.concatenate([np.zeros((1, *x.shape[1:])), np.cumsum(x, 0)[:-1]], 0)
-
-    out: dict[str, np.ndarray] = {"time": np.concatenate([[0.0], np.cumsum(dt)[:-1]])}
-    if every == 1:
-        steps_inc = np.where(np.isfinite(inc), inc, 0.0)
-        kp = K[0][None, :] + np.concatenate([np.zeros((1, K.shape[1])),
-                                             np.cumsum(steps_inc, 0)[:-1]], 0)
-    else:
-        kp = np.full_like(K, np.nan)
-    out["K_pathwise"] = kp
-    out["K_pred_mean"] = K[0][None, :] + cum(drift)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["K_net_pathwise"] = np.prod(kp, axis=1)
-    out["logK_pred_mean"] = logK[0] + cum(mu)
-    out["logK_pred_var"] = cum(s2)
-    out["logK_pred_var_blockdiag"] = cum(s2b)
-    out["logK_discretization_integral"] = cum(disc)
-    sd = np.sqrt(out["logK_pred_var"])
-    out["K_net_pred_lower"] = np.exp(out["logK_pred_mean"] - 1.96 * sd)
-    out["K_net_pred_upper"] = np.exp(out["logK_pred_mean"] + 1.96 * sd)
-    assert out["time"].shape[0] == T
-    return out
-
-
-def _integrate_into(g: zarr.Group, plan: _Plan) -> None:
-    vals = {k: g[k][:] for k in ("K", "pathwise_increment", "drift")}
-    net = {k: g[k][:] for k in ("logK", "logK_drift", "logK_diffusion2",
-                                "logK_diffusion2_blockdiag", "logK_discretization", "lr")}
-    res = _integrals(vals["K"], vals["pathwise_increment"], vals["drift"], net["logK"],
-                     net["logK_drift"],
-                     net["logK_diffusion2"], net["logK_diffusion2_blockdiag"],
-                     net["logK_discretization"], net["lr"], plan.options.every)
-    c = plan.chunk_rows
-    for k, v in res.items():
-        dims = ("step", "layer") if v.ndim == 2 else ("step",)
-        desc = LAYER_VARIABLES.get(k) or NETWORK_VARIABLES.get(k) or "time t = sum of lr * every"
-        a = g.create_array(k, shape=v.shape, chunks=(c, *v.shape[1:]), dtype="float64",
-                           fill_value=np.nan, dimension_names=dims, compressors=[_COMPRESSOR],
-                           attributes={"description": desc}, overwrite=True)
-        a[:] = v
-    meta = dict(g.attrs["trajlab"])
-    meta["complete"] = True
-    g.attrs["trajlab"] = meta
+def _estimate_seconds(plans: Sequence[Plan]) -> float:
+    """Rough single-core cost of the vectorised kernels (calibrated on a 2-core VM): a thin
+    SVD and a few products per layer-step, plus a fixed cost per node."""
+    total = 0.0
+    for p in plans:
+        for lm in p.layers:
+            m, n = lm.shape
+            r = min(m, n)
+            per_row = 3e-9 * m * n * r + 4e-9 * p.sample_capacity * (m + n) * r + 2e-5
+            total += p.n_rows * per_row
+        total += len(p.chunks) * (len(p.layers) + 1) * 5e-3
+    return total
 
 
 # ----------------------------------------------------------------------------- public API
 def analyze(
-    run: Run | str,
+    run: Run | str | Sequence[Run | str],
     *,
     out: Any = None,
     layers: Sequence[str] | None = None,
     steps: slice | tuple[int, int] | None = None,
-    scheduler: Any = None,
+    scheduler: Any = "auto",
     workers: int | None = None,
     chunk_rows: int | None = None,
     gradient: str = "auto",
@@ -296,162 +98,208 @@ def analyze(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
-) -> xr.Dataset:
-    """Compute the SDE terms of a recorded run (MATH.md §1–§5) as an xarray Dataset.
+    torch_threads: int = 1,
+) -> xr.Dataset | list[xr.Dataset]:
+    """Compute the SDE terms of recorded runs (MATH.md §1–§5) as xarray Datasets.
 
     Parameters
     ----------
-    run : Run or path/URL of a run store.
-    out : path/URL, optional
-        Analysis store. Finished chunks are written as they complete; an existing, unfinished
-        analysis of the same run and options is resumed; a finished one is opened.
-    layers : module names (default: every recorded layer). Network terms use these layers.
+    run : Run or path/URL of a run store, or a sequence of them
+        Many runs are analysed in one Dask graph (each resumable on its own); the result is
+        then a list of Datasets in the same order (see :func:`open_analyses` to combine them).
+    out : path/URL, or a sequence of them (one per run), optional
+        Analysis store(s). Finished chunks are written as they complete; an unfinished analysis
+        of the same run (same run id and rows) and options is resumed; a finished one is opened.
+        Nothing that is not a trajlab analysis store is ever overwritten or written into.
+    layers : layer names (default: every recorded layer). Network terms use these layers.
     steps : slice or (start, stop) of step indices, stop exclusive (default: all committed).
-    scheduler : None (a LocalCluster sized to the machine), "threads", "processes",
+    scheduler : "auto" (default: in-process threads for small analyses, a LocalCluster when the
+        estimated work pays for one), None (a LocalCluster), "threads", "processes",
         "synchronous", a scheduler address ("tcp://host:8786") or a ``distributed.Client``.
-    workers : worker processes of the default LocalCluster.
-    chunk_rows : recorded steps per graph node.
+    workers : worker processes of the LocalCluster (threads of the "threads" scheduler).
+    chunk_rows : recorded steps per graph node (default: chosen from the layer sizes).
     gradient : "auto" (full-data probe gradient where recorded, batch gradient elsewhere),
         "batch", or "probe" (same as auto; use it to state intent).
     population : finite-population correction N for sampling without replacement. "auto":
         the run's dataset size when its sampler is "reshuffle", else none.
     gap_tol : relative spectral gap below which a step is flagged ``degenerate``.
-    conv_definition : "matrix" (default): Conv2d K and SDE terms use the reshaped kernel
+    conv_definition : "matrix" (default): convolution K and SDE terms use the reshaped kernel
         (MATH.md §6a), exact for the recorded sketch. "operator": additionally compute the exact
-        operator norm of each convolution (``K_operator``, ``K_net_operator``; §6b), a true
-        Lipschitz bound but more expensive.
-    overwrite : replace an existing analysis store with different options.
+        operator norm of each convolution (``K_operator``, ``K_net_operator``; §6b).
+    overwrite : replace an existing analysis store (never anything else).
     progress : progress bar on the terminal.
     storage_options : fsspec options for ``out``.
+    torch_threads : torch intra-op threads per graph node (default 1: Dask parallelises).
 
     Returns
     -------
-    xr.Dataset
-        dims (step, layer[, sample]); coords step, time (cumulative lr), layer; per-layer and
-        network variables with their meanings in ``attrs["description"]``; lazily loaded from
-        ``out`` when given.
+    xr.Dataset (or a list of them for a sequence of runs)
+        dims (step, layer[, sample]); coords step, time, layer; per-layer and network variables
+        with their meanings in ``attrs["description"]``; lazily loaded from ``out`` when given.
 
     Examples
     --------
     >>> ds = trajlab.analyze("run.zarr", out="analysis.zarr")  # doctest: +SKIP
     >>> ds.K.sel(layer="fc1").plot()  # doctest: +SKIP
     """
-    run = open_run(run)
-    if gradient not in ("auto", "batch", "probe"):
-        raise ValueError(f"gradient must be 'auto', 'batch' or 'probe', got {gradient!r}")
-    if population == "auto":
-        population = run.meta.dataset_size if run.meta.sampler == "reshuffle" else None
-    if conv_definition not in ("matrix", "operator"):
-        raise ValueError(
-            f"conv_definition must be 'matrix' or 'operator', got {conv_definition!r}"
-        )
-    options = AnalysisOptions(gradient=gradient, population=population, gap_tol=gap_tol,
-                              every=run.meta.every, conv_definition=conv_definition)
-    plan = _plan(run, layers, steps, chunk_rows, options)
-    g = None
-    if out is not None:
-        g = _prepare_store(out, storage_options, plan, run, overwrite)
-        if g.attrs["trajlab"].get("complete"):
-            return open_analysis(out, storage_options=storage_options, run=run)
-    L = len(plan.layers)
-    nodes = []
-    for ci in range(len(plan.chunks)):
-        lnodes = [delayed(_layer_node, pure=False)(plan, out, storage_options, ci, li)
-                  for li in range(L)]
-        nodes.append(delayed(_network_node, pure=False)(plan, out, storage_options, ci, lnodes))
-    with scheduler_context(scheduler, workers=workers) as where:
-        results = run_graph(nodes, where, progress=progress, desc="analysing")
-    if g is not None:
-        _integrate_into(_open_store(out, storage_options, "r+"), plan)
-        return open_analysis(out, storage_options=storage_options, run=run)
-    return _in_memory_dataset(plan, run, results)
-
-
-def _prepare_store(out, storage_options, plan: _Plan, run: Run, overwrite: bool) -> zarr.Group:
-    if store_exists(out, storage_options=storage_options) and not overwrite:
-        g = _open_store(out, storage_options, "r+")
-        meta = g.attrs.asdict().get("trajlab")
-        if meta is None or meta.get("kind") != "analysis":
-            raise StoreError(
-                f"{out!r} exists and is not a trajlab analysis store; choose another path "
-                "or pass overwrite=True"
-            )
-        if meta.get("layout", "ready") != "ready":
-            return _create_store(out, storage_options, plan, run, overwrite=True)
-        if {k: meta.get(k) for k in plan.signature()} != plan.signature():
-            raise StoreError(
-                f"{out!r} holds an analysis with other settings (run, steps, layers or "
-                "options); pass overwrite=True to replace it or choose another path"
-            )
-        return g  # resume an interrupted analysis, or open a finished one
-    return _create_store(out, storage_options, plan, run, overwrite=True)
-
-
-def _in_memory_dataset(plan: _Plan, run: Run, results) -> xr.Dataset:
-    T, L = plan.n_rows, len(plan.layers)
-    layer = {k: np.full((T, L), np.nan) for k in plan.layer_keys}
-    for k in _BOOL_KEYS:
-        layer[k] = np.zeros((T, L), dtype=bool)
-    net = {k: np.full(T, np.nan) for k in plan.network_keys}
-    for ci, res, lres in results:
-        sl = _store_rel(plan, plan.chunks[ci])
-        for k in plan.network_keys:
-            net[k][sl] = res[k]
-        for li, r in enumerate(lres):
-            for k in plan.layer_keys:
-                layer[k][sl, li] = r[k]
-    ints = _integrals(layer["K"], layer["pathwise_increment"], layer["drift"], net["logK"],
-                      net["logK_drift"],
-                      net["logK_diffusion2"], net["logK_diffusion2_blockdiag"],
-                      net["logK_discretization"], net["lr"], plan.options.every)
-    data = {}
-    for k, v in {**layer, **net, **ints}.items():
-        if k == "time":
-            continue
-        dims = ("step", "layer") if v.ndim == 2 else ("step",)
-        desc = LAYER_VARIABLES.get(k) or NETWORK_VARIABLES.get(k, "")
-        data[k] = xr.Variable(dims, v, attrs={"description": desc})
-    ds = xr.Dataset(data, coords={
-        "step": run.steps[plan.rows[0]:plan.rows[1]],
-        "layer": list(plan.layers),
-        "time": ("step", ints["time"]),
-    })
-    ds.attrs.update(_dataset_attrs(run, plan))
-    return ds
-
-
-def _dataset_attrs(run: Run, plan_or_meta) -> dict[str, Any]:
-    if isinstance(plan_or_meta, _Plan):
-        sig = plan_or_meta.signature()
+    many = isinstance(run, (list, tuple))
+    runs = [open_run(r) for r in (run if many else [run])]
+    if many and not runs:
+        raise ValueError("analyze([]) got no runs")
+    if out is None:
+        outs: list[Any] = [None] * len(runs)
+    elif many:
+        if not isinstance(out, (list, tuple)) or len(out) != len(runs):
+            raise ValueError("with several runs, out= must be a list with one analysis store "
+                             "per run (or None)")
+        outs = list(out)
     else:
-        sig = plan_or_meta
-    opts = sig["options"]
-    probed = int(run._group["probe"][: run.n_steps].sum()) if run.n_steps else 0
-    if opts["gradient"] == "batch" or probed == 0:
-        grad_used = "batch gradient"
+        outs = [out]
+    if any(o is not None for o in outs):
+        keys = [os.path.realpath(os.fspath(o)) if isinstance(o, (str, os.PathLike)) else id(o)
+                for o in outs if o is not None]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two runs were given the same analysis store in out=")
+    jobs = []
+    for r, o in zip(runs, outs):
+        pop = population
+        if pop == "auto":
+            pop = r.meta.dataset_size if r.meta.sampler == "reshuffle" else None
+        opts = AnalysisOptions(gradient=gradient, population=pop, gap_tol=gap_tol,
+                               conv_definition=conv_definition)
+        jobs.append(_Job(r, make_plan(r, layers, steps, chunk_rows, opts), o, storage_options))
+    if not (isinstance(torch_threads, int) and torch_threads >= 1):
+        raise ValueError(f"torch_threads must be an integer >= 1, got {torch_threads!r}")
+    locks = [StoreLock(j.out, what="analysis") for j in jobs if j.out is not None]
+    try:
+        for lock in locks:
+            lock.acquire()
+        for j in jobs:
+            if j.out is not None:
+                j.store = _prepare_store(j, overwrite)
+                j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
+            else:
+                j.pending = tuple(range(len(j.plan.chunks)))
+        results = _compute(jobs, scheduler, workers, progress, torch_threads)
+        datasets = [_finish(j, results.get(i, {})) for i, j in enumerate(jobs)]
+    finally:
+        for lock in locks:
+            lock.release()
+    return datasets if many else datasets[0]
+
+
+def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads) -> dict:
+    """Run the graph of every pending chunk of every job; in-memory results by job."""
+    todo = [(i, j) for i, j in enumerate(jobs)
+            if j.pending and not (j.store is not None and j.store.meta.complete)]
+    if not todo:
+        return {}
+    if scheduler == "auto":
+        scheduler = engine.choose_scheduler(_estimate_seconds([j.plan for _, j in todo]))
+    nodes, owners = [], []
+    for i, j in todo:
+        p = j.plan
+        for ci in j.pending:
+            rows = p.chunks[ci]
+            lnodes = [delayed(_layer_node, pure=False)(p, li, rows) for li in range(len(p.layers))]
+            nodes.append(delayed(_chunk_node, pure=False)(p, j.out, j.out_options, ci, lnodes))
+            owners.append(i)
+    with engine.scheduler_context(scheduler, workers=workers,
+                                  torch_threads=torch_threads) as where:
+        outs = engine.run_graph(nodes, where, progress=progress, desc="analysing")
+    results: dict[int, dict] = {}
+    for i, (ci, vals) in zip(owners, outs):
+        if vals is not None:
+            results.setdefault(i, {})[ci] = vals
+    return results
+
+
+def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore:
+    """Create, resume or reuse the job's analysis store; refuse what must not be touched."""
+    plan, out = job.plan, job.out
+    target = inspect(out, storage_options=job.out_options)
+    check_writable(target, "analysis", overwrite=True, resume=True)  # never non-analysis data
+    if target.state == "analysis":
+        try:
+            store = AnalysisStore.open(out, storage_options=job.out_options, mode="r+")
+        except StoreError:
+            if not overwrite:
+                raise
+        else:
+            if store.meta.state == "layout":
+                return _create(job, target)  # killed while being laid out: ours, no data
+            if store.meta.signature() == plan.meta(created="", version="").signature():
+                return store  # resume, or reuse a finished analysis
+            if not overwrite:
+                raise StoreError(_mismatch(out, store.meta, plan))
+    return _create(job, target)
+
+
+def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:
+    if old.run_id != plan.run_id:
+        why = (f"it was computed from a different recording (run id {old.run_id}) than the run "
+               f"now at {plan.store!r} (run id {plan.run_id}): the run was re-recorded since")
+    elif old.rows != plan.rows:
+        why = (f"it covers rows {old.rows[0]}..{old.rows[1]} (steps {old.steps[0]}.."
+               f"{old.steps[1]}), the request rows {plan.rows[0]}..{plan.rows[1]} (steps "
+               f"{plan.steps[0]}..{plan.steps[1]}); the run may have grown since")
     else:
-        grad_used = f"full-data probe gradient at {probed} steps, batch gradient elsewhere"
-    return {
-        "run": str(sig["run"]),
-        "conv_definition": (
-            "matrix: Conv2d kernel reshaped to C_out x C_in*kh*kw (MATH.md 6a) for K and every "
-            "SDE term"
-            + ("; K_operator / K_net_operator: exact operator norm of the convolution on its "
-               "input size (MATH.md 6b)" if opts.get("conv_definition") == "operator" else "")
-        ),
-        "gradient": grad_used,
-        "population": str(opts["population"]),
-        "sampler": run.meta.sampler,
-        "time_unit": "t = sum over steps of lr (times `every` for subsampled runs)",
-        "estimator": "Sigma ~ 1/(B(B-1)) sum_i Omega_i Omega_i^T"
-        + (f" x (N-B)/(N-1), N={opts['population']}" if opts["population"] else ""),
-        "every": run.meta.every,
-    }
+        why = "it was computed with other layers or options"
+    return (f"{out!r} holds an analysis that does not match this request: {why}. Pass "
+            "overwrite=True (--overwrite) to recompute it, or choose another path")
 
 
-def open_analysis(
-    store: Any, *, storage_options: dict | None = None, run: Run | None = None
-) -> xr.Dataset:
+def _create(job: _Job, target) -> AnalysisStore:
+    from trajlab import __version__
+
+    plan, run = job.plan, job.run
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = plan.meta(created=created, version=__version__)
+    import dataclasses
+
+    meta = dataclasses.replace(meta, run_info=_run_info(run))
+    specs = {"step": (("step",), "int64", "optimizer-step index"),
+             **store_specs(plan.options.operator)}
+    sizes = {"step": plan.n_rows, "layer": len(plan.layers), "sample": plan.sample_capacity}
+    store = AnalysisStore.create(target, meta, specs, sizes, len(plan.chunks))
+    store.write_all({"step": run.steps[plan.rows[0]:plan.rows[1]]})
+    return store
+
+
+def _run_info(run: Run) -> dict[str, Any]:
+    m = run.meta
+    info: dict[str, Any] = {"sampler": m.sampler, "every": m.every,
+                            "dataset_size": m.dataset_size, "created": m.created}
+    for k, v in (m.user or {}).items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            info.setdefault(k, v)
+    return info
+
+
+def _finish(job: _Job, chunk_results: dict[int, dict]) -> xr.Dataset:
+    plan, run = job.plan, job.run
+    if job.store is None:
+        T = plan.n_rows
+        vals: dict[str, np.ndarray] = {}
+        for ci, cv in sorted(chunk_results.items()):
+            sl = plan.relative(plan.chunks[ci])
+            for k, v in cv.items():
+                if k not in vals:
+                    vals[k] = np.empty((T, *v.shape[1:]), dtype=v.dtype)
+                vals[k][sl] = v
+        vals.update(integrals(vals, every=plan.every))
+        meta = plan.meta(created="", version="").to_dict()
+        return build_dataset(vals, steps=run.steps[plan.rows[0]:plan.rows[1]],
+                             layers=plan.names, attrs=dataset_attrs(run, meta))
+    store = job.store
+    if not store.meta.complete:
+        store.write_all(integrals(store.read(list(INTEGRAL_INPUTS)), every=plan.every))
+        store.mark_complete()
+    return open_analysis(job.out, storage_options=job.out_options, run=run)
+
+
+def open_analysis(store: Any, *, storage_options: dict | None = None, run: Run | None = None
+                  ) -> xr.Dataset:
     """Open an analysis store written by :func:`analyze` lazily (Dask-backed).
 
     Parameters
@@ -463,40 +311,93 @@ def open_analysis(
     Raises
     ------
     FileNotFoundError : nothing at ``store``.
-    trajlab.StoreError : not an analysis store, or an unfinished one (rerun ``analyze`` with the
-        same arguments to resume it).
+    trajlab.StoreError : not an analysis store, an unfinished one (rerun ``analyze`` with the
+        same arguments to resume it) or one written by an older trajlab (recompute it).
     """
-    if not store_exists(store, storage_options=storage_options):
-        raise FileNotFoundError(f"no analysis store at {store!r}; create one with trajlab.analyze")
-    g = _open_store(store, storage_options)
-    meta = g.attrs.asdict().get("trajlab")
-    if not meta or meta.get("kind") != "analysis":
-        raise StoreError(f"{store!r} is not a trajlab analysis store")
-    if meta.get("format_version", 0) > ANALYSIS_FORMAT_VERSION:
-        raise StoreError(f"{store!r} has a newer analysis format; upgrade trajlab")
-    if not meta.get("complete"):
+    st = AnalysisStore.open(store, storage_options=storage_options)
+    if not st.meta.complete:
         raise StoreError(
             f"the analysis in {store!r} is unfinished (interrupted); rerun trajlab.analyze with "
             "the same arguments to resume it"
         )
-    kw: dict[str, Any] = {"consolidated": False, "zarr_format": 3, "chunks": {}}
-    if storage_options is not None:
-        kw["storage_options"] = storage_options
-    ds = xr.open_zarr(store, **kw).drop_vars("_done")
-    ds = ds.set_coords(["time"])
-    ds = ds.assign_coords(layer=list(meta["layers"]))
-    try:
-        if run is None:
-            run = open_run(meta["run"], storage_options=storage_options)
-        ds.attrs.update(_dataset_attrs(run, meta))
-    except Exception:  # noqa: BLE001 - the run may have moved; the results stand alone
-        ds.attrs["run"] = meta["run"]
+    ds = st.dataset(storage_options=storage_options)
+    ds = ds.set_coords([c for c in ("step", "time") if c in ds])
+    ds = ds.assign_coords(layer=list(st.meta.layers))
+    if run is None:
+        try:
+            run = open_run(st.meta.run, storage_options=storage_options)
+            if run.meta.identity != st.meta.run_id:
+                run = None  # the run was re-recorded since: describe from the analysis only
+        except Exception:  # noqa: BLE001 - the run may have moved; the results stand alone
+            run = None
+    ds.attrs.update(dataset_attrs(run, st.meta.to_dict()))
+    if run is None:
+        ds.attrs.update({k: v for k, v in st.meta.run_info.items()
+                         if k in ("every", "sampler")})
     return ds
 
 
+def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = None,
+                  dim: str = "run") -> xr.Dataset:
+    """Open many analysis stores as one Dataset with a ``run`` dimension.
+
+    Parameters
+    ----------
+    paths : a glob pattern (``"sweep/*.analysis.zarr"``) or a sequence of stores.
+    dim : name of the new dimension.
+
+    Returns
+    -------
+    xr.Dataset
+        Each analysis along ``run`` (labelled by its path), with coordinates on ``run`` from
+        each run's metadata (sampler, every, dataset size and every scalar of the recorder's
+        ``metadata=``, e.g. lr, batch_size, seeds, optimizer), ready for ``groupby``. Runs with
+        different layers or lengths are aligned on ``layer`` and ``step`` with NaN where a run
+        has no value (outer join).
+
+    Examples
+    --------
+    >>> ds = trajlab.open_analyses("sweep/*.analysis.zarr")  # doctest: +SKIP
+    >>> ds.logK_diffusion2.mean("step").groupby("batch_size").mean()  # doctest: +SKIP
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        found = sorted(_glob.glob(os.fspath(paths)))
+        if not found:
+            raise FileNotFoundError(f"no analysis store matches {os.fspath(paths)!r}")
+        paths = found
+    paths = list(paths)
+    if not paths:
+        raise ValueError("open_analyses got no stores")
+    parts, infos = [], []
+    for p in paths:
+        st = AnalysisStore.open(p, storage_options=storage_options)
+        ds = open_analysis(p, storage_options=storage_options)
+        parts.append(ds.drop_vars("time"))
+        infos.append({**st.meta.run_info, "run_id": st.meta.run_id})
+    keys = sorted({k for i in infos for k in i})
+    combined = xr.concat(parts, dim=dim, join="outer", combine_attrs="drop_conflicts",
+                         coords="minimal", compat="override")
+    combined = combined.assign_coords({dim: [str(p) for p in paths]})
+    for k in keys:
+        vals = [i.get(k) for i in infos]
+        if all(v is None or isinstance(v, (int, float, str, bool)) for v in vals):
+            arr = np.array([np.nan if v is None and any(isinstance(x, (int, float)) and not
+                                                       isinstance(x, bool) for x in vals)
+                            else v for v in vals], dtype=object)
+            try:
+                arr = arr.astype(float) if all(isinstance(v, (int, float)) and not
+                                               isinstance(v, bool) or v is None
+                                               for v in vals) else arr.astype(str)
+            except (TypeError, ValueError):
+                arr = arr.astype(str)
+            combined = combined.assign_coords({k: (dim, arr)})
+    return combined
+
+
 def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.DataArray:
-    """Euler–Maruyama paths of the network SDE dZ = mu_Z dt + sigma_Z dB with the recorded
-    coefficients (MATH.md §4), for distribution plots.
+    """Euler–Maruyama paths of the network SDE dZ = mu dt + sigma_Z dB with the recorded
+    coefficients (MATH.md §4), for distribution plots. The drift is the one of
+    ``logK_pred_mean`` (the optimizer that was used).
 
     Parameters
     ----------
@@ -512,8 +413,9 @@ def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.D
     from trajlab.sde import euler_maruyama
 
     mu = np.nan_to_num(np.asarray(ds["logK_drift"].values, dtype=np.float64))
+    mu = mu + np.nan_to_num(np.asarray(ds["logK_drift_optimizer"].values, dtype=np.float64))
     s2 = np.nan_to_num(np.asarray(ds["logK_diffusion2"].values, dtype=np.float64))
-    dt = np.asarray(ds["lr"].values, dtype=np.float64) * int(ds.attrs.get("every", 1))
+    dt = np.asarray(ds["net_dt"].values, dtype=np.float64)
     z0 = float(ds["logK"].values[0])
     paths = euler_maruyama(z0, torch.from_numpy(mu[:-1]), torch.from_numpy(s2[:-1]),
                            torch.from_numpy(dt[:-1]), n_paths=n_paths, seed=seed)

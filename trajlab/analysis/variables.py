@@ -1,80 +1,154 @@
-"""Names, dimensions and meanings of the analysis variables (defined once, used everywhere)."""
+"""Every analysis variable, defined once: name, dims, dtype, meaning, and the stage computing it.
+
+Task keys, analysis-store arrays, fill values and the in-memory Dataset are all derived from
+:data:`VARIABLES`. Rates of a layer are per unit of that layer's own time ``t = sum of its
+lr x every``; network rates are per unit of the network time (the first analysed layer's
+``dt``), combined from per-step increments so that layers with different learning rates add up
+correctly.
+"""
 
 from __future__ import annotations
 
-#: Per-layer, per-step variables (dims: step, layer), with their meanings and units.
-LAYER_VARIABLES: dict[str, str] = {
-    "K": "measured layer Lipschitz constant sigma_1(W) at the start of the step",
-    "spectral_gap": "relative gap (sigma_1 - sigma_2) / sigma_1",
-    "degenerate": "gap below the tolerance: second-order terms unreliable at this step",
-    "flow_full_gradient": "the flow and discretisation terms used the full-data probe gradient "
-    "(else the batch gradient, debiased where it matters)",
-    "drift_flow": "gradient-flow drift -u1^T grad L v1 [K per unit time]",
-    "drift_noise": "noise-curvature drift (eta/2) tr(A^T H A) [K per unit time]",
-    "drift_noise_var": "part of drift_noise from gradient-noise variances [K per unit time]",
-    "drift_noise_cov": "part of drift_noise from gradient-noise covariances [K per unit time]",
-    "drift": "total Ito drift drift_flow + drift_noise [K per unit time]",
-    "diffusion2": "squared diffusion s^2 = eta ||A^T vec(u1 v1^T)||^2 [K^2 per unit time]",
-    "diffusion2_var": "part of diffusion2 from gradient-noise variances [K^2 per unit time]",
-    "diffusion2_cov": "part of diffusion2 from gradient-noise covariances [K^2 per unit time]",
-    "drift_discretization": "deterministic second-order term of a finite step left out by the "
-    "SDE, (eta/2) d2sigma1[grad L] (MATH.md 4a) [K per unit time]",
-    "pathwise_increment": "second-order change of K along the recorded update "
-    "dsigma1[dW] + 1/2 d2sigma1[dW] [K per step]",
-    "pathwise_first_order": "first-order change of K along the recorded update [K per step]",
-    "drift_optimizer": "first-order drift the optimizer adds to plain SGD, (dsigma1[dW] + eta "
-    "u1^T g v1)/eta: 0 for SGD, -lambda K for weight decay lambda; NOT in drift (the paper's "
-    "SGD SDE) [K per unit time]",
-    "coverage": "min(||U^T u1||, ||V^T v1||): how much of the top singular pair the per-sample "
-    "sketch holds (1 = exact)",
-    "K_operator": "exact operator norm of the layer's linear map on its input size (Conv2d: "
-    "MATH.md 6b; Linear: = K); only with conv_definition='operator'",
-    "K_pathwise": "K reconstructed from K(0) by summing pathwise_increment",
-    "K_pred_mean": "K(0) + int drift dt: the SDE's expected K with the drift evaluated along "
-    "the recorded trajectory",
-}
+from dataclasses import dataclass
+from typing import Literal
 
-#: Network-level variables (dims: step).
-NETWORK_VARIABLES: dict[str, str] = {
-    "lr": "learning rate eta of the step",
-    "batch_size": "batch size B of the step",
-    "K_net": "measured network bound prod_l K_l",
-    "logK": "Z = log K_net",
-    "logK_drift": "drift mu_Z of log K_net [per unit time]",
-    "logK_diffusion2": "squared diffusion sigma_Z^2 of log K_net, full form with the cross-layer "
-    "noise covariance [per unit time]",
-    "logK_diffusion2_blockdiag": "sigma_Z^2 under the paper's Assumption 3 (independent layer "
-    "noise) [per unit time]",
-    "logK_noise_curvature": "kappa_Z = sum_l drift_noise_l / K_l, noise-curvature part of mu_Z "
-    "[per unit time]",
-    "logK_drift_optimizer": "sum_l drift_optimizer_l / K_l: what the optimizer (weight decay, "
-    "momentum, Adam) adds to the drift of log K_net, not in logK_drift [per unit time]",
-    "logK_discretization": "finite-step second-order term for log K_net left out by the SDE "
-    "[per unit time]",
-    "logK_pred_mean": "predicted E[Z(t)] = Z(0) + int mu_Z dt (coefficients as given)",
-    "logK_pred_var": "predicted Var[Z(t)] = int sigma_Z^2 dt (full form)",
-    "logK_pred_var_blockdiag": "predicted Var[Z(t)] with the block-diagonal sigma_Z^2",
-    "logK_discretization_integral": "int logK_discretization dt",
-    "K_net_pred_lower": "lower end of the predicted 95% band exp(mean - 1.96 sqrt(var))",
-    "K_net_pred_upper": "upper end of the predicted 95% band exp(mean + 1.96 sqrt(var))",
-    "K_net_pathwise": "prod_l K_pathwise",
-    "K_net_operator": "prod_l K_operator: a true Lipschitz bound of a conv network "
-    "(only with conv_definition='operator')",
-}
+import numpy as np
 
-#: Per-layer keys computed by the layer task (the rest of LAYER_VARIABLES is integrated later).
-LAYER_TASK_KEYS: tuple[str, ...] = tuple(
-    k for k in LAYER_VARIABLES if k not in ("K_pathwise", "K_pred_mean", "K_operator")
-)
-#: Network keys computed by the network task.
-NETWORK_TASK_KEYS: tuple[str, ...] = (
-    "lr", "batch_size", "K_net", "logK", "logK_drift", "logK_diffusion2",
-    "logK_diffusion2_blockdiag", "logK_noise_curvature", "logK_discretization",
-    "logK_drift_optimizer",
-)
-#: Keys integrated over the whole series once every chunk is done.
-INTEGRATED_KEYS: tuple[str, ...] = (
-    "time", "K_pathwise", "K_pred_mean", "K_net_pathwise", "logK_pred_mean", "logK_pred_var",
-    "logK_pred_var_blockdiag", "logK_discretization_integral", "K_net_pred_lower",
-    "K_net_pred_upper",
-)
+Stage = Literal["layer", "network", "integrated"]
+LAYER_DIMS = ("step", "layer")
+NET_DIMS = ("step",)
+SAMPLE_DIMS = ("step", "layer", "sample")
+
+
+@dataclass(frozen=True)
+class AnalysisVar:
+    """One analysis variable.
+
+    Attributes
+    ----------
+    name, dims, dtype, description : as stored (``description`` also in the Dataset's attrs).
+    stage : ``"layer"`` (a (layer, step-chunk) task), ``"network"`` (a step-chunk task from the
+        layers' results) or ``"integrated"`` (series-wide, once every chunk is done).
+    needs : an analysis option that must be on for the variable to exist (``"operator"``).
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    stage: Stage
+    description: str
+    dtype: str = "float64"
+    needs: str | None = None
+
+    @property
+    def fill(self):
+        return {"bool": False}.get(self.dtype, np.nan)
+
+
+def _v(name, dims, stage, desc, dtype="float64", needs=None) -> AnalysisVar:
+    return AnalysisVar(name, dims, stage, desc, dtype, needs)
+
+
+_L, _N, _I = "layer", "network", "integrated"
+
+VARIABLES: dict[str, AnalysisVar] = {v.name: v for v in [
+    # ---- per layer, per step
+    _v("K", LAYER_DIMS, _L, "measured layer Lipschitz constant sigma_1(W) at the start of the "
+       "step"),
+    _v("spectral_gap", LAYER_DIMS, _L, "relative gap (sigma_1 - sigma_2) / sigma_1"),
+    _v("degenerate", LAYER_DIMS, _L, "gap below the tolerance: second-order terms unreliable "
+       "at this step", "bool"),
+    _v("lr", LAYER_DIMS, _L, "learning rate of the layer's param group at the step"),
+    _v("dt", LAYER_DIMS, _L, "time step of the layer's SDE: its lr x every (the layer's rates "
+       "are per unit of this time)"),
+    _v("grad_scale", LAYER_DIMS, _L, "factor the optimizer's .grad had relative to the captured "
+       "per-sample gradients (clipping, loss scaling; 1 = none); already applied to every term"),
+    _v("flow_full_gradient", LAYER_DIMS, _L, "the flow and discretisation terms used the "
+       "full-data probe gradient (else the batch gradient, debiased where it matters)", "bool"),
+    _v("drift_flow", LAYER_DIMS, _L, "gradient-flow drift -u1^T grad L v1 [K per unit time]"),
+    _v("drift_noise", LAYER_DIMS, _L, "noise-curvature drift (eta/2) tr(A^T H A) [K per unit "
+       "time]"),
+    _v("drift_noise_var", LAYER_DIMS, _L, "part of drift_noise from gradient-noise variances "
+       "[K per unit time]"),
+    _v("drift_noise_cov", LAYER_DIMS, _L, "part of drift_noise from gradient-noise covariances "
+       "[K per unit time]"),
+    _v("drift", LAYER_DIMS, _L, "paper's SGD Ito drift drift_flow + drift_noise [K per unit "
+       "time]"),
+    _v("diffusion2", LAYER_DIMS, _L, "squared diffusion s^2 = eta ||A^T vec(u1 v1^T)||^2 [K^2 "
+       "per unit time]"),
+    _v("diffusion2_var", LAYER_DIMS, _L, "part of diffusion2 from gradient-noise variances [K^2 "
+       "per unit time]"),
+    _v("diffusion2_cov", LAYER_DIMS, _L, "part of diffusion2 from gradient-noise covariances "
+       "[K^2 per unit time]"),
+    _v("drift_discretization", LAYER_DIMS, _L, "deterministic second-order term of a finite "
+       "step left out by the SDE, (eta/2) d2sigma1[grad L] (MATH.md 4a) [K per unit time]"),
+    _v("pathwise_increment", LAYER_DIMS, _L, "second-order change of K along the recorded "
+       "update dsigma1[dW] + 1/2 d2sigma1[dW] [K per recorded step]"),
+    _v("pathwise_first_order", LAYER_DIMS, _L, "first-order change of K along the recorded "
+       "update [K per recorded step]"),
+    _v("drift_optimizer", LAYER_DIMS, _L, "first-order drift the optimizer adds to plain SGD, "
+       "(dsigma1[dW] + eta u1^T g v1)/eta: 0 for SGD, -lambda K for weight decay lambda, the "
+       "rest of the realised update for momentum or Adam [K per unit time]"),
+    _v("coverage", LAYER_DIMS, _L, "min(||U^T u1||, ||V^T v1||): how much of the top singular "
+       "pair the per-sample sketch holds (1 = exact)"),
+    _v("K_operator", LAYER_DIMS, _L, "exact operator norm of the layer's linear map on its "
+       "input size (convolutions: MATH.md 6b; other layers: = K)", needs="operator"),
+    _v("noise_proj", SAMPLE_DIMS, _L, "per-sample noise projection c_i = u1^T Omega_i v1"),
+    # ---- network, per step
+    _v("batch_size", NET_DIMS, _N, "batch size B of the step"),
+    _v("net_dt", NET_DIMS, _N, "time step of the network SDE: the first analysed layer's lr "
+       "x every (network rates are per unit of this time; `time` is its running sum)"),
+    _v("K_net", NET_DIMS, _N, "product of the analysed layers' K (see attrs 'k_net' for what "
+       "it covers and whether it bounds the network)"),
+    _v("logK", NET_DIMS, _N, "Z = log K_net"),
+    _v("logK_drift", NET_DIMS, _N, "paper's SGD drift mu_Z of log K_net [per unit time]"),
+    _v("logK_diffusion2", NET_DIMS, _N, "squared diffusion sigma_Z^2 of log K_net, full form "
+       "with the cross-layer noise covariance [per unit time]"),
+    _v("logK_diffusion2_blockdiag", NET_DIMS, _N, "sigma_Z^2 under the paper's Assumption 3 "
+       "(independent layer noise) [per unit time]"),
+    _v("logK_noise_curvature", NET_DIMS, _N, "kappa_Z = sum_l drift_noise_l / K_l, "
+       "noise-curvature part of mu_Z [per unit time]"),
+    _v("logK_drift_optimizer", NET_DIMS, _N, "sum_l drift_optimizer_l / K_l: what the optimizer "
+       "(weight decay, momentum, Adam) adds to the SGD drift of log K_net [per unit time]"),
+    _v("logK_discretization", NET_DIMS, _N, "finite-step second-order term for log K_net left "
+       "out by the SDE [per unit time]"),
+    _v("K_net_operator", NET_DIMS, _N, "product of the layers' exact operator norms "
+       "K_operator", needs="operator"),
+    # ---- integrated over the series
+    _v("time", NET_DIMS, _I, "network time t = running sum of dt at the start of each step"),
+    _v("K_pathwise", LAYER_DIMS, _I, "K reconstructed from K(0) by summing pathwise_increment"),
+    _v("K_pred_mean", LAYER_DIMS, _I, "K(0) + int (drift + drift_optimizer) dt: expected K "
+       "under the optimizer that was used, coefficients along the recorded trajectory"),
+    _v("K_pred_mean_sgd", LAYER_DIMS, _I, "K(0) + int drift dt: the paper's SGD SDE only"),
+    _v("K_net_pathwise", NET_DIMS, _I, "prod_l K_pathwise"),
+    _v("logK_pred_mean", NET_DIMS, _I, "predicted E[Z(t)] = Z(0) + int (mu_Z + optimizer "
+       "drift) dt: the prediction for the optimizer that was used (= the SGD one for SGD)"),
+    _v("logK_pred_mean_sgd", NET_DIMS, _I, "predicted E[Z(t)] = Z(0) + int mu_Z dt: the paper's "
+       "SGD SDE"),
+    _v("logK_pred_var", NET_DIMS, _I, "predicted Var[Z(t)] = int sigma_Z^2 dt (full form)"),
+    _v("logK_pred_var_blockdiag", NET_DIMS, _I, "predicted Var[Z(t)] with the block-diagonal "
+       "sigma_Z^2"),
+    _v("logK_discretization_integral", NET_DIMS, _I, "int logK_discretization dt"),
+    _v("K_net_pred_lower", NET_DIMS, _I, "lower end of the predicted 95% band "
+       "exp(logK_pred_mean - z sqrt(logK_pred_var)), z = 1.959964"),
+    _v("K_net_pred_upper", NET_DIMS, _I, "upper end of the predicted 95% band "
+       "exp(logK_pred_mean + z sqrt(logK_pred_var))"),
+]}
+
+
+def variables(stage: Stage | None = None, *, operator: bool = False) -> dict[str, AnalysisVar]:
+    """The variables of one stage (all stages when None) for the given options."""
+    return {k: v for k, v in VARIABLES.items()
+            if (stage is None or v.stage == stage) and (v.needs is None or operator)}
+
+
+def describe(name: str) -> str:
+    """The description of a variable ('' if unknown)."""
+    v = VARIABLES.get(name)
+    return v.description if v is not None else ""
+
+
+#: Back-compatible views: name -> description.
+LAYER_VARIABLES: dict[str, str] = {k: v.description for k, v in VARIABLES.items()
+                                   if v.dims == LAYER_DIMS}
+NETWORK_VARIABLES: dict[str, str] = {k: v.description for k, v in VARIABLES.items()
+                                     if v.dims == NET_DIMS}

@@ -114,9 +114,10 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     plt = _plt()
     x = ds.step.values
     K = ds.K
-    flow = (ds.drift_flow / K).sum("layer").values
+    w = ds.dt / ds.net_dt  # layer time per unit of network time (1 with a single lr)
+    flow = (w * ds.drift_flow / K).sum("layer").values
     kappa = ds.logK_noise_curvature.values
-    ito = -0.5 * (ds.diffusion2 / K**2).sum("layer").values
+    ito = -0.5 * (w * ds.diffusion2 / K**2).sum("layer").values
     parts = [
         ("gradient flow Σ μ_flow/K", flow, "C0"),
         ("noise curvature κ_Z", kappa, "C2"),
@@ -134,9 +135,9 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     a.set_title(f"drift of log K_net (moving average, {window} steps)", fontsize=10)
     a.legend(fontsize=7)
     for label, y, c in parts[:3] + parts[4:]:
-        b.plot(x, np.cumsum(np.nan_to_num(y) * ds.lr.values), color=c, lw=1.5, label=label)
+        b.plot(x, np.cumsum(np.nan_to_num(y) * ds.net_dt.values), color=c, lw=1.5, label=label)
     total = sum(np.nan_to_num(p[1]) for p in (parts[3], parts[4]))
-    b.plot(x, np.cumsum(total * ds.lr.values), color="C1", lw=1.2, ls="--",
+    b.plot(x, np.cumsum(total * ds.net_dt.values), color="C1", lw=1.2, ls="--",
            label="SDE μ_Z + discretisation")
     b.plot(x, ds.logK.values - ds.logK.values[0], color="k", lw=1.6, label="measured Z(t) − Z(0)")
     b.set_xlabel("step")

@@ -14,22 +14,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trajlab.errors import RecorderError, SelfCheckError
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
 from trajlab.record.rules import Capture, LayerRule, rule_for
 from trajlab.record.rules.base import rank1_sketch, subspace_sketch
 from trajlab.record.writer import BackgroundWriter, PendingRecord
+from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
-from trajlab.store.run_store import RunStoreWriter, StoreLike
-from trajlab.store.schema import FORMAT_VERSION, LayerMeta, RunMeta, layer_group_name
-
-
-class SelfCheckError(RuntimeError):
-    """The recorded per-sample information does not reproduce the gradient the optimizer sees."""
-
-
-class RecorderError(RuntimeError):
-    """The recorder cannot record this model or loop as set up."""
+from trajlab.store.metadata import (
+    FORMAT_VERSION,
+    ConvGeometry,
+    LayerMeta,
+    RunMeta,
+    new_run_id,
+)
+from trajlab.store.run_store import RunStoreWriter
+from trajlab.store.target import StoreLike
 
 
 @dataclass
@@ -254,7 +255,7 @@ class Recorder:
         )
 
     def __enter__(self) -> Recorder:
-        self._lock = StoreLock(self.store)
+        self._lock = StoreLock(self.store, what="recorder")
         self._lock.acquire()
         try:
             self._store_writer = RunStoreWriter(
@@ -388,7 +389,7 @@ class Recorder:
             shape=(int(shape[0]), int(shape[1])),
             rank=rank,
             positions=int(geo["positions"]),
-            conv=geo["conv"],
+            geometry=ConvGeometry.from_dict(geo["conv"]) if geo["conv"] else None,
             stored_grad=geo["sketch"] != "rank1" or self.store_grad or not self.self_check,
         )
 
@@ -494,6 +495,7 @@ class Recorder:
                 "lr": torch.tensor(self._lr_of(layer.module.weight), dtype=torch.float64),
                 "weight": W,
                 "weight_after": Wnow.clone(),  # the writer derives the update (store.updates)
+                "grad_scale": torch.tensor(1.0, dtype=torch.float64),
                 **cap.tensors,
             }
             if layer.meta.stored_grad:
@@ -636,6 +638,7 @@ class Recorder:
             torch_version=torch.__version__,
             user=_jsonable(self.metadata),
             probe=self.probe is not None,
+            run_id=new_run_id(),
         )
         self._writer.create(meta, batch_size)
 

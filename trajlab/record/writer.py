@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
-from trajlab.store.schema import RunMeta
 
 _STOP = object()
 
@@ -145,7 +145,7 @@ class BackgroundWriter:
             bad = not all(
                 np.isfinite(a).all()
                 for k, a in arrays.items()
-                if k not in ("weight", "weight_after", "probe_grad", "lr", "basis_residual")
+                if k not in ("weight", "weight_after", "probe_grad", "lr", "basis_residual", "grad_scale")
                 and a.dtype.kind == "f"
             )
             arrays["nonfinite"] = np.bool_(bad)

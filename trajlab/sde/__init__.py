@@ -11,10 +11,11 @@ Pure torch kernels (no I/O), float32/float64, any device, batched over leading d
   Euler–Maruyama paths.
 """
 
-from trajlab.sde.integral import euler_maruyama, integrate, logK_prediction, pathwise
+from trajlab.sde.integral import Z95, euler_maruyama, integrate, logK_prediction, pathwise
 from trajlab.sde.layer import (
     LAYER_KEYS,
     layer_terms,
+    noise_free_terms,
     noise_scale,
     pathwise_increment,
     sketch_layer_terms,
@@ -32,11 +33,13 @@ __all__ = [
     "LAYER_KEYS",
     "NETWORK_KEYS",
     "SketchKind",
+    "Z95",
     "euler_maruyama",
     "integrate",
     "layer_terms",
     "logK_prediction",
     "network_terms",
+    "noise_free_terms",
     "noise_diag",
     "noise_scale",
     "pathwise",

@@ -12,31 +12,39 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["euler_maruyama", "integrate", "logK_prediction", "pathwise"]
+__all__ = ["Z95", "euler_maruyama", "integrate", "logK_prediction", "pathwise"]
+
+#: The 95% two-sided normal quantile used by every predicted band.
+Z95 = 1.959963984540054
 
 
 def _steps(rates: Tensor, lr: Tensor | float) -> Tensor:
-    """``rates * eta`` with ``lr`` (T,) broadcast against ``rates`` (T, ...)."""
+    """``rates * eta`` with ``lr`` (T,) broadcast against ``rates`` (T, ...), or of ``rates``'
+    own shape (a time step per entry, e.g. per layer)."""
     eta = torch.as_tensor(lr, dtype=rates.dtype, device=rates.device)
-    if eta.dim() == 1:
+    if eta.dim() == 1 and eta.shape != rates.shape:
         if eta.shape[0] != rates.shape[0]:
             raise ValueError(f"lr has {eta.shape[0]} steps, rates {rates.shape[0]}")
         eta = eta.reshape(-1, *([1] * (rates.dim() - 1)))
+    elif eta.dim() > 1 and eta.shape != rates.shape:
+        raise ValueError(f"lr of shape {tuple(eta.shape)} does not match rates "
+                         f"{tuple(rates.shape)}")
     return rates * eta
 
 
 def integrate(rates: Tensor, lr: Tensor | float, *,
-              at: Literal["start", "end", "grid"] = "grid") -> Tensor:
+              at: Literal["start", "end", "grid"] = "grid", skip_nan: bool = False) -> Tensor:
     """Left-point (Itô) integral ``int rate dt`` over steps, ``dt = eta``.
 
     Parameters
     ----------
     rates : Tensor (T, ...)
         Rate recorded at the start of each step.
-    lr : float or Tensor (T,)
+    lr : float or Tensor (T,) or of ``rates``' shape
     at : {"grid", "start", "end"}
         ``"grid"``: (T + 1, ...) values at ``t_0 .. t_T`` (first 0). ``"start"``: (T, ...) the value
         at the start of each step (first 0). ``"end"``: (T, ...) at the end of each step.
+    skip_nan : non-finite increments (steps whose terms are undefined) count as 0.
 
     Examples
     --------
@@ -44,6 +52,8 @@ def integrate(rates: Tensor, lr: Tensor | float, *,
     tensor([0.0000, 0.5000, 1.5000])
     """
     inc = _steps(rates, lr)
+    if skip_nan:
+        inc = torch.where(torch.isfinite(inc), inc, torch.zeros_like(inc))
     end = torch.cumsum(inc, dim=0)
     if at == "end":
         return end
@@ -77,7 +87,7 @@ def logK_prediction(Z0: Tensor | float, mu_Z: Tensor, sigma2_Z: Tensor,
     """
     mean = integrate(mu_Z, lr) + torch.as_tensor(Z0, dtype=mu_Z.dtype, device=mu_Z.device)
     var = integrate(sigma2_Z, lr)
-    half = 1.959963984540054 * var.clamp_min(0).sqrt()
+    half = Z95 * var.clamp_min(0).sqrt()
     return {
         "time": integrate(torch.ones_like(mu_Z), lr),
         "logK_pred_mean": mean,

@@ -26,6 +26,7 @@ Svd = tuple[Tensor, Tensor, Tensor]
 __all__ = [
     "LAYER_KEYS",
     "layer_terms",
+    "noise_free_terms",
     "noise_scale",
     "pathwise_increment",
     "sketch_layer_terms",
@@ -43,8 +44,10 @@ LAYER_KEYS: tuple[str, ...] = (
 def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, float]:
     """``(fpc, fpc / (B (B - 1)))``: the factors of the one-batch covariance estimate (MATH §1).
 
-    ``fpc = (N - B) / (N - 1)`` for a batch drawn without replacement from ``population`` N
-    samples, 1 when ``population`` is None (independent draws).
+    ``fpc = (N - B) / N`` for a batch drawn without replacement from ``population`` N samples
+    (MATH.md §1: the batch's 1/(B-1) sample covariance is unbiased for the population covariance
+    normalised by N - 1, and Cov(batch mean) = (1 - B/N) S^2 / B), 1 when ``population`` is
+    None (independent draws).
 
     Raises
     ------
@@ -60,7 +63,7 @@ def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, 
         N = int(population)
         if N < B:
             raise ValueError(f"population={N} is smaller than batch_size={B}")
-        fpc = (N - B) / (N - 1)
+        fpc = (N - B) / N
     return fpc, fpc / (B * (B - 1))
 
 
@@ -157,7 +160,7 @@ def layer_terms(
         where it is not finite (e.g. NaN where no probe ran) fall back to ``g``.
     population : int, optional
         Dataset size N for batches drawn without replacement: noise terms are multiplied by
-        ``(N - B) / (N - 1)``.
+        ``(N - B) / N``.
     gap_tol : float
         ``degenerate = spectral_gap < gap_tol``.
     svd : (U, S, Vh), optional
@@ -258,6 +261,56 @@ def layer_terms(
         "pathwise_first_order": p1,
         "drift_optimizer": drift_optimizer,
         "noise_proj": c,
+    }
+
+
+def noise_free_terms(
+    W: Tensor,
+    g: Tensor,
+    update: Tensor,
+    lr: float | Tensor,
+    *,
+    grad_full: Tensor | None = None,
+    gap_tol: float = 1e-3,
+) -> dict[str, Tensor]:
+    """The terms of :func:`layer_terms` that need no gradient-noise estimate.
+
+    For steps with one sample or runs recorded without per-sample information: ``K``,
+    ``spectral_gap``, ``degenerate``, ``flow_full_gradient``, ``drift_flow``,
+    ``pathwise_increment``, ``pathwise_first_order``, ``drift_optimizer`` and, where the
+    full-data gradient is given, ``drift_discretization`` (elsewhere NaN: the batch gradient's
+    bias cannot be removed without the noise estimate). Shapes as in :func:`layer_terms`.
+    """
+    dt = W.dtype
+    svd = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = svd
+    u, v = U[..., :, 0], Vh[..., 0, :]
+    eta = torch.as_tensor(lr, dtype=dt, device=W.device)
+    K = S[..., 0]
+    gap = spectral_gap(S)
+    g = g.to(dt)
+    if grad_full is None:
+        used_full = torch.zeros(K.shape, dtype=torch.bool, device=W.device)
+        grad = g
+    else:
+        grad_full = grad_full.to(dt)
+        used_full = torch.isfinite(grad_full).all(-1).all(-1)
+        grad = torch.where(used_full[..., None, None], grad_full, g)
+    first, second = _directional(W, svd, grad)
+    disc = torch.where(used_full, 0.5 * eta * second, torch.full_like(second, float("nan")))
+    p1, p2 = _directional(W, svd, update.to(dt))
+    plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
+    safe_eta = torch.where(eta == 0, torch.ones_like(eta), eta)
+    return {
+        "K": K,
+        "spectral_gap": gap,
+        "degenerate": gap < gap_tol,
+        "flow_full_gradient": used_full,
+        "drift_flow": -first,
+        "drift_discretization": disc,
+        "pathwise_increment": p1 + 0.5 * p2,
+        "pathwise_first_order": p1,
+        "drift_optimizer": torch.where(eta == 0, torch.zeros_like(p1), (p1 - plain) / safe_eta),
     }
 
 

@@ -29,6 +29,7 @@ def network_terms(
     drift_flow: Tensor | None = None,
     drift_discretization: Tensor | None = None,
     flow_full_gradient: Tensor | None = None,
+    time_lr: float | Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Drift and diffusion of ``Z = log K_net`` from the layers' terms (MATH.md §4).
 
@@ -39,7 +40,9 @@ def network_terms(
         ``K``, ``drift``, ``diffusion2``, ``drift_noise``), layers on the last dimension.
     noise_proj : Tensor (..., L, B)
         ``c_li = u_1^T Omega_li v_1``; sample i must be the same sample in every layer.
-    lr : float or Tensor (...)
+    lr : float or Tensor (...) or (..., L)
+        Learning rate of the step, or of each layer's param group (layers on the last
+        dimension). Each layer's terms are rates in its own time (dt = its lr).
     batch_size : int
     population : int, optional
         As in :func:`layer_terms` (use the same value there).
@@ -50,6 +53,11 @@ def network_terms(
         ``flow_full_gradient``). Elsewhere (default: everywhere) the batch gradient's noise is
         removed from the squared flow, which is then unbiased (E[(u1^T g v1)^2] exceeds
         (u1^T grad L v1)^2 by s^2 / eta).
+    time_lr : float or Tensor (...), optional
+        Learning rate that defines the network's time (default: ``lr`` when it is per step,
+        else the first layer's). With per-layer ``lr``, the network terms are built from each
+        layer's per-step increments (rate x its lr) and returned per unit of this time, so that
+        layers with different learning rates combine correctly.
 
     Returns
     -------
@@ -74,23 +82,33 @@ def network_terms(
     if noise_proj.shape[-1] != batch_size:
         raise ValueError(f"noise_proj holds {noise_proj.shape[-1]} samples, "
                          f"batch_size={batch_size}")
+    if eta.dim() and eta.shape == K.shape:  # per-layer learning rates
+        eta_layer = eta
+        ref = eta[..., 0] if time_lr is None else torch.as_tensor(time_lr, dtype=K.dtype,
+                                                                   device=K.device)
+    else:
+        ref = eta if time_lr is None else torch.as_tensor(time_lr, dtype=K.dtype,
+                                                          device=K.device)
+        eta_layer = eta[..., None].expand(K.shape) if eta.dim() else eta.expand(K.shape)
+    safe_ref = torch.where(ref == 0, torch.ones_like(ref), ref)
+    w = torch.where(ref[..., None] == 0, torch.ones_like(eta_layer), eta_layer / safe_ref[..., None])
     K2 = K * K
     logK = torch.log(K).sum(-1)
     out = {
         "K_net": torch.exp(logK),
         "logK": logK,
-        "logK_drift": (drift / K - diffusion2 / (2 * K2)).sum(-1),
-        "logK_diffusion2": eta * scale * ((noise_proj / K[..., None]).sum(-2) ** 2).sum(-1),
-        "logK_diffusion2_blockdiag": (diffusion2 / K2).sum(-1),
-        "logK_noise_curvature": (drift_noise / K).sum(-1),
+        "logK_drift": (w * (drift / K - diffusion2 / (2 * K2))).sum(-1),
+        "logK_diffusion2": ref * scale * (((w / K)[..., None] * noise_proj).sum(-2) ** 2).sum(-1),
+        "logK_diffusion2_blockdiag": (w * diffusion2 / K2).sum(-1),
+        "logK_noise_curvature": (w * drift_noise / K).sum(-1),
     }
     if (drift_flow is None) != (drift_discretization is None):
         raise ValueError("pass drift_flow and drift_discretization together")
     if drift_flow is not None:
         # E[(u1^T g v1)^2] = (u1^T grad L v1)^2 + s^2 / eta when the flow used the batch gradient.
-        flow2 = eta[..., None] * drift_flow**2
+        flow2 = eta_layer * drift_flow**2
         if flow_full_gradient is None:
             flow_full_gradient = torch.zeros_like(K, dtype=torch.bool)
         flow2 = torch.where(flow_full_gradient, flow2, flow2 - diffusion2)
-        out["logK_discretization"] = (drift_discretization / K - flow2 / (2 * K2)).sum(-1)
+        out["logK_discretization"] = (w * (drift_discretization / K - flow2 / (2 * K2))).sum(-1)
     return out

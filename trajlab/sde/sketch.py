@@ -1,10 +1,10 @@
 """What the SDE terms need from a recorded per-sample sketch (MATH.md §1–§2, sufficiency).
 
-Two sketch kinds (``trajlab.store.schema.SKETCH_VARS``), for a layer with weight ``W`` (m, n) and
-per-sample gradients ``G_i`` (i < B):
+Thin functions over the sketch kinds of :mod:`trajlab.sketches` (each kind owns its adaptor):
+for a layer with weight ``W`` (m, n) and per-sample gradients ``G_i`` (i < B),
 
 * ``"rank1"``: ``ps_grad_out`` (..., B, m) and ``ps_input`` (..., B, n) with
-  ``G_i = outer(ps_grad_out[i], ps_input[i])`` exactly.
+  ``G_i = outer(ps_grad_out[i], ps_input[i])`` exactly;
 * ``"subspace"``: orthonormal ``basis_u`` U (..., m, k) and ``basis_v`` V (..., n, k),
   ``ps_proj_out`` = ``G_i V`` (..., B, m, k), ``ps_proj_in`` = ``G_i^T U`` (..., B, n, k) and
   ``grad_sq_sum`` = ``sum_i G_i**2`` (..., m, n).
@@ -15,10 +15,11 @@ Leading dimensions ``...`` (e.g. a step dimension) are carried through every fun
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
-import torch
 from torch import Tensor
+
+from trajlab.sketches import sketch_kind
+from trajlab.sketches.base import SketchName as SketchKind
 
 __all__ = [
     "SketchKind",
@@ -28,27 +29,21 @@ __all__ = [
     "sketch_coverage",
 ]
 
-SketchKind = Literal["rank1", "subspace"]
 
-_NEEDS: dict[str, tuple[str, ...]] = {
-    "rank1": ("ps_grad_out", "ps_input"),
-    "subspace": ("basis_u", "basis_v", "ps_proj_out", "ps_proj_in", "grad_sq_sum"),
-}
-
-
-def _check(sketch: str, tensors: Mapping[str, Tensor], needs: tuple[str, ...] | None = None):
-    if sketch not in _NEEDS:
-        raise ValueError(f"unknown sketch kind {sketch!r}; expected 'rank1' or 'subspace'")
-    missing = [k for k in (needs or _NEEDS[sketch]) if k not in tensors]
-    if missing:
-        raise ValueError(f"{sketch!r} sketch is missing {missing}; it needs {list(_NEEDS[sketch])}")
+def _kind(sketch: str):
+    kind = sketch_kind(sketch)
+    if not kind.per_sample:
+        raise ValueError(f"sketch kind {sketch!r} holds no per-sample information")
+    return kind
 
 
 def sketch_batch_size(sketch: SketchKind, tensors: Mapping[str, Tensor]) -> int:
     """Number of samples B held by the sketch."""
-    _check(sketch, tensors)
-    key = "ps_grad_out" if sketch == "rank1" else "ps_proj_out"
-    return int(tensors[key].shape[-2 if sketch == "rank1" else -3])
+    kind = _kind(sketch)
+    missing = [k for k in kind.needs() if k not in tensors]
+    if missing:
+        raise ValueError(f"{sketch!r} sketch is missing {missing}; it needs {list(kind.needs())}")
+    return kind.batch_size(tensors)
 
 
 def per_sample_directions(
@@ -58,7 +53,7 @@ def per_sample_directions(
 
     Parameters
     ----------
-    sketch : {"rank1", "subspace"}
+    sketch : {"rank1", "subspace"} or another registered kind
     tensors : mapping of str to Tensor
         The sketch's variables (see module docstring).
     u1 : Tensor (..., m)
@@ -79,18 +74,7 @@ def per_sample_directions(
     ``G_i^T U U^T u_1``: exact when ``v_1`` lies in span V and ``u_1`` in span U (the recorder's
     bases are W's top-k singular vectors); :func:`sketch_coverage` measures how far that holds.
     """
-    _check(sketch, tensors)
-    if sketch == "rank1":
-        d, a = tensors["ps_grad_out"], tensors["ps_input"]
-        av = torch.einsum("...bn,...n->...b", a, v1.to(a.dtype))
-        du = torch.einsum("...bm,...m->...b", d, u1.to(d.dtype))
-        return d * av[..., None], a * du[..., None]
-    U, V = tensors["basis_u"], tensors["basis_v"]
-    cv = torch.einsum("...nk,...n->...k", V, v1.to(V.dtype))
-    cu = torch.einsum("...mk,...m->...k", U, u1.to(U.dtype))
-    Gv = torch.einsum("...bmk,...k->...bm", tensors["ps_proj_out"], cv)
-    Gtu = torch.einsum("...bnk,...k->...bn", tensors["ps_proj_in"], cu)
-    return Gv, Gtu
+    return _kind(sketch).directions(tensors, u1, v1)
 
 
 def sketch_coverage(
@@ -106,14 +90,7 @@ def sketch_coverage(
     -------
     coverage_u, coverage_v : Tensor (...)
     """
-    _check(sketch, tensors)
-    if sketch == "rank1":
-        one = torch.ones(u1.shape[:-1], dtype=u1.dtype, device=u1.device)
-        return one, one.clone()
-    U, V = tensors["basis_u"], tensors["basis_v"]
-    cu = torch.einsum("...mk,...m->...k", U, u1.to(U.dtype))
-    cv = torch.einsum("...nk,...n->...k", V, v1.to(V.dtype))
-    return torch.linalg.vector_norm(cu, dim=-1), torch.linalg.vector_norm(cv, dim=-1)
+    return _kind(sketch).coverage(tensors, u1, v1)
 
 
 def noise_diag(
@@ -133,7 +110,8 @@ def noise_diag(
     g : Tensor (..., m, n)
         Batch-mean gradient.
     batch_size : int, optional
-        B; checked against the sketch when given.
+        B; checked against the sketch when given (needed when the sketch holds no per-sample
+        variable to read it from).
 
     Returns
     -------
@@ -144,24 +122,17 @@ def noise_diag(
     ValueError
         If ``B < 2`` (the estimate needs two samples).
     """
-    if sketch == "rank1":
-        _check(sketch, tensors)
-        d, a = tensors["ps_grad_out"], tensors["ps_input"]
-        B = d.shape[-2]
-        sq = torch.einsum("...bm,...bn->...mn", d * d, a * a)
-    else:
-        _check(sketch, tensors, ("grad_sq_sum",))
-        sq = tensors["grad_sq_sum"]
-        B = None
-        for key, dim in (("ps_proj_out", -3), ("ps_sqnorm", -1)):
-            if key in tensors:
-                B = int(tensors[key].shape[dim])
-                break
-        if B is None:
-            if batch_size is None:
-                raise ValueError("noise_diag: pass batch_size (the subspace sketch has no "
-                                 "per-sample variable to read it from)")
-            B = batch_size
+    kind = _kind(sketch)
+    sq = kind.second_moment(tensors)
+    key, dim = kind.batch_var
+    B = int(tensors[key].shape[dim]) if key in tensors else None
+    if B is None and "ps_sqnorm" in tensors:
+        B = int(tensors["ps_sqnorm"].shape[-1])
+    if B is None:
+        if batch_size is None:
+            raise ValueError("noise_diag: pass batch_size (the sketch has no per-sample "
+                             "variable to read it from)")
+        B = batch_size
     if batch_size is not None and batch_size != B:
         raise ValueError(f"noise_diag: batch_size={batch_size} but the sketch holds {B} samples")
     if B < 2:

@@ -1,10 +1,14 @@
-"""A lock beside a run store so that only one recorder writes it at a time.
+"""A lock beside a store so that only one writer (recorder or analysis) writes it at a time.
 
-The lock is a small JSON file ``<store>.lock`` next to the store (outside it, so that
-overwriting the store never removes it), created exclusively. A lock is *stale* when the process
-that took it is gone (same host) or when it has not been refreshed for ``stale_after`` seconds
-(any host); a stale lock is taken over with a warning. The recorder's writer thread refreshes
-the lock while it runs. Local paths only; for URL stores the lock is skipped (documented).
+The lock is a small JSON file ``<store>.lock`` next to the store (outside it, so that replacing
+the store never removes it), created exclusively. It is keyed on the store's *resolved* local
+location: a symlink, a relative path, a ``file://`` URL or a ``zarr.storage.LocalStore`` that
+reach the same directory take the same lock. A lock is *stale* when the process that took it is
+gone (same host) or when it has not been refreshed for ``stale_after`` seconds (any host); a stale
+lock is taken over with a warning. Writers refresh their lock while they run.
+
+Not locked (documented): object-store URLs (``s3://...``) and in-memory stores; two writers
+there must be kept apart by the user.
 """
 
 from __future__ import annotations
@@ -16,19 +20,17 @@ import time
 import warnings
 from pathlib import Path
 
+from trajlab.errors import StoreLockedError
+from trajlab.store.target import StoreLike, local_path
 
-class StoreLockedError(RuntimeError):
-    """Another live recorder holds the store's lock."""
 
-
-def _lock_path(store) -> Path | None:
-    if not isinstance(store, (str, os.PathLike)):
+def lock_path(store: StoreLike) -> Path | None:
+    """Where the lock of ``store`` lives, or None for stores that are not locked."""
+    path = local_path(store)
+    if path is None:
         return None
-    s = os.fspath(store)
-    if "://" in s and not s.startswith("file://"):
-        return None
-    s = s.removeprefix("file://").rstrip("/")
-    return Path(s + ".lock")
+    resolved = Path(os.path.realpath(path))
+    return resolved.with_name(resolved.name + ".lock")
 
 
 def _alive(pid: int) -> bool:
@@ -42,16 +44,26 @@ def _alive(pid: int) -> bool:
 
 
 class StoreLock:
-    """Exclusive writer lock of one store; a context manager."""
+    """Exclusive writer lock of one store; a context manager.
 
-    def __init__(self, store, *, stale_after: float = 600.0) -> None:
-        self.path = _lock_path(store)
+    Parameters
+    ----------
+    store : the store's location (anything :func:`trajlab.store.target.local_path` knows).
+    stale_after : seconds without refresh after which another host's lock counts as stale.
+    what : who holds it, for messages ("recorder", "analysis").
+    """
+
+    def __init__(self, store: StoreLike, *, stale_after: float = 600.0,
+                 what: str = "writer") -> None:
+        self.path = lock_path(store)
         self.stale_after = stale_after
+        self.what = what
         self.held = False
 
     def _write_new(self) -> bool:
         assert self.path is not None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "what": self.what}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -65,6 +77,8 @@ class StoreLock:
         try:
             info = json.loads(self.path.read_text() or "{}")
             age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "released meanwhile"
         except (OSError, ValueError):
             return "unreadable lock file"
         if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
@@ -87,14 +101,16 @@ class StoreLock:
             except (OSError, ValueError):
                 info = {}
             raise StoreLockedError(
-                f"another recorder is writing this store (pid {info.get('pid')} on "
-                f"{info.get('host')}, lock {self.path}); wait for it to finish, or delete the "
-                "lock file if that process is really gone"
+                f"another {info.get('what', 'writer')} is writing this store (pid "
+                f"{info.get('pid')} on {info.get('host')}, lock {self.path}); wait for it to "
+                "finish, or delete the lock file if that process is really gone"
             )
-        warnings.warn(f"taking over a stale store lock {self.path} ({reason})", stacklevel=3)
+        if reason != "released meanwhile":
+            warnings.warn(f"taking over a stale store lock {self.path} ({reason})", stacklevel=3)
         self.path.unlink(missing_ok=True)
         if not self._write_new():
-            raise StoreLockedError(f"lost the race for the store lock {self.path}")
+            raise StoreLockedError(f"lost the race for the store lock {self.path}; another "
+                                   "writer started at the same moment")
         self.held = True
 
     def refresh(self) -> None:

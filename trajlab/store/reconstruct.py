@@ -6,7 +6,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from trajlab.sketches import reconstruct_subspace, sketch_kind
 from trajlab.store.reader import Run, open_run
+
+__all__ = ["PerSampleGradients", "per_sample_gradients", "reconstruct_subspace"]
 
 
 class PerSampleGradients(NamedTuple):
@@ -27,38 +30,26 @@ class PerSampleGradients(NamedTuple):
     exact: bool
 
 
-def reconstruct_subspace(
-    proj_out: np.ndarray, proj_in: np.ndarray, U: np.ndarray, V: np.ndarray
-) -> np.ndarray:
-    """Orthogonal projection of G_i onto {U A^T + B V^T}: U U^T G + G V V^T - U U^T G V V^T.
-
-    Parameters
-    ----------
-    proj_out : (B, m, k) = G_i V.  proj_in : (B, n, k) = G_i^T U.  U : (m, k).  V : (n, k).
-    """
-    core = np.einsum("mk,bml->bkl", U, proj_out)  # U^T G V, (B, k, k)
-    return (
-        np.einsum("mk,bnk->bmn", U, proj_in)
-        + np.einsum("bmk,nk->bmn", proj_out, V)
-        - np.einsum("mk,bkl,nl->bmn", U, core, V)
-    )
-
-
 def per_sample_gradients(run: Run | str, layer: str, step: int) -> PerSampleGradients:
     """The (batch, out, in) per-sample weight gradients that the store implies at ``step``.
 
     Exact (to the stored dtype) for Linear layers on (batch, features) inputs; for weight-shared
     layers the orthogonal projection of each G_i onto the recorded top-k singular subspaces, with
-    the energy it misses.
+    the energy it misses. The gradients are those the optimizer applied: times ``grad_scale``
+    (clipping, loss scaling) like the stored per-sample information.
 
     Parameters
     ----------
     run : Run or path
-    layer : module name of a recorded layer.
+    layer : name of a recorded layer.
     step : optimizer-step index (a value of ``run.steps``).
     """
     run = open_run(run)
     lm = run.layer_meta(layer)
+    kind = sketch_kind(lm.sketch)
+    if not kind.per_sample:
+        raise ValueError(f"layer {layer!r} was recorded without per-sample information "
+                         f"(sketch {lm.sketch!r})")
     steps = run.steps
     hits = np.flatnonzero(steps == step)
     if hits.size == 0:
@@ -67,20 +58,12 @@ def per_sample_gradients(run: Run | str, layer: str, step: int) -> PerSampleGrad
             f"{steps[:5].tolist()}{'...' if steps.size > 5 else ''}, {steps.size} in all)"
         )
     row = int(hits[0])
-    b = int(run.root["batch_size"][row].values)
-    ds = run.layer(layer).isel(step=row)
-    if lm.sketch == "rank1":
-        d = ds["ps_grad_out"].values[:b]
-        a = ds["ps_input"].values[:b]
-        grads = np.einsum("bm,bn->bmn", d, a)
+    b = int(run.root_rows(["batch_size"], (row, row + 1))["batch_size"][0])
+    arrays = run.layer_rows(layer, list(kind.variables(lm.rank)), (row, row + 1))
+    grads, resid = kind.reconstruct({k: v[0] for k, v in arrays.items()}, b)
+    if kind.exact:
         zeros = np.zeros(b, dtype=grads.dtype)
         return PerSampleGradients(grads, zeros, zeros, True)
-    po = ds["ps_proj_out"].values[:b]
-    pi = ds["ps_proj_in"].values[:b]
-    U = ds["basis_u"].values
-    V = ds["basis_v"].values
-    grads = reconstruct_subspace(po, pi, U, V)
-    total = ds["ps_sqnorm"].values[:b]
-    resid = np.maximum(total - np.einsum("bmn,bmn->b", grads, grads), 0.0)
-    rel = np.sqrt(resid / np.maximum(total, np.finfo(grads.dtype).tiny))
+    total = np.maximum(np.einsum("bmn,bmn->b", grads, grads) + resid, np.finfo(grads.dtype).tiny)
+    rel = np.sqrt(resid / total)
     return PerSampleGradients(grads, resid, rel, False)

@@ -1,48 +1,48 @@
-"""Reading and writing run stores (Zarr v3).
+"""Writing run stores (Zarr v3): create, append committed rows, grow, trim, mark truncated.
 
 The writer appends rows (one row = one recorded step) to arrays chunked along ``step`` and then
-advances the commit marker, the root attribute ``trajlab_committed``. Readers only ever look at
-the first ``trajlab_committed`` rows, so a writer killed between the two leaves a store that opens
-at its last committed step, and a resumed writer overwrites the uncommitted tail. Every Zarr write
-(chunk or metadata document) replaces a whole object atomically on local disks and object stores.
+advances the commit marker, the root attribute ``trajlab_committed`` (with the committed sample
+capacity ``trajlab_samples`` in the same metadata write). Readers only ever look at the first
+``trajlab_committed`` rows and ``trajlab_samples`` samples, so a writer killed at any moment —
+between two array writes, between two array resizes, before the marker — leaves a store that
+opens at its last committed step, and a resumed writer overwrites the uncommitted tail. Every
+Zarr write (chunk or metadata document) replaces a whole object atomically on local disks and
+object stores.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import zarr
-import zarr.codecs
-import zarr.errors
 
-from trajlab.store import schema
-from trajlab.store.io import write_many
-from trajlab.store.schema import RunMeta
+from trajlab.errors import StoreError
+from trajlab.store.codecs import compressors_for, fill_value
+from trajlab.store.layout import RunLayout
+from trajlab.store.metadata import RunMeta
+from trajlab.store.names import (
+    ATTR_KEY,
+    COMMIT_KEY,
+    IN,
+    LAYER_ATTR_KEY,
+    LAYERS_GROUP,
+    OUT,
+    RANK,
+    SAMPLE,
+    SAMPLES_KEY,
+    STEP,
+    TRUNCATION_ARRAY,
+    TRUNCATION_RESERVE,
+)
+from trajlab.store.reader import read_commit
+from trajlab.store.rows import StoredArray, read_many
+from trajlab.store.target import StoreLike, Target, check_writable, create_group, inspect
 
-StoreLike = Any  # str path, fsspec URL, or zarr Store
-
-# Float data (weights, gradients, per-sample factors) is nearly incompressible: zstd-3 keeps
-# ~89% of random-like float32 at ~350 MB/s, LZ4 ~93% at ~900 MB/s (NaN placeholders and ReLU
-# zeros shrink under both). The writer must keep up with training, so floats get LZ4 with byte
-# shuffle; integers and flags (indices, step, masks) get zstd.
-_FAST = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-_DENSE = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-
-
-def compressor_for(name: str, dtype: np.dtype) -> zarr.codecs.BloscCodec:
-    """The codec of one stored variable."""
-    return _FAST if dtype.kind == "f" else _DENSE
-
-
-class StoreError(Exception):
-    """A run or analysis store cannot be used as asked."""
-
-
-class StoreExistsError(StoreError, FileExistsError):
-    """The target store already exists and overwriting was not requested."""
+_WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -58,55 +58,16 @@ class StepRecord:
     layers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def _fill_value(dtype: np.dtype) -> Any:
-    if dtype.kind == "f":
-        return np.nan
-    if dtype.kind == "b":
-        return False
-    return -1
+def write_many(items) -> None:
+    """``arr[sel] = value`` for every item, written concurrently."""
+    import asyncio
 
+    from zarr.core.sync import sync
 
-def store_exists(store: StoreLike, *, storage_options: dict | None = None) -> bool:
-    """Whether a Zarr group (of any kind) exists at ``store``."""
-    try:
-        zarr.open_group(store, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    except ValueError as e:  # non-group node or empty directory
-        if "not found" in str(e).lower() or "no group" in str(e).lower():
-            return False
-        raise
-    return True
+    async def _all() -> None:
+        await asyncio.gather(*(a._async_array.setitem(sel, v) for a, sel, v in items))
 
-
-def _open_group(store: StoreLike, mode: str, storage_options: dict | None) -> zarr.Group:
-    kw: dict[str, Any] = {"mode": mode}
-    if storage_options is not None:
-        kw["storage_options"] = storage_options
-    return zarr.open_group(store, zarr_format=3, **kw)
-
-
-def read_meta(group: zarr.Group, *, where: str = "") -> tuple[RunMeta, int]:
-    """Validate a group as a trajlab run store and return (metadata, committed rows)."""
-    attrs = group.attrs.asdict()
-    if schema.ATTR_KEY not in attrs:
-        raise StoreError(
-            f"{where or 'this store'} is a Zarr group but not a trajlab run store (its root "
-            f"attributes have no {schema.ATTR_KEY!r} entry); point at a store written by "
-            "trajlab.Recorder"
-        )
-    raw = attrs[schema.ATTR_KEY]
-    if raw.get("kind", "run") != "run":
-        raise StoreError(f"{where} is a trajlab {raw.get('kind')} store, not a run store")
-    version = int(raw.get("format_version", -1))
-    if version > schema.FORMAT_VERSION:
-        raise StoreError(
-            f"{where} has run-store format version {version}, newer than this trajlab reads "
-            f"(up to {schema.FORMAT_VERSION}); upgrade trajlab (pip install -U trajlab)"
-        )
-    if version < 1:
-        raise StoreError(f"{where} has an invalid format version {version!r}")
-    return RunMeta.from_dict(raw), int(attrs.get(schema.COMMIT_KEY, 0))
+    sync(_all())
 
 
 class RunStoreWriter:
@@ -115,8 +76,9 @@ class RunStoreWriter:
     Parameters
     ----------
     store : path, fsspec URL or Zarr store.
-    mode : ``"w-"`` create, fail if anything exists; ``"w"`` overwrite; ``"a"`` append to an
-        existing trajlab run store (created if absent).
+    mode : ``"w-"`` create, fail if a run store exists; ``"w"`` replace an existing *run store*;
+        ``"a"`` append to an existing run store (created if absent). Nothing that is not a
+        trajlab run store is ever replaced or written into, in any mode.
     storage_options : passed to fsspec for URLs.
     """
 
@@ -134,25 +96,38 @@ class RunStoreWriter:
         self.storage_options = storage_options
         self.group: zarr.Group | None = None
         self.meta: RunMeta | None = None
+        self.layout: RunLayout | None = None
         self.committed = 0
-        self.capacity = 0  # rows allocated along step (whole chunks); 0 = resize on next append
-        self.sample_capacity = 0
+        self.capacity = 0  # rows allocated along step (whole chunks)
+        self.sample_capacity = 0  # committed sample capacity
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        exists = store_exists(store, storage_options=storage_options)
-        if exists and mode == "w-":
-            raise StoreExistsError(
-                f"a store already exists at {store!r}; pass mode='a' to append to it (resume) "
-                "or mode='w' to overwrite it, or choose another path"
-            )
-        if exists and mode == "a":
-            group = _open_group(store, "r+", storage_options)
-            meta, committed = read_meta(group, where=str(store))
+        self.target: Target = inspect(store, storage_options=storage_options)
+        check_writable(self.target, "run", overwrite=mode == "w", resume=mode == "a")
+        if self.target.state == "run" and mode == "a":
+            group = self._open("r+")
+            attrs = group.attrs.asdict()
+            meta = RunMeta.from_dict(attrs[ATTR_KEY], where=str(store))
+            committed = read_commit(attrs, str(store))
             if committed > 0:
-                self.meta, self.committed, self.group = meta, committed, group
+                self.meta, self.group, self.committed = meta, group, committed
+                self.layout = RunLayout.of_group(group, meta)
+                if self.layout.variant == "v1":
+                    raise StoreError(
+                        f"{store!r} is a format-1 store of the first release; trajlab cannot "
+                        "append to it (record the continuation into a new store)"
+                    )
                 self._bind_arrays()
-            else:
-                # Created, but killed before its first commit: lay it out anew.
-                self.mode = "w"
+                self.capacity = min(a.shape[0] for a in self._arrays.values())
+                samples = attrs.get(SAMPLES_KEY)
+                self.sample_capacity = (int(samples) if isinstance(samples, int)
+                                        else self._sample_sizes()[0])
+            # else: created, but killed before its first commit: laid out anew by create()
+
+    def _open(self, mode: str) -> zarr.Group:
+        kw: dict[str, Any] = {"mode": mode}
+        if self.storage_options is not None:
+            kw["storage_options"] = self.storage_options
+        return zarr.open_group(self.store, zarr_format=3, **kw)
 
     # ----------------------------------------------------------------- layout
     @property
@@ -164,71 +139,93 @@ class RunStoreWriter:
         """Step index of the last committed row, None for an empty store."""
         if self.group is None or self.committed == 0:
             return None
-        return int(self.group["step"][self.committed - 1])
+        return int(self._arrays[("", "step")][self.committed - 1])
+
+    def last_row(self, layer: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Variables of one layer at the last committed row (for continuity checks)."""
+        from trajlab.store.rows import RowReader
+
+        assert self.meta is not None and self.layout is not None and self.group is not None
+        reader = RowReader(self.group, self.layout, self.committed, self.sample_capacity,
+                           str(self.store))
+        rows = reader.layer_rows(self.meta.layer(layer), names,
+                                 (self.committed - 1, self.committed))
+        return {k: v[0] for k, v in rows.items()}
 
     def create(self, meta: RunMeta, *, sample_capacity: int) -> None:
-        """Create the layout for ``meta`` (mode "w-"/"w", or "a" on an absent store)."""
-        mode = "w" if self.mode == "w" else "w-"
-        kw: dict[str, Any] = {"mode": mode, "zarr_format": 3,
-                              "attributes": {schema.ATTR_KEY: meta.to_dict(), schema.COMMIT_KEY: 0}}
-        if self.storage_options is not None:
-            kw["storage_options"] = self.storage_options
-        # The group document (with the metadata and a zero commit marker) is written first and
-        # atomically: a store killed during creation opens as an empty run and is re-laid out
-        # by a resumed recorder.
-        group = zarr.open_group(self.store, **kw)
-        dtype = np.dtype(meta.dtype)
+        """Lay out a new store for ``meta`` (replacing a run store when mode is "w"/"a")."""
+        sample_capacity = max(1, int(sample_capacity))
+        attrs = {ATTR_KEY: meta.to_dict(), COMMIT_KEY: 0, SAMPLES_KEY: sample_capacity}
+        # The group document (metadata, zero commit marker) is written first and atomically:
+        # a store killed during creation opens as an empty run and is laid out anew on resume.
+        group = create_group(self.target, "run", attrs)
+        self.target = inspect(self.store, storage_options=self.storage_options)
+        self._reserve_truncation_marker(group)
+        layout = RunLayout.for_meta(meta)
         c = meta.chunk_steps
-        for name, (dims, dt) in schema.ROOT_VARS.items():
-            self._create(group, name, dims, dt, dtype, c, {schema.SAMPLE: sample_capacity})
-        layers = group.create_group(schema.LAYERS_GROUP)
+        for name, var in layout.root_vars.items():
+            self._create(group, name, var, layout, c, {SAMPLE: sample_capacity})
+        layers = group.create_group(LAYERS_GROUP)
         for lm in meta.layers:
-            lg = layers.create_group(lm.group, attributes={"trajlab_layer": lm.to_dict()})
-            sizes = {
-                schema.SAMPLE: sample_capacity,
-                schema.OUT: lm.shape[0],
-                schema.IN: lm.shape[1],
-                schema.RANK: lm.rank,
-            }
-            for name, (dims, dt) in schema.layer_vars(lm.sketch, lm.stored_grad,
-                                                      meta.probe).items():
-                self._create(lg, name, dims, dt, dtype, c, sizes)
-        self.group, self.meta, self.committed = group, meta, 0
+            lg = layers.create_group(lm.group, attributes={LAYER_ATTR_KEY: lm.to_dict()})
+            sizes = {SAMPLE: sample_capacity, OUT: lm.shape[0], IN: lm.shape[1], RANK: lm.rank}
+            for name, var in layout.layer_vars(lm).items():
+                self._create(lg, name, var, layout, c, sizes)
+        self.group, self.meta, self.layout, self.committed = group, meta, layout, 0
+        self.capacity = 0
+        self.sample_capacity = sample_capacity
         self._bind_arrays()
 
     @staticmethod
-    def _create(group, name, dims, dt, float_dtype, chunk_steps, sizes) -> None:
-        dtype = np.dtype(dt) if dt is not None else float_dtype
-        shape = (0, *(sizes[d] for d in dims))
+    def _create(group, name, var, layout: RunLayout, chunk_steps, sizes) -> None:
+        dtype = layout.dtype(var)
+        shape = (0, *(sizes[d] for d in var.dims))
         group.create_array(
             name,
             shape=shape,
-            chunks=(chunk_steps, *shape[1:]),
+            chunks=(chunk_steps, *(max(1, s) for s in shape[1:])),
             dtype=dtype,
-            fill_value=_fill_value(dtype),
-            dimension_names=(schema.STEP, *dims),
-            compressors=[compressor_for(name, dtype)],
-            attributes={"description": schema.DESCRIPTIONS.get(name, "")},
+            fill_value=fill_value(dtype),
+            dimension_names=(STEP, *var.dims),
+            compressors=compressors_for(dtype, checksum=layout.checksummed),
+            attributes={"description": var.description},
         )
 
     def _bind_arrays(self) -> None:
-        assert self.group is not None and self.meta is not None
-        self._arrays = {("", name): self.group[name] for name in schema.ROOT_VARS}
+        assert self.group is not None and self.meta is not None and self.layout is not None
+        lay = self.layout
+        self._arrays = {("", n): self.group[n].with_config(_WRITE_CONFIG)
+                        for n in lay.root_vars}
         for lm in self.meta.layers:
-            lg = self.group[f"{schema.LAYERS_GROUP}/{lm.group}"]
-            for name in schema.layer_vars(lm.sketch, lm.stored_grad, self.meta.probe):
-                if name in lg:  # older stores lack the newer optional variables
-                    self._arrays[(lm.name, name)] = lg[name]
-        self.sample_capacity = self._arrays[("", "indices")].shape[1]
+            lg = self.group[lay.group_path(lm)]
+            for name in lay.layer_vars(lm):
+                self._arrays[(lm.name, name)] = lg[name].with_config(_WRITE_CONFIG)
+
+    def _sample_arrays(self) -> list[tuple[zarr.Array, int]]:
+        out = []
+        for arr in self._arrays.values():
+            dims = tuple(arr.metadata.dimension_names or ())
+            if SAMPLE in dims:
+                out.append((arr, dims.index(SAMPLE)))
+        return out
+
+    def _sample_sizes(self) -> tuple[int, int]:
+        sizes = [arr.shape[ax] for arr, ax in self._sample_arrays()]
+        return (min(sizes), max(sizes)) if sizes else (0, 0)
 
     def _grow_samples(self, n: int) -> None:
-        for arr in self._arrays.values():
-            dims = arr.metadata.dimension_names
-            if dims and schema.SAMPLE in dims:
-                axis = dims.index(schema.SAMPLE)
+        """Give every per-sample array at least ``n`` samples. Each resize is its own metadata
+        write; readers keep to the committed capacity until the next commit records ``n``."""
+        keys = list(self._arrays)
+        for key in keys:
+            arr = self._arrays[key]
+            dims = tuple(arr.metadata.dimension_names or ())
+            if SAMPLE not in dims:
+                continue
+            ax = dims.index(SAMPLE)
+            if arr.shape[ax] < n:
                 shape = list(arr.shape)
-                shape[axis] = n
-                # Chunks span the whole sample axis; keep that true after growing.
+                shape[ax] = n
                 arr.resize(tuple(shape))
         self.sample_capacity = n
 
@@ -237,15 +234,16 @@ class RunStoreWriter:
         """Write ``records`` after the committed rows, then commit them. Returns committed rows.
 
         Arrays grow geometrically by whole chunks (readers cut at the commit marker;
-        :meth:`finalize` trims),
-        and all arrays are written concurrently.
+        :meth:`finalize` trims), and all arrays are written concurrently.
         """
         if not records:
             return self.committed
         assert self.group is not None and self.meta is not None, "create() first"
         n_max = max(int(r.root["batch_size"]) for r in records)
-        if n_max > self.sample_capacity:
-            self._grow_samples(n_max)
+        lo, hi = self._sample_sizes()
+        if n_max > lo or lo != hi:
+            # also repairs arrays left at different sizes by a writer killed mid-growth
+            self._grow_samples(max(n_max, hi, self.sample_capacity))
         start, stop = self.committed, self.committed + len(records)
         if stop > self.capacity:
             # Grow geometrically (whole chunks): O(log T) metadata rewrites for a run of T rows.
@@ -259,16 +257,16 @@ class RunStoreWriter:
                 rows = [r.root["step"] for r in records]
             else:
                 rows = [r.layers[layer].get(name) for r in records]
-            writes.append((arr, slice(start, stop), self._stack(arr, rows)))
+            writes.append((arr, slice(start, stop), self._stack(arr, rows, name)))
         write_many(writes)
         self.committed = stop
-        self.group.attrs[schema.COMMIT_KEY] = stop
+        self.group.attrs.update({COMMIT_KEY: stop, SAMPLES_KEY: self.sample_capacity})
         return stop
 
     @property
     def derives_updates(self) -> bool:
         """Whether this store's layout stores updates only where weights cannot give them."""
-        return any(name == "update_stored" for _, name in self._arrays)
+        return self.layout is not None and self.layout.variant != "v1"
 
     def _resize_steps(self, rows: int) -> None:
         for arr in self._arrays.values():
@@ -278,12 +276,14 @@ class RunStoreWriter:
 
     def finalize(self) -> None:
         """Trim every array to the committed rows (so plain readers see exact lengths)."""
-        if self.group is not None and self.capacity != self.committed:
+        if self.group is not None and any(a.shape[0] != self.committed
+                                          for a in self._arrays.values()):
             self._resize_steps(self.committed)
 
-    def _stack(self, arr: zarr.Array, rows: list[Any]) -> np.ndarray:
+    @staticmethod
+    def _stack(arr: zarr.Array, rows: list[Any], name: str) -> np.ndarray:
         shape = arr.shape[1:]
-        dims = arr.metadata.dimension_names[1:]
+        dims = tuple(arr.metadata.dimension_names or ())[1:]
         if all(r is not None and np.shape(r) == shape for r in rows):
             return np.stack([np.asarray(r, dtype=arr.dtype) for r in rows])  # common case
         out = np.full((len(rows), *shape), arr.metadata.fill_value, dtype=arr.dtype)
@@ -291,16 +291,55 @@ class RunStoreWriter:
             if row is None:
                 continue
             row = np.asarray(row)
-            if dims and dims[0] == schema.SAMPLE:
+            if dims and dims[0] == SAMPLE:
+                if row.shape[0] > shape[0] or row.shape[1:] != shape[1:]:
+                    raise ValueError(f"{name}: a row of shape {row.shape} does not fit the "
+                                     f"stored shape {shape}")
                 out[i, : row.shape[0]] = row
             else:
                 out[i] = row
         return out
 
+    # ----------------------------------------------------------------- truncation
+    def _reserve_truncation_marker(self, group: zarr.Group) -> None:
+        """Allocate the array that takes a truncation reason when the disk is already full."""
+        arr = group.create_array(
+            TRUNCATION_ARRAY, shape=(TRUNCATION_RESERVE,), chunks=(TRUNCATION_RESERVE,),
+            dtype="uint8", fill_value=32, dimension_names=("byte",), compressors=None,
+            attributes={"description": "JSON {\"truncated\": reason} padded with spaces, written "
+                        "in place when recording stops early (works on a full disk)"},
+        )
+        arr.with_config(_WRITE_CONFIG)[:] = np.full(TRUNCATION_RESERVE, 32, dtype=np.uint8)
+
     def set_truncated(self, reason: str) -> None:
-        """Mark the store truncated (recording stopped early) with the reason."""
+        """Mark the store truncated (recording stopped early) with the reason.
+
+        The reason goes first into the reserved array, in place (local stores: no new disk
+        blocks, so it works on a full disk), then into the metadata (which may fail there).
+        """
         if self.group is None or self.meta is None:
             return
+        import json
+
+        text = json.dumps({"truncated": reason[: TRUNCATION_RESERVE - 64]}).encode()
+        text = text.ljust(TRUNCATION_RESERVE)
+        path = self.target.path
+        try:
+            if path is not None:
+                chunk = path / TRUNCATION_ARRAY / "c" / "0"
+                fd = os.open(chunk, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, text, 0)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                self.group[TRUNCATION_ARRAY][:] = np.frombuffer(text, dtype=np.uint8)
+        except (OSError, KeyError):
+            pass
         d = self.meta.to_dict()
         d["truncated"] = reason
-        self.group.attrs[schema.ATTR_KEY] = d
+        self.group.attrs[ATTR_KEY] = d
+
+
+__all__ = ["RunStoreWriter", "StepRecord", "StoredArray", "read_many", "write_many"]

@@ -76,7 +76,7 @@ BASE = TrainConfig(model="mlp", hidden=32, steps=600, batch_size=32, lr=0.05, dt
 
 # ============================================================================ numbers (pure)
 def _dt(ds: xr.Dataset) -> np.ndarray:
-    return np.asarray(ds["lr"].values, dtype=np.float64) * int(ds.attrs.get("every", 1))
+    return np.asarray(ds["net_dt"].values, dtype=np.float64)
 
 
 def _integral(rate: np.ndarray, dt: np.ndarray, rows: slice = slice(None)) -> float:

@@ -96,14 +96,13 @@ class EnsembleSeries:
         if len(datasets) < 2:
             raise ValueError(f"an ensemble needs at least 2 runs, got {len(datasets)}")
         step = np.asarray(datasets[0].step.values)
-        lr = np.asarray(datasets[0]["lr"].values, dtype=np.float64)
-        every = int(datasets[0].attrs.get("every", 1))
+        net_dt = np.asarray(datasets[0]["net_dt"].values, dtype=np.float64)
         for ds in datasets[1:]:
             if not np.array_equal(ds.step.values, step):
                 raise ValueError("runs of an ensemble must hold the same recorded steps")
-            if not np.allclose(ds["lr"].values, lr, rtol=0, atol=0):
+            if not np.array_equal(ds["net_dt"].values, net_dt):
                 raise ValueError("runs of an ensemble must use the same learning rates")
-        dt = torch.from_numpy(lr * every)
+        dt = torch.from_numpy(net_dt)
         bad = 0
         ints: dict[str, list[np.ndarray]] = {}
         keys = {"int_mu": "logK_drift", "int_s2": "logK_diffusion2",

@@ -1,0 +1,160 @@
+"""What an analysis computes: its options and the plan of one run (small, picklable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trajlab.store import Run
+from trajlab.store.metadata import AnalysisMeta, LayerMeta
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices that change the result; stored in the analysis store's attributes.
+
+    Attributes
+    ----------
+    gradient : "auto" (full-data probe gradient where recorded, else the batch gradient),
+        "batch", or "probe" (same as auto; states intent).
+    population : finite-population correction N for batches drawn without replacement.
+    gap_tol : relative spectral gap below which a step is flagged ``degenerate``.
+    conv_definition : "matrix" or "operator" (adds exact convolution norms, MATH.md §6).
+    """
+
+    gradient: str = "auto"
+    population: int | None = None
+    gap_tol: float = 1e-3
+    conv_definition: str = "matrix"
+
+    def __post_init__(self) -> None:
+        if self.gradient not in ("auto", "batch", "probe"):
+            raise ValueError(f"gradient must be 'auto', 'batch' or 'probe', got "
+                             f"{self.gradient!r}")
+        if self.conv_definition not in ("matrix", "operator"):
+            raise ValueError(f"conv_definition must be 'matrix' or 'operator', got "
+                             f"{self.conv_definition!r}")
+        if not (isinstance(self.gap_tol, (int, float)) and 0 <= self.gap_tol < 1):
+            raise ValueError(f"gap_tol must be a number in [0, 1), got {self.gap_tol!r}")
+        if self.population is not None and (isinstance(self.population, bool) or not
+                                            isinstance(self.population, (int, np.integer))
+                                            or self.population < 2):
+            raise ValueError(f"population must be an integer >= 2 (the data set size N), got "
+                             f"{self.population!r}")
+
+    @property
+    def operator(self) -> bool:
+        return self.conv_definition == "operator"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The analysis of one run: what every graph node of that run needs to know.
+
+    Attributes
+    ----------
+    store, storage_options : where the run store is.
+    run_id : the run's identity (an analysis is keyed to it).
+    layers : the analysed layers' metadata, in order.
+    rows : (first, stop) committed rows analysed.  steps : (first, last) step indices.
+    chunk_rows : rows per graph node.  every : optimizer steps per recorded row.
+    sample_capacity : padded length of the per-sample axis.
+    options : :class:`AnalysisOptions`.
+    """
+
+    store: Any
+    storage_options: dict | None
+    run_id: str
+    layers: tuple[LayerMeta, ...]
+    rows: tuple[int, int]
+    steps: tuple[int, int]
+    chunk_rows: int
+    every: int
+    sample_capacity: int
+    options: AnalysisOptions
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(lm.name for lm in self.layers)
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        r0, r1 = self.rows
+        return [(a, min(a + self.chunk_rows, r1)) for a in range(r0, r1, self.chunk_rows)]
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    def relative(self, rows: tuple[int, int]) -> slice:
+        """Rows of the run as rows of the analysis store."""
+        return slice(rows[0] - self.rows[0], rows[1] - self.rows[0])
+
+    def meta(self, *, created: str, version: str) -> AnalysisMeta:
+        return AnalysisMeta(run=str(self.store), run_id=self.run_id, rows=self.rows,
+                            steps=self.steps, layers=self.names, chunk_rows=self.chunk_rows,
+                            options=dataclasses.asdict(self.options), created=created,
+                            trajlab_version=version)
+
+
+def make_plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> Plan:
+    """Check the request against the run and fix what will be computed."""
+    if run.n_steps == 0:
+        raise ValueError(f"{run.store!r} has no committed steps to analyse")
+    names = tuple(run.layers if layers is None else layers)
+    if not names:
+        raise ValueError("layers=[] selects nothing; pass None to analyse every recorded layer")
+    metas = tuple(run.layer_meta(n) for n in names)  # KeyError naming the recorded layers
+    all_steps = run.steps
+    if steps is None:
+        rows = (0, run.n_steps)
+    else:
+        if isinstance(steps, slice):
+            lo = all_steps[0] if steps.start is None else steps.start
+            hi = all_steps[-1] + 1 if steps.stop is None else steps.stop
+        else:
+            lo, hi = steps
+        sel = np.flatnonzero((all_steps >= lo) & (all_steps < hi))
+        if sel.size == 0:
+            raise ValueError(
+                f"steps [{lo}, {hi}) select no recorded step; this run holds steps "
+                f"{all_steps[0]}..{all_steps[-1]}"
+            )
+        rows = (int(sel[0]), int(sel[-1]) + 1)
+    n = rows[1] - rows[0]
+    bs = run.root_rows(["batch_size"], rows)["batch_size"]
+    if (bs < 2).all() and any(_per_sample(lm) for lm in metas):
+        raise ValueError(
+            "every selected step has batch size 1: the gradient-noise terms need batch size >= 2 "
+            "(MATH.md §1); record with larger batches. (Steps with batch size 1 among others are "
+            "analysed without noise terms, which are NaN there.)"
+        )
+    if chunk_rows is None:
+        chunk_rows = _default_chunk_rows(run, metas, n)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
+    return Plan(run.store, run.storage_options, run.meta.identity, metas, rows,
+                (int(all_steps[rows[0]]), int(all_steps[rows[1] - 1])), int(chunk_rows),
+                int(run.meta.every), run.sample_capacity, options)
+
+
+def _per_sample(lm: LayerMeta) -> bool:
+    from trajlab.sketches import sketch_kind
+
+    return sketch_kind(lm.sketch).per_sample
+
+
+def _default_chunk_rows(run: Run, metas, n: int) -> int:
+    """Rows per node: enough to amortise per-node costs with the vectorised kernels (up to 128),
+    bounded so that a node's float64 working set stays near 64 MB, and at least 8 nodes' worth
+    of parallelism on long runs."""
+    biggest = max(lm.shape[0] * lm.shape[1] for lm in metas)
+    widest = max(lm.shape[0] + lm.shape[1] for lm in metas)
+    per_row = 8 * (4 * biggest + run.sample_capacity * widest * 2)
+    by_memory = max(1, (64 << 20) // max(per_row, 1))
+    return int(max(1, min(128, by_memory, max(8, math.ceil(n / 8)))))

@@ -1,0 +1,12 @@
+"""Dimension names shared by every stored and analysed variable (defined once).
+
+Kept outside :mod:`trajlab.store` so that the sketch kinds (:mod:`trajlab.sketches`), which the
+store layout builds on, can use them without an import cycle.
+"""
+
+STEP = "step"
+SAMPLE = "sample"
+OUT = "out"
+IN = "in"
+RANK = "rank"
+LAYER = "layer"

@@ -1,0 +1,155 @@
+"""The run-store layout, derived from the metadata: every variable's dims, dtype and codecs, and
+which variables are derived on read rather than stored.
+
+This is the one place that knows the variants of the format:
+
+* format 1, first release ("v1"): every update and every batch gradient stored;
+* format 1 as written by trajlab 0.1.0 after derived updates ("v1-derived"): ``update_stored``
+  flags, updates derived from consecutive weights, rank-1 layers without ``grad``; told apart
+  from "v1" by the presence of ``update_stored`` (the only check of its kind);
+* format 2 ("v2"): as v1-derived, plus CRC32C checksums on every chunk, every chunk written
+  (so a missing chunk is an error), ``grad_scale`` per layer, ``run_id`` and ``ps_dtype``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from trajlab.sketches import Var, sketch_kind
+from trajlab.store.metadata import LayerMeta, RunMeta
+from trajlab.store.names import IN, LAYERS_GROUP, OUT, SAMPLE
+
+Variant = Literal["v1", "v1-derived", "v2"]
+
+#: Root-level variables (dims after ``step``).
+ROOT_VARS: dict[str, Var] = {
+    "step": Var((), "int64", "optimizer step index (number of optimizer.step() calls before "
+                "this one)"),
+    "lr": Var((), "float64", "learning rate of the first recorded layer's param group at this "
+          "step (each layer group stores its own)"),
+    "batch_size": Var((), "int32", "number of samples in the step's batch (all micro-batches)"),
+    "loss": Var((), "float64", "training loss passed to Recorder.log (NaN when not given)"),
+    "indices": Var((SAMPLE,), "int64", "dataset indices of the batch's samples (-1 = padding "
+                   "or not given)"),
+    "probe": Var((), "bool", "whether a full-data gradient probe was computed at this step"),
+}
+
+#: Variables every layer group has (format 2).
+LAYER_VARS: dict[str, Var] = {
+    "step": ROOT_VARS["step"],
+    "lr": Var((), "float64", "learning rate of the layer's param group at this step"),
+    "weight": Var((OUT, IN), "param", "weight matrix W before the update (convolutions: the "
+                  "kernel reshaped to out x in*prod(kernel_size))"),
+    "grad": Var((OUT, IN), "param", "gradient the optimizer applied (.grad at optimizer.step, "
+                "after any clipping or unscaling); not stored where the sketch implies it",
+                True),
+    "update": Var((OUT, IN), "param", "update actually applied by the optimizer: W(after step) "
+                  "- W; stored where update_stored is true, else derived from the next row's "
+                  "weight"),
+    "update_stored": Var((), "bool", "the update row is stored; elsewhere update = "
+                         "weight(next row) - weight (checked bit for bit by the writer)"),
+    "nonfinite": Var((), "bool", "the gradient or per-sample information held NaN or Inf"),
+    "grad_scale": Var((), "float64", "factor c with .grad = c x (mean of the captured per-sample "
+                      "gradients): 1 normally, 1/S under a GradScaler with scale S, the clip "
+                      "coefficient under gradient clipping; the stored per-sample information "
+                      "is already multiplied by c"),
+}
+
+#: Layer variables present only in runs recorded with a probe.
+PROBE_VARS: dict[str, Var] = {
+    "probe_grad": Var((OUT, IN), "param", "full-data gradient (NaN where no probe ran)"),
+}
+
+#: Variables that format-2 stores always have but older variants may lack, with the value a
+#: reader gives them there.
+DEFAULTS: dict[str, float] = {"grad_scale": 1.0}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Which variables a run store holds, and how each is stored.
+
+    Obtain with :meth:`for_meta` (writing) or :meth:`of_group` (reading an existing store).
+    """
+
+    meta: RunMeta
+    variant: Variant
+
+    @classmethod
+    def for_meta(cls, meta: RunMeta) -> RunLayout:
+        return cls(meta, "v2" if meta.format_version >= 2 else "v1-derived")
+
+    @classmethod
+    def of_group(cls, group, meta: RunMeta) -> RunLayout:
+        """The layout of an existing store (the format-1 variants are told apart here)."""
+        if meta.format_version >= 2:
+            return cls(meta, "v2")
+        for lm in meta.layers:
+            try:
+                lg = group[f"{LAYERS_GROUP}/{lm.group}"]
+            except KeyError:
+                continue
+            return cls(meta, "v1-derived" if "update_stored" in lg else "v1")
+        return cls(meta, "v1-derived")
+
+    # ------------------------------------------------------------------ variables
+    @property
+    def root_vars(self) -> dict[str, Var]:
+        return dict(ROOT_VARS)
+
+    def layer_vars(self, lm: LayerMeta) -> dict[str, Var]:
+        """Stored variables of one layer group."""
+        out = dict(LAYER_VARS)
+        if self.variant != "v2":
+            del out["grad_scale"]
+        if self.variant == "v1":
+            del out["update_stored"]
+        if not lm.stored_grad:
+            del out["grad"]
+        out.update(sketch_kind(lm.sketch).variables(lm.rank))
+        if self.meta.probe:
+            out.update(PROBE_VARS)
+        return out
+
+    def derived_vars(self, lm: LayerMeta) -> tuple[str, ...]:
+        """Variables a reader provides although they are not (all) stored."""
+        stored = self.layer_vars(lm)
+        derived = []
+        if "update_stored" in stored:
+            derived.append("update")
+        if "grad" not in stored and sketch_kind(lm.sketch).implies_grad:
+            derived.append("grad")
+        derived += [k for k in DEFAULTS if k not in stored]
+        return tuple(derived)
+
+    def dtype(self, var: Var) -> np.dtype:
+        """Storage dtype of a variable in this run."""
+        if var.dtype == "param":
+            return np.dtype(self.meta.dtype)
+        if var.dtype == "ps":
+            return np.dtype(self.meta.ps_dtype)
+        return np.dtype(var.dtype)
+
+    @property
+    def checksummed(self) -> bool:
+        """Every chunk carries a CRC32C checksum and every chunk inside the committed rows is
+        written (a missing one is an error)."""
+        return self.variant == "v2"
+
+    def group_path(self, lm: LayerMeta) -> str:
+        return f"{LAYERS_GROUP}/{lm.group}"
+
+
+def layer_group_name(name: str) -> str:
+    """Group name for a recorded layer: its name with ``/`` and ``:`` made safe, ``"_root"`` for
+    the model itself."""
+    if not name:
+        return "_root"
+    return name.replace("/", "_").replace(":", "__")
+
+
+__all__ = ["DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout", "Variant",
+           "layer_group_name"]
