@@ -72,7 +72,7 @@ def test_cli_analyze_plot_and_accessor(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path / "a.zarr"), "--kind", "validation", "drift", "noise",
                      "band", "--out-dir", str(tmp_path / "fig")]) == 0
     for kind in ("validation", "drift", "noise", "band"):
-        assert (tmp_path / "fig" / f"{kind}.png").stat().st_size > 10_000
+        assert (tmp_path / "fig" / f"a_{kind}.png").stat().st_size > 10_000
     ds = trajlab.open_analysis(tmp_path / "a.zarr")
     assert ds.K.dims == ("step", "layer") and "time" in ds.coords
     assert ds.K.attrs["description"].startswith("measured")

@@ -99,6 +99,7 @@ def analyze(
     progress: bool = True,
     storage_options: dict | None = None,
     torch_threads: int = 1,
+    on_schedule: Any = None,
 ) -> xr.Dataset | list[xr.Dataset]:
     """Compute the SDE terms of recorded runs (MATH.md §1–§5) as xarray Datasets.
 
@@ -130,6 +131,8 @@ def analyze(
     progress : progress bar on the terminal.
     storage_options : fsspec options for ``out``.
     torch_threads : torch intra-op threads per graph node (default 1: Dask parallelises).
+    on_schedule : called with a description of where the graph runs, once it is chosen (the
+        CLI prints it).
 
     Returns
     -------
@@ -180,7 +183,7 @@ def analyze(
                 j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
             else:
                 j.pending = tuple(range(len(j.plan.chunks)))
-        results = _compute(jobs, scheduler, workers, progress, torch_threads)
+        results = _compute(jobs, scheduler, workers, progress, torch_threads, on_schedule)
         datasets = [_finish(j, results.get(i, {})) for i, j in enumerate(jobs)]
     finally:
         for lock in locks:
@@ -188,7 +191,8 @@ def analyze(
     return datasets if many else datasets[0]
 
 
-def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads) -> dict:
+def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
+             on_schedule=None) -> dict:
     """Run the graph of every pending chunk of every job; in-memory results by job."""
     todo = [(i, j) for i, j in enumerate(jobs)
             if j.pending and not (j.store is not None and j.store.meta.complete)]
@@ -196,6 +200,8 @@ def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads) -> d
         return {}
     if scheduler == "auto":
         scheduler = engine.choose_scheduler(_estimate_seconds([j.plan for _, j in todo]))
+    if on_schedule is not None:
+        on_schedule(engine.describe(scheduler, workers))
     nodes, owners = [], []
     for i, j in todo:
         p = j.plan

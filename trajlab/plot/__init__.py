@@ -5,6 +5,12 @@ Each function takes the Dataset returned by :func:`trajlab.analyze` (or
 are reachable as ``ds.lipschitz.plot_validation()`` etc.
 """
 
-from trajlab.plot.figures import plot_band, plot_drift, plot_noise_split, plot_validation
+from trajlab.plot.figures import (
+    needed_variables,
+    plot_band,
+    plot_drift,
+    plot_noise_split,
+    plot_validation,
+)
 
-__all__ = ["plot_band", "plot_drift", "plot_noise_split", "plot_validation"]
+__all__ = ["needed_variables", "plot_band", "plot_drift", "plot_noise_split", "plot_validation"]

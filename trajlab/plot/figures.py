@@ -22,6 +22,24 @@ def _plt():
     return plt
 
 
+#: Variables each figure reads (so a caller can load only those, e.g. ``trajlab plot``).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "plot_validation": ("K", "K_pred_mean", "K_pathwise", "degenerate", "K_net",
+                        "K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean",
+                        "K_net_pathwise"),
+    "plot_drift": ("K", "dt", "net_dt", "drift_flow", "diffusion2", "logK_noise_curvature",
+                   "logK_drift", "logK_discretization", "logK"),
+    "plot_noise_split": ("drift_noise", "drift_noise_var", "drift_noise_cov", "diffusion2",
+                         "diffusion2_var", "diffusion2_cov"),
+    "plot_band": ("K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean", "K_net"),
+}
+
+
+def needed_variables(figure: str, ds: xr.Dataset) -> list[str]:
+    """The variables of ``ds`` that figure function ``figure`` reads."""
+    return [k for k in NEEDS[figure] if k in ds.data_vars]
+
+
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average that ignores NaN and is normalised at the edges."""
     if window <= 1 or y.size < 2:

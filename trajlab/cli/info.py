@@ -1,0 +1,127 @@
+"""``trajlab info RUN [--verify]``: layers, shapes, steps, sizes, coverage and integrity."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from trajlab.cli._util import human
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe a run store: layers, shapes, steps, sizes, "
+                       "coverage and integrity")
+    p.add_argument("run", help="run store (path or URL)")
+    p.add_argument("--verify", action="store_true",
+                   help="read every committed chunk and check its checksum (slow on big runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    text, problems = info_report(args.run, verify=args.verify, progress=not args.quiet)
+    print(text)
+    return 2 if (args.verify and problems) else 0
+
+
+def format_info(path) -> str:
+    """Human-readable summary of a run store (metadata-level integrity only)."""
+    return info_report(path)[0]
+
+
+def info_report(path, *, verify: bool = False, progress: bool = False
+                ) -> tuple[str, list[str]]:
+    """Summary of a run store and its integrity problems.
+
+    Works on any store trajlab can open: a live recording, one killed while being laid out
+    (no committed step yet), a truncated one. ``verify`` reads every committed chunk.
+    """
+    import trajlab
+    from trajlab.sketches import sketch_kind
+
+    run = trajlab.open_run(path)
+    meta = run.meta
+    lines = [f"run store   {path}",
+             f"format      v{meta.format_version} ({run.layout.variant}), dtype {meta.dtype}"
+             + (f", per-sample {meta.ps_dtype}" if meta.ps_dtype != meta.dtype else "")
+             + f", created {meta.created}, trajlab {meta.trajlab_version}, torch "
+             f"{meta.torch_version}"]
+    if meta.run_id:
+        lines.append(f"run id      {meta.run_id}")
+    if run.n_steps:
+        steps = run.steps
+        lines.append(f"steps       {steps.size} recorded (every {meta.every}): "
+                     f"{steps[0]} .. {steps[-1]}")
+        bs = run.root_rows(["batch_size"])["batch_size"]
+        lines.append(f"batch size  {int(bs.min())}..{int(bs.max())}")
+    else:
+        lines.append("steps       none committed (a recording that has not committed its first "
+                     "rows yet, or one stopped before)")
+    lines.append(f"sampler     {meta.sampler}, dataset size {meta.dataset_size}")
+    lines.append("layers")
+    width = max((len(n) for n in run.layers), default=4)
+    nonfinite = {}
+    if run.n_steps:
+        for name in run.layers:
+            nonfinite[name] = int(run.layer_rows(name, ["nonfinite"])["nonfinite"].sum())
+    for name in run.layers:
+        lm = run.layer_meta(name)
+        kind = sketch_kind(lm.sketch)
+        how = kind.summary.replace("top-k", f"top-{lm.rank}")
+        extra = f", {nonfinite[name]} steps with NaN/Inf" if nonfinite.get(name) else ""
+        size = human(run.layer_nbytes_stored(name)) if run.n_steps else "-"
+        lines.append(f"  {name:<{width}}  {lm.module:<9} W {lm.shape[0]}x{lm.shape[1]}  "
+                     f"{lm.positions} position(s)  {how}  {size}{extra}")
+    lines += _coverage(meta.model)
+    problems = integrity(run)
+    if verify:
+        problems += _verify(run, progress)
+    lines.append(f"stored      {human(run.nbytes_stored())} compressed")
+    lines.append("integrity   " + ("ok" + (" (every committed chunk read and checked)"
+                                           if verify else "")
+                                   if not problems else "; ".join(problems)))
+    return "\n".join(lines), problems
+
+
+def _coverage(model: dict) -> list[str]:
+    mods = model.get("modules") or []
+    if not mods:
+        return []
+    total = model.get("weight_parameters") or 0
+    rec = sum(m.get("recorded_parameters", 0) for m in mods)
+    out = [f"coverage    {rec} of {total} weight-matrix parameters recorded"
+           + (f" ({100 * rec / total:.0f}%)" if total else "")]
+    for m in mods:
+        if not m.get("recorded"):
+            out.append(f"  not recorded: {m['name'] or '<model>'} ({m['type']}, "
+                       f"{m.get('parameters', 0)} parameters): {m.get('why', '')}")
+    for why in model.get("not_a_bound", []):
+        out.append(f"  K_net is not a Lipschitz bound here: {why}")
+    return out
+
+
+def integrity(run) -> list[str]:
+    """Problems visible from metadata alone (truncation, gaps, uncommitted rows)."""
+    problems = []
+    if run.meta.truncated:
+        problems.append(f"truncated ({run.meta.truncated})")
+    if run.n_steps > 1:
+        steps = run.steps
+        gaps = np.flatnonzero(np.diff(steps) != run.meta.every)
+        if gaps.size:
+            problems.append(f"{gaps.size} gap(s) in the step sequence (first after "
+                            f"{steps[gaps[0]]})")
+    extra = run.uncommitted_rows()
+    if extra:
+        problems.append(f"{extra} row(s) past the commit marker ignored (still recording, or "
+                        "an interrupted write)")
+    return problems
+
+
+def _verify(run, progress: bool) -> list[str]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=run.n_chunks(), disable=not progress, desc="verifying", unit="chunk",
+              leave=False) as bar:
+        return run.verify(progress=lambda: bar.update(1))

@@ -1,0 +1,40 @@
+"""``trajlab plot ANALYSIS``: the paper's figures of an analysis store as PNG files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trajlab.cli._util import save_figure
+
+PLOTS = {
+    "validation": "plot_validation",
+    "drift": "plot_drift",
+    "noise": "plot_noise_split",
+    "band": "plot_band",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plot", help="write the figures of an analysis store as PNG")
+    p.add_argument("analysis", help="analysis store written by `trajlab analyze`")
+    p.add_argument("--kind", nargs="+", choices=sorted(PLOTS), default=["validation", "drift"])
+    p.add_argument("--out-dir", default=None, help="folder for the PNGs (default: beside it)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trajlab.analysis import open_analysis
+    from trajlab.plot import needed_variables
+
+    ds = open_analysis(args.analysis)
+    name = Path(str(args.analysis).rstrip("/")).name.removesuffix(".zarr")
+    out = Path(args.out_dir or Path(str(args.analysis).rstrip("/")).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in args.kind:
+        fn = PLOTS[kind]
+        sub = ds[needed_variables(fn, ds)].compute()  # only what the figure draws
+        path = out / f"{name}_{kind}.png"
+        save_figure(getattr(sub.lipschitz, fn)(), path)
+        print(f"{kind} -> {path}")
+    return 0
