@@ -179,27 +179,43 @@ def test_layer_applied_twice_raises(tmp_path):
             opt.step()
 
 
-def test_clipped_gradients_fail_the_self_check(tmp_path):
+def test_clipped_gradients_are_recorded_as_applied(tmp_path):
+    """Clipping rescales .grad after backward: the recorder finds the scale, records it
+    (grad_scale) and stores the per-sample information the optimizer actually applied."""
     model = mlp64()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(trajlab.SelfCheckError, match="clip"):
-        with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt):
-            opt.zero_grad()
-            F.cross_entropy(model(torch.randn(8, 6, dtype=torch.float64)),
-                            torch.randint(0, 4, (8,))).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-            opt.step()
+    applied = {}
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 6, dtype=torch.float64)),
+                        torch.randint(0, 4, (8,))).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        applied = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    for name in ("0", "2"):
+        c = float(run.layer(name).grad_scale[0])
+        ratio = float(applied[f"{name}.weight"].norm() / raw[f"{name}.weight"].norm())
+        assert c == pytest.approx(ratio, rel=1e-10) and c < 1
+        ps = trajlab.per_sample_gradients(run, name, 0)
+        np.testing.assert_allclose(ps.grads.mean(0), applied[f"{name}.weight"].numpy(),
+                                   rtol=1e-10, atol=1e-16)
 
 
 def test_layer_selection_and_unsupported_types(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"1 \(BatchNorm1d\)"):
+    with pytest.raises(trajlab.RecorderError, match="per_sample=False"):
+        trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt)  # BatchNorm in train mode
+    model.eval()
+    with pytest.warns(UserWarning, match=r"1 \(BatchNorm1d"):
         rec = trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt)
     assert rec.layer_names == ["0", "2"]
+    assert [m["recorded"] for m in rec.summary["modules"]] == [True, False, True]
     with pytest.raises(ValueError, match="unknown layer name"):
         trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, layers=["fc9"])
-    with pytest.raises(ValueError, match="cannot record"):
+    with pytest.raises(ValueError, match="cannot be recorded"):
         trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, layers=["1"])
     relu = nn.ReLU()
     with pytest.raises(trajlab.RecorderError, match="no layer"):

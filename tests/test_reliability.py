@@ -180,8 +180,11 @@ def test_second_recorder_on_same_store_is_refused(tmp_path):
     store = tmp_path / "r.zarr"
     with pytest.warns(RuntimeWarning, match="no step was recorded"):
         with trajlab.Recorder(model, store, optimizer=opt):
+            other = mlp64()
             with pytest.raises(StoreLockedError, match="another recorder"):
-                trajlab.Recorder(mlp64(), store, optimizer=opt, mode="a").__enter__()
+                trajlab.Recorder(other, store, optimizer=torch.optim.SGD(other.parameters(),
+                                                                         lr=0.1),
+                                 mode="a").__enter__()
     assert not Path(str(store) + ".lock").exists()
 
 
@@ -291,16 +294,23 @@ def test_mixed_batch_sizes_leave_noise_undefined_only_where_b_is_one(tmp_path):
 
 
 def test_forward_that_changes_shape_is_a_clear_error(tmp_path):
-    model = mlp64()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(trajlab.RecorderError, match="must not change"):
-        with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+    def run(store, **kw):
+        model = mlp64()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with trajlab.Recorder(model, store, optimizer=opt, **kw) as rec:
             for x in (torch.randn(4, 6, dtype=torch.float64),
                       torch.randn(4, 3, 6, dtype=torch.float64)):
                 opt.zero_grad()
-                model(x).sum().backward()
+                model(x).mean().backward()
                 rec.log()
                 opt.step()
+
+    with pytest.raises(trajlab.RecorderError, match="must not change"):
+        run(tmp_path / "a.zarr", on_error="raise")
+    with pytest.warns(RuntimeWarning, match="must not change.*training continues"):
+        run(tmp_path / "b.zarr")  # default: recording stops, training goes on
+    kept = trajlab.open_run(tmp_path / "b.zarr")
+    assert kept.n_steps == 1 and "must not change" in kept.meta.truncated
 
 
 def test_no_pickle_or_torch_load_of_stored_content():

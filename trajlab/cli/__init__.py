@@ -1,4 +1,4 @@
-"""The ``trajlab`` command: demo, info, analyze, plot — thin shells over the library.
+"""The ``trajlab`` command: demo, info, analyze, plot, export — thin shells over the library.
 
 Each command is one module with ``add_parser(subparsers)`` and ``run(args)``. Every failure is
 reported as one line naming the problem and the fix, with exit status 2 and no traceback
@@ -12,10 +12,10 @@ import errno
 import os
 import sys
 
-from trajlab.cli import analyze, demo, info, plot
+from trajlab.cli import analyze, demo, export, info, plot
 from trajlab.cli.info import format_info
 
-COMMANDS = [demo, info, analyze, plot]
+COMMANDS = [demo, info, analyze, plot, export]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,10 +7,12 @@ are reachable as ``ds.lipschitz.plot_validation()`` etc.
 
 from trajlab.plot.figures import (
     needed_variables,
+    optimizer_aware,
     plot_band,
     plot_drift,
     plot_noise_split,
     plot_validation,
 )
 
-__all__ = ["needed_variables", "plot_band", "plot_drift", "plot_noise_split", "plot_validation"]
+__all__ = ["needed_variables", "optimizer_aware", "plot_band", "plot_drift", "plot_noise_split",
+           "plot_validation"]

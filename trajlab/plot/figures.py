@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,20 +25,99 @@ def _plt():
 
 #: Variables each figure reads (so a caller can load only those, e.g. ``trajlab plot``).
 NEEDS: dict[str, tuple[str, ...]] = {
-    "plot_validation": ("K", "K_pred_mean", "K_pathwise", "degenerate", "K_net",
-                        "K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean",
-                        "K_net_pathwise"),
+    "plot_validation": ("K", "K_pred_mean", "K_pred_mean_sgd", "K_pathwise", "degenerate",
+                        "K_net", "K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean",
+                        "logK_pred_mean_sgd", "K_net_pathwise"),
     "plot_drift": ("K", "dt", "net_dt", "drift_flow", "diffusion2", "logK_noise_curvature",
-                   "logK_drift", "logK_discretization", "logK"),
+                   "logK_drift", "logK_drift_optimizer", "logK_discretization", "logK",
+                   "logK_pred_mean", "logK_pred_mean_sgd"),
     "plot_noise_split": ("drift_noise", "drift_noise_var", "drift_noise_cov", "diffusion2",
                          "diffusion2_var", "diffusion2_cov"),
-    "plot_band": ("K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean", "K_net"),
+    "plot_band": ("K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean", "logK_pred_mean_sgd",
+                  "K_net"),
 }
+
+#: Relative difference above which the optimizer-aware prediction (``K_pred_mean``,
+#: ``logK_pred_mean``) counts as different from the paper's SGD one (``*_sgd``): the figures
+#: then name it "optimizer-aware" and draw the SGD-only prediction as a second, fainter line.
+SGD_RTOL = 1e-4
+
+#: Legend labels of the predictions.
+SDE_LABEL = "SDE: K(0)+∫μ dt"
+SDE_OPT_LABEL = "SDE (optimizer-aware): K(0)+∫(μ+μ_opt)dt"
+SDE_SGD_LABEL = "SDE (paper, SGD): K(0)+∫μ dt"
+NET_LABEL = "SDE: exp E[Z]"
+NET_OPT_LABEL = "SDE (optimizer-aware): exp E[Z]"
+NET_SGD_LABEL = "SDE (paper, SGD): exp E[Z]"
+
+#: Style of the SGD-only prediction drawn behind the optimizer-aware one.
+_SGD_STYLE = {"color": "C0", "lw": 1.0, "ls": ":", "alpha": 0.55}
 
 
 def needed_variables(figure: str, ds: xr.Dataset) -> list[str]:
     """The variables of ``ds`` that figure function ``figure`` reads."""
     return [k for k in NEEDS[figure] if k in ds.data_vars]
+
+
+def optimizer_aware(ds: xr.Dataset) -> bool:
+    """Whether the default prediction differs from the paper's SGD one (by > :data:`SGD_RTOL`).
+
+    Compares ``K_pred_mean`` with ``K_pred_mean_sgd`` (relative) and ``logK_pred_mean`` with
+    ``logK_pred_mean_sgd`` (absolute in log K = relative in K), over every step and layer
+    present. False for plain SGD (the optimizer's drift is 0) and when a pair is missing.
+    """
+    for name, log in (("K_pred_mean", False), ("logK_pred_mean", True)):
+        if name not in ds.data_vars or f"{name}_sgd" not in ds.data_vars:
+            continue
+        a = np.asarray(ds[name].values, dtype=np.float64)
+        b = np.asarray(ds[f"{name}_sgd"].values, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diff = np.abs(a - b) if log else np.abs(a - b) / np.abs(a)
+        if np.nan_to_num(diff, nan=0.0, posinf=np.inf).max(initial=0.0) > SGD_RTOL:
+            return True
+    return False
+
+
+def _drawn(ds: xr.Dataset, name: str) -> bool:
+    """Whether ``name`` is present with a finite value (all-NaN curves are neither drawn nor
+    listed, e.g. the pathwise reconstruction of runs recorded with every > 1)."""
+    return name in ds.data_vars and bool(np.isfinite(ds[name].values).any())
+
+
+def network_title(ds: xr.Dataset) -> str:
+    """Title of the network panel; says when K_net is NOT a Lipschitz bound (``attrs['k_net']``)
+    and what it covers then."""
+    text = str(ds.attrs.get("k_net", ""))
+    if "NOT a Lipschitz bound" not in text:
+        return "network bound K_net = Π K_ℓ"
+    covers = text.split(". NOT a Lipschitz bound")[0]
+    n = re.search(r"over (\d+) matri", covers)
+    share = re.search(r"\((\d+(?:\.\d+)?%)\)", covers)
+    if n and share:
+        note = f"covers {n.group(1)} matrices, {share.group(1)} of the weight parameters"
+    elif n:
+        note = f"covers the {n.group(1)} analysed matrices only"
+    else:
+        note = "covers the analysed layers only"
+    return f"K_net = Π K_ℓ: NOT a Lipschitz bound\n({note})"
+
+
+def _legend(fig, axes) -> None:
+    """One figure legend below every panel (constrained layout keeps it off the axes and
+    their labels), as many columns as fit the figure's width."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(lab, h)
+    if not entries:
+        return
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(len(entries), 0, -1):
+        leg = fig.legend(list(entries.values()), list(entries.keys()), loc="outside lower center",
+                         ncol=ncol, fontsize=8, frameon=False)
+        if ncol == 1 or leg.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return
+        leg.remove()
 
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
@@ -64,32 +144,49 @@ def _inset(ax, x, series, *, steps: int, log: bool = False):
     ins.tick_params(labelsize=6)
 
 
+def _title(ds: xr.Dataset, text: str) -> str:
+    optimizer = ds.attrs.get("optimizer")
+    return f"{text} (optimizer: {optimizer})" if optimizer else text
+
+
 def plot_validation(
     ds: xr.Dataset, *, layers: Sequence[str] | None = None, inset_steps: int = 50
 ):
     """Theory vs measured Lipschitz constant, per layer and for the network (paper Fig. 2).
 
-    Per layer: measured K = sigma_1(W); the SDE's expected path K(0) + int mu dt with the drift
-    evaluated along the recorded trajectory; the pathwise second-order reconstruction from the
-    recorded updates. Network: measured prod K, the log-normal prediction exp(E[Z]) with its 95%
-    band, and the pathwise product. Each panel has an inset on the first ``inset_steps`` steps.
+    Per layer: measured K = sigma_1(W); the SDE's expected path with the drift evaluated along
+    the recorded trajectory; the pathwise second-order reconstruction from the recorded updates
+    (left out where undefined, e.g. runs recorded with ``every`` > 1). Network: measured prod K,
+    the log-normal prediction exp(E[Z]) with its 95% band, and the pathwise product. Each panel
+    has an inset on the first ``inset_steps`` steps; one legend below all panels.
+
+    For an optimizer other than plain SGD (see :func:`optimizer_aware`) the drawn prediction is
+    the optimizer-aware one, K(0)+∫(μ+μ_opt)dt, and the paper's SGD prediction (``*_sgd``) is
+    drawn as a fainter dotted line. The network panel's title says when ``K_net`` is not a
+    Lipschitz bound of the network (``attrs['k_net']``) and what it covers.
     """
     plt = _plt()
     layers = list(ds.layer.values if layers is None else layers)
     n = len(layers) + 1
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     x = ds.step.values
+    aware = optimizer_aware(ds)
     for ax, name in zip(axes.flat, layers):
         d = ds.sel(layer=name)
         meas = d.K.values
         series = [
-            (meas, dict(color="k", lw=1.6, label="measured σ1(W)")),
-            (d.K_pred_mean.values, dict(color="C0", lw=1.2, label="SDE: K(0)+∫μ dt")),
-            (d.K_pathwise.values, dict(color="C1", lw=1.2, ls="--",
-                                       label="pathwise 2nd order")),
+            (meas, {"color": "k", "lw": 1.6, "label": "measured σ1(W)"}),
+            (d.K_pred_mean.values, {"color": "C0", "lw": 1.2,
+                                    "label": SDE_OPT_LABEL if aware else SDE_LABEL}),
         ]
+        if aware and "K_pred_mean_sgd" in d.data_vars:
+            series.append((d.K_pred_mean_sgd.values, {**_SGD_STYLE, "label": SDE_SGD_LABEL}))
+        if _drawn(d, "K_pathwise"):
+            series.append((d.K_pathwise.values, {"color": "C1", "lw": 1.2, "ls": "--",
+                                                 "label": "pathwise 2nd order"}))
         for y, kw in series:
             ax.plot(x, y, **kw)
         deg = d.degenerate.values.astype(bool)
@@ -103,32 +200,38 @@ def plot_validation(
     band = (ds.K_net_pred_lower.values, ds.K_net_pred_upper.values)
     ax.fill_between(x, *band, color="C0", alpha=0.25, label="SDE 95% band")
     series = [
-        (ds.K_net.values, dict(color="k", lw=1.6, label="measured Π K")),
-        (np.exp(ds.logK_pred_mean.values), dict(color="C0", lw=1.2, label="SDE: exp E[Z]")),
-        (ds.K_net_pathwise.values, dict(color="C1", lw=1.2, ls="--", label="pathwise")),
+        (ds.K_net.values, {"color": "k", "lw": 1.6, "label": "measured Π K"}),
+        (np.exp(ds.logK_pred_mean.values), {"color": "C0", "lw": 1.2,
+                                            "label": NET_OPT_LABEL if aware else NET_LABEL}),
     ]
+    if aware and "logK_pred_mean_sgd" in ds.data_vars:
+        series.append((np.exp(ds.logK_pred_mean_sgd.values),
+                       {**_SGD_STYLE, "label": NET_SGD_LABEL}))
+    if _drawn(ds, "K_net_pathwise"):
+        series.append((ds.K_net_pathwise.values, {"color": "C1", "lw": 1.2, "ls": "--",
+                                                  "label": "pathwise"}))
     for y, kw in series:
         ax.plot(x, y, **kw)
-    ax.set_title("network bound K_net = Π K_ℓ", fontsize=10)
+    title = network_title(ds)
+    ax.set_title(title, fontsize=10 if "\n" not in title else 9)
     ax.set_xlabel("step")
     ax.set_ylabel("K_net")
     _inset(ax, x, series, steps=inset_steps)
     for extra in list(axes.flat)[n:]:
         extra.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    h2, l2 = ax.get_legend_handles_labels()
-    seen = dict(zip(labels + l2, handles + h2))
-    fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=min(6, len(seen)),
-               fontsize=8, frameon=False)
-    fig.suptitle("Lipschitz constant: SDE theory vs measurement", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.suptitle(_title(ds, "Lipschitz constant: SDE theory vs measurement"), fontsize=11)
+    _legend(fig, list(axes.flat)[:n])
     return fig
 
 
 def plot_drift(ds: xr.Dataset, *, window: int = 25):
     """Decomposition of the drift of log K_net (paper Fig. 3): gradient flow, noise curvature
     (kappa_Z), Ito correction -sigma_Z^2/2, and the SDE's omitted discretisation term; moving
-    averages over ``window`` steps, raw rates faint behind."""
+    averages over ``window`` steps, raw rates faint behind.
+
+    For an optimizer other than plain SGD (:func:`optimizer_aware`) the optimizer's drift
+    ``logK_drift_optimizer`` is shown as a further part, ``total μ_Z`` is labelled as the
+    paper's SGD drift, and the integrated panel adds the optimizer-aware SDE."""
     plt = _plt()
     x = ds.step.values
     K = ds.K
@@ -136,13 +239,16 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     flow = (w * ds.drift_flow / K).sum("layer").values
     kappa = ds.logK_noise_curvature.values
     ito = -0.5 * (w * ds.diffusion2 / K**2).sum("layer").values
+    aware = optimizer_aware(ds) and "logK_drift_optimizer" in ds.data_vars
     parts = [
         ("gradient flow Σ μ_flow/K", flow, "C0"),
         ("noise curvature κ_Z", kappa, "C2"),
         ("Itô −Σ s²/2K²", ito, "C3"),
-        ("total μ_Z", ds.logK_drift.values, "k"),
+        ("total μ_Z (paper, SGD)" if aware else "total μ_Z", ds.logK_drift.values, "k"),
         ("discretisation (not in SDE)", ds.logK_discretization.values, "C4"),
     ]
+    if aware:
+        parts.append(("optimizer μ_opt = Σ μ_opt,ℓ/K_ℓ", ds.logK_drift_optimizer.values, "C5"))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for label, y, c in parts:
         a.plot(x, y, color=c, alpha=0.15, lw=0.8)
@@ -152,11 +258,17 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     a.set_ylabel("rate of log K_net [per unit time t = Σ lr]")
     a.set_title(f"drift of log K_net (moving average, {window} steps)", fontsize=10)
     a.legend(fontsize=7)
+    dt = ds.net_dt.values
     for label, y, c in parts[:3] + parts[4:]:
-        b.plot(x, np.cumsum(np.nan_to_num(y) * ds.net_dt.values), color=c, lw=1.5, label=label)
-    total = sum(np.nan_to_num(p[1]) for p in (parts[3], parts[4]))
-    b.plot(x, np.cumsum(total * ds.net_dt.values), color="C1", lw=1.2, ls="--",
-           label="SDE μ_Z + discretisation")
+        b.plot(x, np.cumsum(np.nan_to_num(y) * dt), color=c, lw=1.5, label=label)
+    sgd = np.nan_to_num(parts[3][1]) + np.nan_to_num(parts[4][1])
+    b.plot(x, np.cumsum(sgd * dt), color="C1", lw=1.2, ls="--",
+           label="SDE (paper, SGD) μ_Z + discretisation" if aware
+           else "SDE μ_Z + discretisation")
+    if aware:
+        opt = sgd + np.nan_to_num(ds.logK_drift_optimizer.values)
+        b.plot(x, np.cumsum(opt * dt), color="C0", lw=1.2, ls="-.",
+               label="SDE (optimizer-aware) μ_Z + μ_opt + discretisation")
     b.plot(x, ds.logK.values - ds.logK.values[0], color="k", lw=1.6, label="measured Z(t) − Z(0)")
     b.set_xlabel("step")
     b.set_ylabel("integrated contribution to log K_net")
@@ -196,20 +308,30 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
     """Predicted log-normal band of K_net (from ``ds``) with measured runs on top (paper Fig. 4/5).
 
     ``measured``: analysis Datasets of other runs (e.g. other sampling orders) whose ``K_net``
-    is drawn over the band.
+    is drawn over the band. For an optimizer other than plain SGD (:func:`optimizer_aware`) the
+    band and median are the optimizer-aware prediction and the paper's SGD median is drawn as a
+    fainter dotted line.
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
     x = ds.step.values
+    aware = optimizer_aware(ds)
+    which = "SDE (optimizer-aware)" if aware else "SDE"
     ax.fill_between(x, ds.K_net_pred_lower.values, ds.K_net_pred_upper.values, color="C0",
-                    alpha=0.25, label="predicted 95% band")
-    ax.plot(x, np.exp(ds.logK_pred_mean.values), color="C0", lw=1.3, label="predicted median")
+                    alpha=0.25, label=f"{which}: predicted 95% band")
+    ax.plot(x, np.exp(ds.logK_pred_mean.values), color="C0", lw=1.3,
+            label=f"{which}: predicted median")
+    if aware and "logK_pred_mean_sgd" in ds.data_vars:
+        ax.plot(x, np.exp(ds.logK_pred_mean_sgd.values), **_SGD_STYLE,
+                label="SDE (paper, SGD): predicted median")
     ax.plot(x, ds.K_net.values, color="k", lw=1.4, label=f"measured ({label})")
     for i, other in enumerate(measured):
         ax.plot(other.step.values, other.K_net.values, color="C1", lw=0.7, alpha=0.6,
                 label="other runs" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("K_net = Π K_ℓ")
+    optimizer = ds.attrs.get("optimizer")
+    if optimizer:
+        ax.set_title(f"optimizer: {optimizer}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig

@@ -1,10 +1,15 @@
-"""The Recorder: hooks on a model and its optimizer that stream a training run into a run store."""
+"""The Recorder: hooks on a model and its optimizer that stream a training run into a run store.
+
+Between recorded steps the recorder costs one Python call per optimizer step (the step hook
+that counts steps). Just before a recorded step it installs its per-layer hooks and a root
+forward pre-hook, and removes them when that step's ``optimizer.step()`` returns.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,98 +20,121 @@ import torch
 from torch import Tensor, nn
 
 from trajlab.errors import RecorderError, SelfCheckError
+from trajlab.record import checks, store_policy
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
-from trajlab.record.rules import Capture, LayerRule, rule_for
-from trajlab.record.rules.base import rank1_sketch, subspace_sketch
+from trajlab.record.rules import Dense, supported_types
+from trajlab.record.step import Assembled, Capture, Micro, assemble, probes
+from trajlab.record.summary import Target, mixing_layers, mixing_message, plan
 from trajlab.record.writer import BackgroundWriter, PendingRecord
+from trajlab.sketches import SketchKind, sketch_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
-from trajlab.store.metadata import (
-    FORMAT_VERSION,
-    ConvGeometry,
-    LayerMeta,
-    RunMeta,
-    new_run_id,
-)
+from trajlab.store.metadata import SAMPLERS, LayerMeta
 from trajlab.store.run_store import RunStoreWriter
 from trajlab.store.target import StoreLike
+
+_PS_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
 class _Layer:
-    name: str
-    module: nn.Module
-    rule: LayerRule
+    """One recorded matrix and its state during the current recorded step."""
+
+    target: Target
     meta: LayerMeta | None = None
+    kind: SketchKind | None = None
     captures: list[Capture] = field(default_factory=list)
     basis: tuple[Tensor, Tensor, Tensor] | None = None
     weight_before: Tensor | None = None
+    probe_r: Tensor | None = None
+    failed: BaseException | None = None  # this step's capture failed (see _assemble_step)
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def weight(self) -> Tensor:
+        return self.target.rule.weight_matrix(self.target.module, self.target.matrix)
+
+    def grad(self) -> Tensor | None:
+        return self.target.rule.grad_matrix(self.target.module, self.target.matrix)
 
 
 class Recorder:
     """Record a training run into a Zarr run store.
 
-    A context manager: on entry it registers forward hooks on the recorded layers and step hooks
-    on the optimizer; on exit (also after an exception) it removes every hook, flushes the
+    A context manager: on entry it checks the model, takes the store's lock and hooks the
+    optimizer's ``step``; on exit (also after an exception) it removes every hook, flushes the
     background writer and commits what was recorded. Nothing is written onto the user's modules.
 
     Parameters
     ----------
     model : nn.Module
-        The model being trained. Its loss must be a *mean* over the batch's samples.
-    store : str or zarr store
-        Where to write (path or fsspec URL).
+        The model being trained (also a ``torch.compile``'d module: the recorder attaches to
+        the module it wraps and keeps its hooks installed).
+    store : str, path or zarr store
+        Where to write (path, ``file://`` or fsspec URL, or a ``zarr.storage.LocalStore``).
     optimizer : torch.optim.Optimizer
         The optimizer whose ``step()`` defines a training step. The update it applies is
-        recorded as is (any optimizer: momentum, weight decay, Adam).
+        recorded as is (any optimizer: momentum, weight decay, Adam, per-group learning rates).
     every : int
         Record steps whose index is a multiple of ``every``.
     layers : sequence of str, optional
-        Module names to record; default every supported layer (Linear, Conv2d).
+        Names to record (module names, or ``module:part`` for modules with several matrices);
+        default every layer a rule covers (see ``trajlab info`` for what is and is not).
     mode : {"w-", "w", "a"}
-        ``"w-"`` (default) fails if a store exists, ``"w"`` overwrites, ``"a"`` appends to an
-        existing run (resume); the model's layers must match it.
+        ``"w-"`` (default) fails if a run store exists, ``"w"`` replaces a run store (never
+        anything else), ``"a"`` appends to an existing run (resume; the model must continue it).
     rank : int
-        k of the top-k singular-subspace sketch for weight-shared layers (Conv2d, sequences).
+        k of the top-k singular-subspace sketch for weight-shared layers (convolutions,
+        sequences).
+    per_sample : bool
+        Record per-sample gradient sketches (default). False records weights, batch gradients
+        and updates only: for models whose layers mix samples (BatchNorm in train mode) or to
+        save bytes; the analysis then has no noise terms.
+    per_sample_dtype : {None, "float16", "float32", "float64"}
+        Storage precision of the per-sample information (None: the weights' dtype). float16
+        halves those bytes; docs/format.md lists each analysis term's resulting error.
     sampler : {"with_replacement", "reshuffle", "unknown"}
         How batches are drawn; stored for the analysis (MATH.md §1, §4a).
     dataset_size : int, optional
         Number of training samples N (for finite-population corrections).
     loss_fn : callable, optional
-        ``loss_fn(model(x), y)`` as used in training. With ``log(inputs=..., targets=...)`` the
-        first recorded step checks one sample's gradient independently (catches sum-reduced
-        losses).
+        ``loss_fn(model(x), y)`` as used in training (mean over the batch). With
+        ``log(inputs=..., targets=...)`` the first recorded step recomputes one sample's
+        gradient independently (replaying dropout and autocast).
     probe : FullGradientProbe, optional
         Full-data gradient every ``probe.every`` steps.
     start_step : int, optional
         Index of the next optimizer step; default 0, or last recorded step + 1 when appending.
     chunk_steps : int, optional
-        Rows per Zarr chunk along ``step``; default chosen for ~16 MB chunks of the largest
-        array (1..256).
+        Rows per Zarr chunk along ``step`` (1..4096); default chosen for ~16 MB chunks.
     queue_size : int
         Steps that may wait for the writer before training blocks.
     flush_seconds : float
         Commit at least this often (a crash loses at most this much).
     self_check : bool
-        Check the first recorded step (see :class:`SelfCheckError`).
+        Check the first recorded step thoroughly (see :class:`SelfCheckError`); every later
+        step is checked cheaply against ``.grad`` whatever this says.
     store_grad : bool
-        Also store ``.grad`` for Linear layers on (batch, features) inputs, where the exact
-        per-sample factors imply it (their batch mean, checked by the self-check). Off by
-        default: it would add one dense matrix per step. Always stored when ``self_check`` is
-        off or the layer is sketched.
+        Also store ``.grad`` for layers whose sketch implies it exactly (rank-one factors).
     on_error : {"stop", "raise"}
-        When writing fails (disk full, ...): ``"stop"`` warns, stops recording, keeps training
-        and marks the store truncated; ``"raise"`` raises in the training loop.
+        When a later step cannot be recorded (the store cannot be written, the model's dtype
+        changed, ``.grad`` was edited in a way no scale explains): ``"stop"`` warns, stops
+        recording, keeps training and marks the store truncated; ``"raise"`` raises
+        :class:`RecorderError` in the training loop. Problems found on the first recorded step
+        always raise (nothing has been recorded yet).
     metadata : dict, optional
-        JSON-serialisable user metadata stored in the root attributes (seeds, hyper-parameters).
+        JSON-serialisable user metadata stored in the root attributes (seeds, hyper-parameters;
+        scalars become coordinates of :func:`trajlab.open_analyses`).
     storage_options : dict, optional
         fsspec options for URL stores.
 
     Examples
     --------
     >>> with trajlab.Recorder(model, "run.zarr", optimizer=opt) as rec:  # doctest: +SKIP
-    ...     for x, y, idx in batches:
+    ...     for x, y, idx in loader:
     ...         opt.zero_grad()
     ...         loss = F.cross_entropy(model(x), y)
     ...         loss.backward()
@@ -124,6 +152,8 @@ class Recorder:
         layers: Sequence[str] | None = None,
         mode: Literal["w-", "w", "a"] = "w-",
         rank: int = 4,
+        per_sample: bool = True,
+        per_sample_dtype: str | None = None,
         sampler: Literal["with_replacement", "reshuffle", "unknown"] = "unknown",
         dataset_size: int | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -144,37 +174,70 @@ class Recorder:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        if sampler not in ("with_replacement", "reshuffle", "unknown"):
-            raise ValueError(
-                f"sampler must be 'with_replacement', 'reshuffle' or 'unknown', got {sampler!r}"
-            )
+        _int_option("every", every, 1)
+        _int_option("rank", rank, 1)
+        _int_option("queue_size", queue_size, 1)
+        if chunk_steps is not None:
+            _int_option("chunk_steps", chunk_steps, 1, 4096)
+        if start_step is not None:
+            _int_option("start_step", start_step, 0)
+        if dataset_size is not None:
+            _int_option("dataset_size", dataset_size, 1)
+        if not (isinstance(flush_seconds, numbers.Real) and flush_seconds >= 0
+                and math.isfinite(flush_seconds)):
+            raise ValueError(f"flush_seconds must be a number >= 0 (0: commit every row), got "
+                             f"{flush_seconds!r}")
+        if mode not in ("w-", "w", "a"):
+            raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got "
+                             f"{sampler!r}")
         if on_error not in ("stop", "raise"):
             raise ValueError(f"on_error must be 'stop' or 'raise', got {on_error!r}")
-        self.model = model
+        if per_sample_dtype is not None and per_sample_dtype not in _PS_DTYPES:
+            raise ValueError(f"per_sample_dtype must be None or one of {sorted(_PS_DTYPES)}, "
+                             f"got {per_sample_dtype!r}")
+        if probe is not None and not isinstance(probe, FullGradientProbe):
+            raise TypeError(f"probe must be a trajlab.FullGradientProbe, got "
+                            f"{type(probe).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(model(x), y) -> mean loss")
+        self._compiled = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
+        self.model = model._orig_mod if self._compiled else model
         self.optimizer = optimizer
         self.store = store
-        self.every = every
+        self.every = int(every)
         self.mode = mode
+        self.per_sample = bool(per_sample)
+        self.per_sample_dtype = per_sample_dtype
         self.sampler = sampler
         self.dataset_size = dataset_size
         self.loss_fn = loss_fn
         self.probe = probe
         self.chunk_steps = chunk_steps
-        self.queue_size = queue_size
-        self.flush_seconds = flush_seconds
+        self.queue_size = int(queue_size)
+        self.flush_seconds = float(flush_seconds)
         self.self_check = self_check
         self.store_grad = store_grad
         self.on_error = on_error
         self.metadata = dict(metadata or {})
         self.storage_options = storage_options
         self._start_step = start_step
-        self._layers = self._select_layers(layers)
+        targets, self._summary = plan(self.model, optimizer, layers)
+        self._layers = [_Layer(t) for t in targets]
+        skipped = [m for m in self._summary["modules"] if not m["recorded"]
+                   and m.get("why") != "not selected (layers=)"]
+        if skipped and layers is None:
+            warnings.warn(
+                "trajlab: these modules with parameters are not recorded: "
+                + "; ".join(f"{m['name'] or '<model>'} ({m['type']}: {m['why']})"
+                            for m in skipped[:6])
+                + (f"; and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+                + " (rec.summary and `trajlab info` list every module)", UserWarning,
+                stacklevel=2)
         self._tracker = SubspaceTracker(rank)
-        self._handles: list[Any] = []
+        self._step_handles: list[Any] = []
+        self._layer_handles: list[Any] = []
         self._group_of: dict[int, int | None] = {}
         self._lock: StoreLock | None = None
         self._writer: BackgroundWriter | None = None
@@ -185,59 +248,27 @@ class Recorder:
         self._active = False
         self._suspended = False
         self._stopped_reason: str | None = None
-        self._log: dict[str, Any] = {}
+        self._micro: list[Micro] = []
         self._probe_grads: dict[str, Tensor] | None = None
         self._nonfinite_seen: list[tuple[int, str]] = []
-        self._warned_nonfinite = False
-        self._warned_empty = False
+        self._warned: set[str] = set()
+        self._resume_check: dict[str, np.ndarray] | None = None
+        self._failure: BaseException | None = None
+        self._mixing = [] if not self.per_sample else mixing_layers(self.model)
+        if self._mixing:
+            raise RecorderError(mixing_message(self._mixing))
 
-    # ------------------------------------------------------------------ set-up
-    def _select_layers(self, names: Sequence[str] | None) -> list[_Layer]:
-        modules = dict(self.model.named_modules())
-        if names is not None:
-            names = list(names)
-            if not names:
-                raise ValueError("layers=[] selects nothing; pass None to record every layer")
-            unknown = [n for n in names if n not in modules]
-            if unknown:
-                supported = [n for n, m in modules.items() if rule_for(m) is not None]
-                raise ValueError(
-                    f"unknown layer name(s) {unknown}; recordable layers of this model: "
-                    f"{supported}"
-                )
-            chosen: list[_Layer] = []
-            for n in names:
-                rule = rule_for(modules[n])
-                if rule is None:
-                    raise ValueError(
-                        f"layer {n!r} is a {type(modules[n]).__name__}, which trajlab cannot "
-                        "record (supported: Linear, Conv2d)"
-                    )
-                chosen.append(_Layer(n, modules[n], rule))
-            return chosen
-        chosen, unsupported = [], []
-        for n, m in modules.items():
-            rule = rule_for(m)
-            if rule is not None:
-                chosen.append(_Layer(n, m, rule))
-            elif any(True for _ in m.parameters(recurse=False)):
-                unsupported.append(f"{n or '<model>'} ({type(m).__name__})")
-        if unsupported:
-            warnings.warn(
-                "trajlab records Linear and Conv2d layers; these layers with parameters are not "
-                f"recorded: {', '.join(unsupported)}",
-                stacklevel=3,
-            )
-        if not chosen:
-            raise RecorderError(
-                f"{type(self.model).__name__} has no layer trajlab can record (Linear, Conv2d)"
-            )
-        return chosen
-
+    # ------------------------------------------------------------------ properties
     @property
     def layer_names(self) -> list[str]:
-        """Names of the layers being recorded."""
+        """Names of the matrices being recorded."""
         return [layer.name for layer in self._layers]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What is recorded of the model: every module with parameters, recorded (how) or not
+        (why), and why the product of the recorded norms may not bound the network."""
+        return self._summary
 
     @property
     def step(self) -> int:
@@ -247,27 +278,54 @@ class Recorder:
     @property
     def recording(self) -> bool:
         """Whether the next optimizer step will be recorded."""
-        return (
-            self._active
-            and not self._suspended
-            and self._stopped_reason is None
-            and self._step % self.every == 0
-        )
+        return (self._active and not self._suspended and self._stopped_reason is None
+                and self._step % self.every == 0)
 
+    # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Recorder:
         self._lock = StoreLock(self.store, what="recorder")
         self._lock.acquire()
         try:
-            self._store_writer = RunStoreWriter(
-                self.store, mode=self.mode, storage_options=self.storage_options
+            self._store_writer = RunStoreWriter(self.store, mode=self.mode,
+                                                storage_options=self.storage_options)
+            self._prepare_resume()
+            self._writer = BackgroundWriter(
+                self._store_writer, queue_size=self.queue_size,
+                flush_seconds=self.flush_seconds,
+                on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
+                on_tick=self._lock.refresh,
             )
+            before, after = self._before_step, self._after_step
+
+            def pre_hook(opt, args, kwargs):  # plain functions (see _arm)
+                before(opt, args, kwargs)
+
+            def post_hook(opt, args, kwargs):
+                after(opt, args, kwargs)
+
+            self._step_handles.append(self.optimizer.register_step_pre_hook(pre_hook))
+            self._step_handles.append(self.optimizer.register_step_post_hook(post_hook))
         except BaseException:
+            self._remove(self._step_handles)
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             self._lock.release()
             raise
-        last = self._store_writer.last_step
+        self._active = True
+        if self._compiled:
+            self._arm(always=True)
+            with contextlib.suppress(Exception):
+                torch.compiler.reset()  # recompile the wrapped module with the hooks traced
+        elif self.recording:
+            self._arm()
+        return self
+
+    def _prepare_resume(self) -> None:
+        sw = self._store_writer
+        last = sw.last_step
         if self._start_step is not None:
             if last is not None and self._start_step <= last:
-                self._lock.release()
                 raise RecorderError(
                     f"start_step={self._start_step} but the store already holds steps up to "
                     f"{last}; resume with start_step > {last} or record into a new store"
@@ -275,60 +333,184 @@ class Recorder:
             self._step = self._start_step
         elif last is not None:
             self._step = last + 1
-        self._writer = BackgroundWriter(
-            self._store_writer,
-            queue_size=self.queue_size,
-            flush_seconds=self.flush_seconds,
-            on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
-            on_tick=self._lock.refresh,
-        )
-        try:
-            for layer in self._layers:
-                self._handles.append(
-                    layer.module.register_forward_hook(self._make_forward_hook(layer))
-                )
-            self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
-            self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
-        except BaseException:
-            self._remove_hooks()
-            self._writer.close()
-            self._lock.release()
-            raise
-        self._active = True
-        return self
+        if sw.is_created and sw.meta is not None:
+            old = sw.meta
+            if old.every != self.every:
+                raise RecorderError(
+                    f"cannot append: the store was recorded with every={old.every}, this "
+                    f"recorder has every={self.every} (the analysis's time step depends on it); "
+                    "use the same every or record into a new store")
+            dtype = store_policy.numpy_dtype(self._layers[0].target.param.dtype)
+            if old.dtype != dtype:
+                raise RecorderError(f"cannot append: the store holds {old.dtype} weights, the "
+                                    f"model has {dtype}; record into a new store")
+            stored = set(old.layer_names)
+            missing = [layer.name for layer in self._layers if layer.name not in stored]
+            if missing:
+                raise RecorderError(f"cannot append: layers {missing} are not in the store "
+                                    f"(it holds {sorted(stored)})")
+            wrong = [f"{layer.name!r} is {tuple(layer.weight().shape)} in the model, "
+                     f"{old.layer(layer.name).shape} in the store" for layer in self._layers
+                     if tuple(layer.weight().shape) != old.layer(layer.name).shape]
+            if wrong:
+                raise RecorderError("cannot append: the model does not match the stored run: "
+                                    + "; ".join(wrong) + ". Record into a new store instead")
+            if last is not None and self._step == last + 1:
+                self._resume_check = {}
+                for layer in self._layers:
+                    row = sw.last_row(layer.name, ("weight", "update"))
+                    self._resume_check[layer.name] = row["weight"] + row["update"]
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self._failure is None:
+            self._failure = exc
         self.close()
 
     def close(self) -> None:
         """Remove all hooks, flush and commit. Called by ``__exit__``; idempotent."""
         self._active = False
-        self._remove_hooks()
-        for layer in self._layers:
-            layer.captures.clear()
-            layer.weight_before = None
+        self._remove(self._layer_handles)
+        self._remove(self._step_handles)
+        self._reset_step()
         if self._writer is not None:
             self._writer.close(truncated=self._stopped_reason)
             err = self._writer.error
             self._writer = None
             if err is not None and self._stopped_reason is None:
-                self._fail(err)
+                self._stop(err, where="close")
         if self._lock is not None:
             self._lock.release()
         self._emit_nonfinite_warning()
-        if self._n_recorded == 0 and self._stopped_reason is None and not self._warned_empty:
-            self._warned_empty = True
-            warnings.warn(
-                "trajlab: no step was recorded (optimizer.step() was not called while recording"
-                f"); nothing was written to {self.store!r}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if self._n_recorded == 0 and self._stopped_reason is None and "empty" not in self._warned:
+            self._warned.add("empty")
+            if self._failure is not None:
+                why = (f"the training loop raised {type(self._failure).__name__}: "
+                       f"{self._failure}".strip())
+            else:
+                why = "optimizer.step() was not called while recording"
+            warnings.warn(f"trajlab: no step was recorded ({why}); nothing was written to "
+                          f"{self.store!r}", RuntimeWarning, stacklevel=3)
 
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
+    # ------------------------------------------------------------------ hooks
+    @staticmethod
+    def _remove(handles: list[Any]) -> None:
+        for h in handles:
             h.remove()
-        self._handles.clear()
+        handles.clear()
+
+    def _arm(self, *, always: bool = False) -> None:
+        """Install the per-layer hooks and the root pre-hook (for the coming recorded step)."""
+        if self._layer_handles:
+            return
+        on_forward = self._on_model_forward
+
+        def root_hook(module: nn.Module, args: tuple) -> None:  # a plain function: copy.deepcopy
+            on_forward(module, args)  # of the model copies the hook, not the recorder
+
+        self._layer_handles.append(self.model.register_forward_pre_hook(root_hook))
+        for layer in self._layers:
+            t = layer.target
+            self._layer_handles.extend(
+                t.rule.install(t.module, self._forward_callback(layer)))
+        self._armed_always = always
+
+    def _disarm(self) -> None:
+        if not getattr(self, "_armed_always", False):
+            self._remove(self._layer_handles)
+
+    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        if not (self.recording and torch.is_grad_enabled()):
+            return
+        first = not self._checked and self.self_check and self.loss_fn is not None
+        devices = sorted({p.device.type for p in (l.target.param for l in self._layers)})
+        self._micro.append(Micro(rng=checks.rng_state() if first else None))
+        self._micro[-1].autocast = checks.autocast_state(devices)  # type: ignore[attr-defined]
+        if self.per_sample:
+            mixing = mixing_layers(self.model)
+            if mixing and "mixing" not in self._warned:
+                self._warned.add("mixing")
+                self._stop(RecorderError(mixing_message(mixing)), where="step")
+
+    def _forward_callback(self, layer: _Layer) -> Callable[[tuple, dict, Any], None]:
+        def on_forward(args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.recording or self._suspended or not torch.is_grad_enabled():
+                return
+            if not self.per_sample:
+                return
+            out = layer.target.rule.grad_output(output)
+            if out is None or not out.requires_grad:
+                return
+            micro = max(0, len(self._micro) - 1)
+            try:
+                self._prepare_layer(layer, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - never raise inside the user's forward
+                layer.failed = e
+                return
+            dtypes = [a.dtype for a in args if isinstance(a, Tensor)] + [out.dtype,
+                                                                        layer.target.param.dtype]
+            amp = [d for _, d in checks.autocast_state([out.device.type])]
+            eps = checks.eps_of(*dtypes, *amp)
+
+            def on_grad(grad_out: Tensor) -> None:
+                self._capture(layer, micro, args, kwargs, grad_out, eps)
+
+            out.register_hook(on_grad)
+
+        return on_forward
+
+    def _prepare_layer(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
+        """Describe the layer on its first input and compute this step's basis."""
+        t = layer.target
+        if layer.meta is None:
+            desc = t.rule.describe(t.module, t.matrix, args, kwargs)
+            shape = tuple(layer.weight().shape)
+            kind = sketch_kind(desc.sketch if self.per_sample else "none")
+            rank = self._tracker.rank_for(shape) if kind.name == "subspace" else 0
+            layer.kind = kind
+            layer.meta = LayerMeta(
+                name=layer.name, module=t.rule.module_type or type(t.module).__name__,
+                group=layer_group_name(layer.name), sketch=kind.name,
+                shape=(int(shape[0]), int(shape[1])), rank=rank, positions=desc.positions,
+                geometry=desc.geometry,
+                stored_grad=not kind.implies_grad or self.store_grad or not self.self_check,
+                param=t.matrix.label,
+            )
+        if layer.meta.sketch == "subspace" and layer.basis is None:
+            W = layer.weight().detach()
+            if bool(torch.isfinite(W).all()):
+                layer.basis = self._tracker.basis(layer.name, W)
+            else:
+                k = layer.meta.rank
+                nan = float("nan")
+                layer.basis = (torch.full((W.shape[0], k), nan, dtype=W.dtype, device=W.device),
+                               torch.full((W.shape[1], k), nan, dtype=W.dtype, device=W.device),
+                               torch.tensor(nan, dtype=torch.float64))
+
+    def _capture(self, layer: _Layer, micro: int, args: tuple, kwargs: dict,
+                 grad_out: Tensor, eps: float) -> None:
+        if self._suspended or not self._active:
+            return
+        t = layer.target
+        try:
+            ps = t.rule.per_sample(t.module, t.matrix, args, kwargs, grad_out.detach())
+            want = self.self_check and not self._checked
+            basis = None if layer.basis is None else layer.basis[:2]
+            if isinstance(ps, Dense):
+                tensors, dense = layer.kind.capture_dense(ps.grads, basis=basis,
+                                                          want_per_sample=want)
+                b = int(ps.grads.shape[0])
+            else:
+                if layer.meta.sketch == "rank1" and ps.act.shape[-1] != 1:
+                    raise RecorderError(
+                        f"layer {layer.name!r} was recorded with (batch, features) inputs but "
+                        f"now sees {tuple(args[0].shape)}; its input shape must not change "
+                        "between steps (record such a run into a new store)")
+                tensors, dense = layer.kind.capture(ps.act, ps.delta, basis=basis,
+                                                    want_per_sample=want)
+                b = int(ps.act.shape[0])
+            layer.captures.append(Capture(micro, b, tensors, dense, eps))
+        except Exception as e:  # noqa: BLE001 - never raise inside the user's backward
+            layer.failed = e
 
     # ------------------------------------------------------------------ user calls
     def log(
@@ -338,131 +520,237 @@ class Recorder:
         indices: Tensor | np.ndarray | Sequence[int] | None = None,
         inputs: Tensor | None = None,
         targets: Tensor | None = None,
+        batch_size: int | None = None,
     ) -> None:
-        """Attach step-level information to the current step (call before ``optimizer.step()``).
+        """Attach information to the current micro-batch (call after its ``backward()`` and
+        before ``optimizer.step()``; with gradient accumulation, once per micro-batch).
 
         Parameters
         ----------
-        loss : the batch's (mean) loss.
-        indices : dataset indices of the batch's samples, in batch order.
-        inputs, targets : the batch; used only by the first-step self-check with ``loss_fn``.
+        loss : the micro-batch's mean loss (a scalar); the step's loss is the mean of those
+            logged.
+        indices : dataset indices of the micro-batch's samples, in batch order (1-D integers).
+        inputs, targets : the micro-batch; used only by the first step's self-check with
+            ``loss_fn``.
+        batch_size : samples in the micro-batch, when neither indices nor per-sample
+            recording tell it (``per_sample=False``).
+
+        Raises
+        ------
+        TypeError, ValueError
+            An argument of the wrong kind (named in the message); nothing is recorded from it.
         """
+        loss_v = _check_loss(loss)
+        idx = _check_indices(indices)
+        if batch_size is not None:
+            _int_option("batch_size", batch_size, 1)
+        if (inputs is None) != (targets is None):
+            raise ValueError("log(): pass inputs and targets together (or neither)")
         if not self.recording:
             return
-        if loss is not None:
-            self._log["loss"] = loss.detach() if isinstance(loss, Tensor) else float(loss)
-        if indices is not None:
-            idx = torch.as_tensor(indices).detach().reshape(-1).to("cpu", torch.int64)
-            self._log["indices"] = idx
-        if inputs is not None and targets is not None and not self._checked:
-            self._log["batch"] = (inputs, targets)
-
-    # ------------------------------------------------------------------ hooks
-    def _make_forward_hook(self, layer: _Layer) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self.recording or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            inp = args[0]
-            if layer.meta is None:
-                self._describe(layer, inp)
-            if layer.meta.sketch == "subspace" and layer.basis is None:
-                layer.basis = self._tracker.basis(layer.name, layer.rule.weight_matrix(module).detach())
-
-            def on_grad(grad_out: Tensor) -> None:
-                self._capture(layer, inp, grad_out)
-
-            output.register_hook(on_grad)
-
-        return hook
-
-    def _describe(self, layer: _Layer, inp: Tensor) -> None:
-        geo = layer.rule.geometry(layer.module, inp)
-        shape = tuple(layer.rule.weight_matrix(layer.module).shape)
-        rank = self._tracker.rank_for(shape) if geo["sketch"] == "subspace" else 0
-        layer.meta = LayerMeta(
-            name=layer.name,
-            module=layer.rule.module_type,
-            group=layer_group_name(layer.name),
-            sketch=geo["sketch"],
-            shape=(int(shape[0]), int(shape[1])),
-            rank=rank,
-            positions=int(geo["positions"]),
-            geometry=ConvGeometry.from_dict(geo["conv"]) if geo["conv"] else None,
-            stored_grad=geo["sketch"] != "rank1" or self.store_grad or not self.self_check,
-        )
-
-    def _capture(self, layer: _Layer, inp: Tensor, grad_out: Tensor) -> None:
-        if self._suspended:
-            return
-        act, delta = layer.rule.patches(layer.module, inp, grad_out.detach())
-        want_ps = self.self_check and not self._checked
-        if layer.meta.sketch == "rank1":
-            if act.shape[-1] != 1:
-                raise RecorderError(
-                    f"layer {layer.name!r} was recorded with (batch, features) inputs but now "
-                    f"sees {tuple(inp.shape)}; its input shape must not change between steps"
-                )
-            tensors = rank1_sketch(act[..., 0], delta[..., 0])
-            cap = Capture("rank1", tensors)
-        else:
-            U, V, _ = layer.basis
-            tensors, ps = subspace_sketch(act, delta, U, V, want_per_sample=want_ps)
-            cap = Capture("subspace", tensors, per_sample=ps)
-        layer.captures.append(cap)
+        if not self._micro:
+            self._micro.append(Micro())
+        m = self._micro[-1]
+        if loss_v is not None:
+            m.loss = loss_v
+        if idx is not None:
+            m.indices = idx
+        if batch_size is not None:
+            m.batch = int(batch_size)
+        if inputs is not None and not self._checked:
+            m.inputs, m.targets = inputs, targets
 
     # ------------------------------------------------------------------ steps
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._resume_check is not None:
+            self._check_continuity()
         if not self.recording:
             return
         self._raise_if_writer_failed()
         if self._stopped_reason is not None:
             return
+        try:
+            self._assemble_step()
+        except SelfCheckError:
+            self._reset_step()
+            raise
+        except RecorderError as e:
+            self._reset_step()
+            if not self._checked or self._n_recorded == 0:
+                raise
+            self._stop(e, where="step")
+
+    def _check_continuity(self) -> None:
+        expected, self._resume_check = self._resume_check, None
         for layer in self._layers:
-            n = len(layer.captures)
-            if n != 1:
-                self._reset_step()
-                if n == 0:
-                    raise RecorderError(
-                        f"layer {layer.name!r} saw no backward pass at step {self._step}: it was "
-                        "not used in the forward pass, or backward ran under no_grad; record only "
-                        "layers used every step (layers=[...])"
-                    )
+            msg = store_policy.continuity(layer.name, expected[layer.name], layer.weight())
+            if msg:
+                warnings.warn(f"trajlab: {msg}", RuntimeWarning, stacklevel=4)
+                break
+
+    def _assemble_step(self) -> None:
+        """Turn this step's captures into one record per layer (see trajlab.record.step)."""
+        dtype = store_policy.numpy_dtype(self._layers[0].target.param.dtype)
+        meta = self._store_writer.meta if self._store_writer is not None else None
+        if meta is not None and meta.dtype != dtype:
+            raise RecorderError(f"the model's weights are now {dtype} but the run stores "
+                                f"{meta.dtype}: changing the model's dtype mid-run is not "
+                                "supported; record the rest into a new store")
+        first_micro = None
+        for layer in self._layers:
+            layer.weight_before = layer.weight().detach().clone()
+            if not self.per_sample:
+                if layer.meta is None:
+                    self._describe_weights_only(layer)
+                continue
+            if layer.meta is None:
+                raise RecorderError(
+                    f"layer {layer.name!r} saw no forward pass with gradients at step "
+                    f"{self._step}: it was not used in the forward pass, or backward ran under "
+                    "no_grad, or the model is run through torch.compile but an uncompiled "
+                    "module was given to Recorder (pass the compiled one). Record only layers "
+                    "used every step (layers=[...])")
+            grad = layer.grad()
+            if isinstance(layer.failed, RecorderError):
+                raise layer.failed  # a loop the recorder cannot record (not numerical)
+            if layer.failed or not layer.captures or grad is None:
+                self._flag_failed(layer, grad)
+                continue
+            if layer.probe_r is None:
+                layer.probe_r = probes(layer.meta.shape[1], grad.dtype, grad.device)
+            try:
+                asm = assemble(layer.kind, layer.captures, grad.detach(), layer.meta.positions,
+                               layer.probe_r, first=first_micro)
+            except ValueError as e:
                 raise SelfCheckError(
-                    f"layer {layer.name!r} was applied {n} times in step {self._step} (a layer "
-                    "reused within one forward, or several forward/backward passes per optimizer "
-                    "step as in gradient accumulation); per-sample gradients are undefined for "
-                    "such a loop, so trajlab cannot record it"
-                )
+                    f"layer {layer.name!r} was {e} (shared weights, e.g. a layer reused in a "
+                    "loop): its per-sample gradients are not recorded exactly; pass "
+                    "layers=[...] without it, or per_sample=False") from None
+            if first_micro is None:
+                first_micro = asm.first_micro
+            finite = bool(torch.isfinite(grad).all())
+            if finite and not asm.residual <= asm.tol:
+                msg = checks.unexplained_grad(layer.name, self._step, asm.residual, asm.tol,
+                                              asm.scale)
+                raise (SelfCheckError(msg) if not self._checked else RecorderError(msg))
+            layer.captures = []
+            layer.assembled = asm  # type: ignore[attr-defined]
         if not self._checked:
-            if self.self_check:
-                self._run_self_check()
+            if self.self_check and self.per_sample:
+                self._first_step_checks()
             self._checked = True
-        for layer in self._layers:
-            layer.weight_before = layer.rule.weight_matrix(layer.module).detach().clone()
         self._probe_grads = self._probe_gradients()
+
+    def _describe_weights_only(self, layer: _Layer) -> None:
+        shape = tuple(layer.weight().shape)
+        t = layer.target
+        layer.kind = sketch_kind("none")
+        layer.meta = LayerMeta(name=layer.name, module=t.rule.module_type or
+                               type(t.module).__name__, group=layer_group_name(layer.name),
+                               sketch="none", shape=(int(shape[0]), int(shape[1])),
+                               stored_grad=True, param=t.matrix.label)
+
+    def _flag_failed(self, layer: _Layer, grad: Tensor | None) -> None:
+        """A layer whose capture failed numerically (NaN weights, an SVD that did not
+        converge): its row is flagged non-finite, training goes on."""
+        why = (f"{type(layer.failed).__name__}: {layer.failed}" if layer.failed else
+               "no .grad at optimizer.step()" if grad is None
+               else "no backward pass reached it this step")
+        if not self._checked and grad is None and not layer.failed:
+            raise RecorderError(f"layer {layer.name!r} has no .grad at optimizer.step(): was "
+                                "backward called, and is the layer trained?")
+        layer.assembled = None  # type: ignore[attr-defined]
+        self._nonfinite_seen.append((self._step, layer.name))
+        key = f"failed:{layer.name}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"trajlab: layer {layer.name!r} at step {self._step}: {why}; the row "
+                          "is recorded with NaN per-sample information and flagged "
+                          "('nonfinite'), recording continues", RuntimeWarning, stacklevel=5)
+
+    def _first_step_checks(self) -> None:
+        for layer in self._layers:
+            asm: Assembled | None = getattr(layer, "assembled", None)
+            if asm is None:
+                continue
+            mean = layer.kind.mean_gradient(asm.tensors)
+            grad = layer.grad()
+            if mean is not None and grad is not None:
+                checks.check_mean(layer.name, mean, grad.detach(), asm.tol)
+        if self.loss_fn is None:
+            return
+        asm0 = next((getattr(layer, "assembled", None) for layer in self._layers), None)
+        if asm0 is None:
+            return
+        micro = self._micro[asm0.first_micro] if asm0.first_micro < len(self._micro) else None
+        if micro is None or micro.inputs is None:
+            return
+        entries = []
+        for layer in self._layers:
+            asm = getattr(layer, "assembled", None)
+            if asm is None:
+                entries.append((layer.name, None))
+                continue
+            g0 = layer.kind.sample_gradient(asm.tensors, 0)
+            if g0 is None and asm.per_sample is not None:
+                g0 = asm.per_sample[0]
+            entries.append((layer.name, None if g0 is None or asm.scale == 0
+                            else g0 / asm.scale))
+        tol = max(getattr(layer, "assembled").tol for layer in self._layers
+                  if getattr(layer, "assembled", None) is not None)
+        micro_batches = len(asm0.micro_batches)
+
+        def recompute() -> list[Tensor | None]:
+            params = [layer.target.param for layer in self._layers]
+            with self._isolated(), torch.enable_grad(), checks.replayed(
+                    micro.rng, getattr(micro, "autocast", None)):
+                out = self.model(micro.inputs)
+                loss = self.loss_fn(out[:1], micro.targets[:1])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            res = []
+            for layer, g in zip(self._layers, grads):
+                if g is None:
+                    res.append(None)
+                    continue
+                mx = layer.target.matrix
+                g = g.reshape(g.shape[0], -1)
+                res.append(g if mx.rows is None else g[mx.rows[0]:mx.rows[1]])
+            return res
+
+        checks.check_one_sample(entries, recompute, tol=max(tol, 1e4 * checks.eps_of(
+            self._layers[0].target.param.dtype)), n=asm0.n, micro_batches=micro_batches)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            if self.recording and self._layers[0].weight_before is not None:
-                self._emit_step()
+            if (self.recording and self._layers[0].weight_before is not None
+                    and self._stopped_reason is None):
+                try:
+                    self._emit_step()
+                except RecorderError as e:
+                    self._stop(e, where="step")
         finally:
             self._reset_step()
             self._step += 1
+            if self._active and self.recording:
+                self._arm()
+            elif not self.recording:
+                self._disarm()
 
     def _reset_step(self) -> None:
         for layer in self._layers:
-            layer.captures.clear()
+            layer.captures = []
             layer.basis = None
             layer.weight_before = None
-        self._log = {}
+            layer.failed = None
+            layer.assembled = None  # type: ignore[attr-defined]
+        self._micro = []
         self._probe_grads = None
 
     def _lr_of(self, param: Tensor) -> float:
         groups = self.optimizer.param_groups
         index = self._group_of.get(id(param))
-        if index is None or index >= len(groups):
+        if index is None or index >= len(groups) or not any(
+                p is param for p in groups[index]["params"]):
             index = next((i for i, g in enumerate(groups)
                           if any(p is param for p in g["params"])), None)
             self._group_of[id(param)] = index
@@ -477,89 +765,135 @@ class Recorder:
     @torch.no_grad()
     def _emit_step(self) -> None:
         assert self._writer is not None
-        probe_grads = self._probe_grads
-        batch_size = None
-        layers: dict[str, dict[str, Tensor]] = {}
+        ps_dtype = _PS_DTYPES.get(self.per_sample_dtype or "")
+        layers: dict[str, dict[str, Any]] = {}
+        batch = None
+        micro_batches: list[int] = []
         for layer in self._layers:
-            cap = layer.captures[0]
+            asm: Assembled | None = getattr(layer, "assembled", None)
+            Wnow = layer.weight().detach()
             W = layer.weight_before
-            Wnow = layer.rule.weight_matrix(layer.module).detach()
-            b = next(iter(cap.tensors.values())).shape[0]
-            if batch_size is not None and b != batch_size:
-                raise RecorderError(
-                    f"layer {layer.name!r} saw batch size {b}, other layers {batch_size}; all "
-                    "recorded layers must see the same batch"
-                )
-            batch_size = b
-            out = {
-                "lr": torch.tensor(self._lr_of(layer.module.weight), dtype=torch.float64),
+            out: dict[str, Any] = {
+                "lr": self._lr_of(layer.target.param),
                 "weight": W,
-                "weight_after": Wnow.clone(),  # the writer derives the update (store.updates)
-                "grad_scale": torch.tensor(1.0, dtype=torch.float64),
-                **cap.tensors,
+                "weight_after": Wnow.clone(),  # the writer derives the update
+                "grad_scale": float(asm.scale) if asm is not None else float("nan"),
             }
             if layer.meta.stored_grad:
-                grad = layer.rule.weight_grad_matrix(layer.module)
+                grad = layer.grad()
                 out["grad"] = (torch.full_like(W, float("nan")) if grad is None
                                else grad.detach().clone())
-            if layer.meta.sketch == "subspace":
-                U, V, residual = layer.basis
-                out["basis_u"], out["basis_v"] = U, V
-                out["basis_residual"] = residual.to(torch.float64).reshape(())
-            if probe_grads is not None:
-                out["probe_grad"] = probe_grads[layer.name]
+            if self.per_sample:
+                if asm is not None:
+                    b = asm.n
+                    if batch is not None and b != batch:
+                        raise RecorderError(
+                            f"layer {layer.name!r} saw {b} samples this step, other layers "
+                            f"{batch}; all recorded layers must see the same batch")
+                    batch = b
+                    micro_batches = asm.micro_batches
+                    for k in layer.kind.variables(layer.meta.rank):
+                        if k in asm.tensors:
+                            v = asm.tensors[k]
+                            per = layer.kind.variables(layer.meta.rank)[k]
+                            if per.dtype == "ps" and ps_dtype is not None:
+                                v = v.to(ps_dtype)
+                            elif per.dtype in ("ps", "param") and v.dtype == torch.bfloat16:
+                                v = v.float()
+                            out[k] = v
+                if layer.meta.sketch == "subspace" and layer.basis is not None:
+                    U, V, residual = layer.basis
+                    out["basis_u"], out["basis_v"] = U, V
+                    out["basis_residual"] = float(residual)
+            if self._probe_grads is not None:
+                out["probe_grad"] = self._probe_grads[layer.name]
             layers[layer.name] = out
-        if self._n_recorded == 0:
-            self._create_or_validate_store(int(batch_size))
-        indices = self._log.get("indices")
-        if indices is not None and indices.numel() != batch_size:
-            warnings.warn(
-                f"log(indices=...) got {indices.numel()} indices for a batch of {batch_size}; "
-                "indices not recorded at this step",
-                stacklevel=4,
-            )
-            indices = None
-        loss = self._log.get("loss", float("nan"))
+        micros = [self._micro[i] for i in micro_batches if i < len(self._micro)] or self._micro
+        if batch is None:
+            sizes = [m.batch or (m.indices.numel() if m.indices is not None else 0)
+                     for m in micros]
+            batch = int(sum(sizes))
+        if self._n_recorded == 0 and not self._store_writer.is_created:
+            self._create_store(max(1, batch))
+        elif self._n_recorded == 0:
+            store_policy.check_append(self._store_writer.meta, [lay.meta for lay in
+                                                                 self._layers],
+                                      dtype=self._store_writer.meta.dtype, every=self.every,
+                                      probe=self.probe is not None)
+        indices = None
+        if micros and all(m.indices is not None for m in micros):
+            indices = torch.cat([m.indices for m in micros])
+            if indices.numel() != batch:
+                self._warn_once("indices", f"log(indices=...) got {indices.numel()} indices for "
+                                f"a batch of {batch} samples at step {self._step}; indices not "
+                                "recorded at this step")
+                indices = None
+        losses = [m.loss for m in micros if m.loss is not None]
         root = {
             "step": np.int64(self._step),
-            "lr": np.float64(out["lr"].item()),
-            "batch_size": np.int32(batch_size),
-            "loss": loss,
+            "lr": np.float64(layers[self._layers[0].name]["lr"]),
+            "batch_size": np.int32(batch),
+            "loss": float(np.mean(losses)) if losses else float("nan"),
             "indices": indices,
-            "probe": np.bool_(probe_grads is not None),
+            "probe": np.bool_(self._probe_grads is not None),
         }
         self._writer.put(self._to_host(root, layers))
         self._n_recorded += 1
 
-    def _to_host(self, root: dict[str, Any], layers: dict[str, dict[str, Tensor]]) -> PendingRecord:
-        device = self._layers[0].module.weight.device
+    def _create_store(self, batch_size: int) -> None:
+        metas = [layer.meta for layer in self._layers]
+        param_dtype = self._layers[0].target.param.dtype
+        dtype = store_policy.numpy_dtype(param_dtype)
+        ps_dtype = self.per_sample_dtype or dtype
+        chunk = self.chunk_steps or store_policy.chunk_steps(
+            metas, batch_size, np.dtype(dtype).itemsize)
+        meta = store_policy.new_meta(
+            metas=metas, dtype=dtype, ps_dtype=ps_dtype, every=self.every, chunk=chunk,
+            sampler=self.sampler, dataset_size=self.dataset_size, user=self.metadata,
+            probe=self.probe is not None, model=self._summary)
+        self._writer.create(meta, batch_size)
+
+    def _to_host(self, root: dict[str, Any], layers: dict[str, dict[str, Any]]) -> PendingRecord:
+        device = self._layers[0].target.param.device
+        wide = torch.float32 if self._layers[0].target.param.dtype == torch.bfloat16 else None
+
+        def prep(v: Any) -> Any:
+            if not isinstance(v, Tensor):
+                return v
+            v = v.detach()
+            if wide is not None and v.dtype == torch.bfloat16:
+                v = v.to(wide)
+            return v
+
         if device.type == "cuda":
             def move(t: Tensor) -> Tensor:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
                 return host
 
-            host_layers = {n: {k: move(v) for k, v in d.items()} for n, d in layers.items()}
-            if isinstance(root["loss"], Tensor):
-                root["loss"] = move(root["loss"].to(torch.float64))
+            host_layers = {n: {k: move(prep(v)) if isinstance(v, Tensor) else v
+                               for k, v in d.items()} for n, d in layers.items()}
+            if isinstance(root["indices"], Tensor):
+                root["indices"] = root["indices"].cpu()
             event = torch.cuda.Event()
             event.record()
             return PendingRecord(root, host_layers, event)
-        host_layers = {n: {k: v.detach().cpu() for k, v in d.items()} for n, d in layers.items()}
-        if isinstance(root["loss"], Tensor):
-            root["loss"] = root["loss"].to(torch.float64).cpu()
+        host_layers = {n: {k: prep(v).cpu() if isinstance(v, Tensor) else v
+                           for k, v in d.items()} for n, d in layers.items()}
         return PendingRecord(root, host_layers)
 
     def _probe_gradients(self) -> dict[str, Tensor] | None:
         if self.probe is None or self._step % self.probe.every != 0:
             return None
-        params = [layer.module.weight for layer in self._layers]
+        params = [layer.target.param for layer in self._layers]
         with self._isolated(), torch.enable_grad():
             grads = self.probe.gradient(self.model, params)
-        return {
-            layer.name: g.reshape(layer.weight_before.shape).detach()
-            for layer, g in zip(self._layers, grads)
-        }
+        out = {}
+        for layer, g in zip(self._layers, grads):
+            mx = layer.target.matrix
+            g = g.reshape(g.shape[0], -1)
+            out[layer.name] = (g if mx.rows is None else g[mx.rows[0]:mx.rows[1]]).detach()
+        return out
 
     @contextlib.contextmanager
     def _isolated(self):
@@ -577,172 +911,82 @@ class Recorder:
             for n, b in buffers.items():
                 live[n].copy_(b)
 
-    # ------------------------------------------------------------------ store
-    def _chunk_steps(self, metas: list[LayerMeta], batch_size: int, itemsize: int) -> int:
-        """Rows per chunk so that the largest array's chunk holds about 16 MB (1..256).
-
-        Rows are committed a chunk at a time (or every ``flush_seconds``), and each flush costs
-        a few milliseconds per array whatever its size: long chunks keep that off small models.
-        """
-        if self.chunk_steps is not None:
-            return int(self.chunk_steps)
-        biggest = 0
-        for m in metas:
-            o, i = m.shape
-            per_sample = batch_size * (o + i) if m.sketch == "rank1" else batch_size * i * m.rank
-            biggest = max(biggest, o * i, per_sample)
-        rows = (16 << 20) // max(1, biggest * itemsize)
-        return int(min(256, max(1, 2 ** int(math.log2(max(1, rows))))))
-
-    def _create_or_validate_store(self, batch_size: int) -> None:
-        metas = [layer.meta for layer in self._layers]
-        sw = self._store_writer
-        dtype = self._layers[0].module.weight.dtype
-        np_dtype = str(torch.empty((), dtype=dtype).numpy().dtype)
-        if sw.is_created:
-            old = sw.meta
-            old_layers = {lm.name: lm for lm in old.layers}
-            problems = []
-            for m in metas:
-                o = old_layers.get(m.name)
-                if o is None:
-                    problems.append(f"layer {m.name!r} is not in the store")
-                elif (o.shape, o.sketch, o.rank) != (m.shape, m.sketch, m.rank):
-                    problems.append(
-                        f"layer {m.name!r}: store has {o.shape} {o.sketch} rank {o.rank}, model "
-                        f"has {m.shape} {m.sketch} rank {m.rank}"
-                    )
-            if set(old_layers) != {m.name for m in metas}:
-                problems.append(f"store layers {sorted(old_layers)} != recorded {[m.name for m in metas]}")
-            if old.dtype != np_dtype:
-                problems.append(f"store dtype {old.dtype} != model dtype {np_dtype}")
-            if self.probe is not None and not old.probe:
-                problems.append("the store was recorded without a probe (no probe_grad arrays)")
-            if problems:
-                raise RecorderError(
-                    "cannot append: the model does not match the stored run: " + "; ".join(problems)
-                )
-            return
-        from trajlab import __version__
-
-        meta = RunMeta(
-            format_version=FORMAT_VERSION,
-            dtype=np_dtype,
-            every=self.every,
-            chunk_steps=self._chunk_steps(metas, batch_size, torch.finfo(dtype).bits // 8),
-            sampler=self.sampler,
-            dataset_size=self.dataset_size,
-            layers=tuple(metas),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            trajlab_version=__version__,
-            torch_version=torch.__version__,
-            user=_jsonable(self.metadata),
-            probe=self.probe is not None,
-            run_id=new_run_id(),
-        )
-        self._writer.create(meta, batch_size)
-
-    # ------------------------------------------------------------------ checks
-    def _run_self_check(self) -> None:
-        dtype = self._layers[0].module.weight.dtype
-        eps = torch.finfo(dtype).eps
-        for layer in self._layers:
-            cap = layer.captures[0]
-            grad = layer.rule.weight_grad_matrix(layer.module)
-            if grad is None:
-                raise SelfCheckError(f"layer {layer.name!r} has no .grad at optimizer.step()")
-            mean = cap.mean_gradient()
-            b = mean.new_tensor(float(next(iter(cap.tensors.values())).shape[0]))
-            scale = torch.linalg.vector_norm(grad).clamp_min(torch.finfo(dtype).tiny)
-            err = float(torch.linalg.vector_norm(mean - grad) / scale)
-            tol = max(1e3 * eps * math.sqrt(float(b) * layer.meta.positions), 10 * eps)
-            if not (err <= tol) and torch.isfinite(grad).all():
-                raise SelfCheckError(
-                    f"self-check failed for layer {layer.name!r}: the batch mean of the recorded "
-                    f"per-sample gradients differs from .grad by {err:.2e} (relative, tolerance "
-                    f"{tol:.1e}). Likely causes: .grad not zeroed before backward, gradients "
-                    "clipped or rescaled before optimizer.step() (AMP GradScaler, clip_grad_norm_), "
-                    "or a layer used outside its forward hook. Pass self_check=False to record "
-                    "anyway."
-                )
-        batch = self._log.get("batch")
-        if batch is not None and self.loss_fn is not None:
-            self._check_one_sample(*batch)
-
-    def _check_one_sample(self, inputs: Tensor, targets: Tensor) -> None:
-        """Recompute sample 0's gradient independently and compare with the recorded one."""
-        params = [layer.module.weight for layer in self._layers]
-        with self._isolated(), torch.enable_grad():
-            loss = self.loss_fn(self.model(inputs[:1]), targets[:1])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        eps = torch.finfo(params[0].dtype).eps
-        for layer, g in zip(self._layers, grads):
-            if g is None:
-                continue
-            g = g.reshape(layer.rule.weight_matrix(layer.module).shape)
-            cap = layer.captures[0]
-            if cap.sketch == "rank1":
-                mine = torch.outer(cap.tensors["ps_grad_out"][0], cap.tensors["ps_input"][0])
-            else:
-                mine = cap.per_sample[0]
-            ng = float(torch.linalg.vector_norm(g))
-            nm = float(torch.linalg.vector_norm(mine))
-            if ng == 0.0 and nm == 0.0:
-                continue
-            err = float(torch.linalg.vector_norm(mine - g)) / max(ng, nm)
-            if err > max(1e4 * eps, 1e-9):
-                ratio = nm / ng if ng > 0 else float("inf")
-                b = cap.tensors[next(iter(cap.tensors))].shape[0]
-                hint = ""
-                if abs(ratio - b) < 1e-3 * b:
-                    hint = (
-                        f" The recorded gradient is {ratio:.3g}x (= batch size) too large: the "
-                        "loss is summed over samples; use a mean-reduced loss (reduction='mean')."
-                    )
-                elif ratio > 0 and abs(1 / ratio - b) < 1e-3 * b:
-                    hint = " The recorded gradient is batch-size times too small."
-                raise SelfCheckError(
-                    f"self-check failed for layer {layer.name!r}: sample 0's gradient recomputed "
-                    f"with loss_fn differs from the recorded one by {err:.2e} (relative).{hint} "
-                    "trajlab needs a loss that is the mean over the batch of per-sample losses, "
-                    "and no layer (e.g. BatchNorm in train mode) that mixes samples."
-                )
-
     # ------------------------------------------------------------------ failures
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"trajlab: {message}", RuntimeWarning, stacklevel=5)
+
     def _raise_if_writer_failed(self) -> None:
         w = self._writer
         if w is not None and w.error is not None and self._stopped_reason is None:
-            self._fail(w.error)
+            self._stop(w.error, where="writer")
         self._emit_nonfinite_warning()
 
-    def _fail(self, err: BaseException) -> None:
+    def _stop(self, err: BaseException, *, where: str) -> None:
+        """Stop recording (training goes on) or raise, per ``on_error``."""
         reason = f"{type(err).__name__}: {err}"
         self._stopped_reason = reason
-        with contextlib.suppress(Exception):
-            self._store_writer.set_truncated(reason)
+        self._remove(self._layer_handles)
+        if self._writer is None or self._writer.error is not None:
+            # no live writer thread: mark it here (else the writer marks it when it closes)
+            with contextlib.suppress(Exception):
+                self._store_writer.set_truncated(reason)
         if self.on_error == "raise":
-            raise RecorderError(f"trajlab: writing the run store failed: {reason}") from err
+            raise RecorderError(f"trajlab: recording stopped at step {self._step}: "
+                                f"{reason}") from err
         warnings.warn(
-            f"trajlab: writing the run store {self.store!r} failed ({reason}); recording stopped "
-            f"at step {self._step}, training continues. Steps committed before the failure are "
-            "kept; the store is marked truncated.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+            f"trajlab: recording into {self.store!r} stopped at step {self._step} ({reason}); "
+            "training continues. Steps committed before are kept; the store is marked "
+            "truncated.", RuntimeWarning, stacklevel=4)
 
     def _emit_nonfinite_warning(self) -> None:
-        if self._nonfinite_seen and not self._warned_nonfinite:
+        if self._nonfinite_seen and "nonfinite" not in self._warned:
             s, n = self._nonfinite_seen[0]
+            self._warned.add("nonfinite")
             warnings.warn(
                 f"trajlab: NaN or Inf in the gradient of layer {n!r} at step {s}; recorded and "
-                "flagged (variable 'nonfinite'), recording continues",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._warned_nonfinite = True
+                "flagged (variable 'nonfinite'), recording continues", RuntimeWarning,
+                stacklevel=4)
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    import json
+# ----------------------------------------------------------------------------- validation
+def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name} must be {rng}, got {value}")
 
-    return json.loads(json.dumps(d, default=str))
+
+def _check_loss(loss: Any) -> float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"log(loss=...) needs the batch's mean loss as a scalar; got a "
+                             f"tensor of shape {tuple(loss.shape)} (pass loss.mean() or "
+                             "loss.item())")
+        return float(loss.detach().float().item())
+    if isinstance(loss, numbers.Real):
+        return float(loss)
+    raise TypeError(f"log(loss=...) needs a number or a one-element tensor, got "
+                    f"{type(loss).__name__}")
+
+
+def _check_indices(indices: Any) -> Tensor | None:
+    if indices is None:
+        return None
+    try:
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor)
+                              else indices).detach()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"log(indices=...) needs a 1-D sequence of integer dataset indices: "
+                        f"{e}") from None
+    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"log(indices=...) needs a 1-D sequence of integer dataset indices, "
+                         f"got a {idx.dtype} tensor of shape {tuple(idx.shape)}")
+    return idx.to("cpu", torch.int64)
+
+
+__all__ = ["Recorder", "RecorderError", "SelfCheckError", "supported_types"]

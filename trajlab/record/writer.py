@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,9 @@ from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
 
 _STOP = object()
+#: Variables that are not gradient information (NaN there is not a non-finite gradient).
+_NOT_CHECKED = frozenset({"weight", "weight_after", "probe_grad", "lr", "basis_residual",
+                          "grad_scale", "basis_u", "basis_v"})
 
 
 @dataclass
@@ -38,7 +40,9 @@ class PendingRecord:
             self.event.synchronize()
         root = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.root.items()}
         layers = {
-            name: {k: v.numpy() for k, v in tensors.items()} for name, tensors in self.layers.items()
+            name: {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                   for k, v in tensors.items()}
+            for name, tensors in self.layers.items()
         }
         return StepRecord(root=root, layers=layers)
 
@@ -71,7 +75,6 @@ class BackgroundWriter:
         self._buffer: list[StepRecord] = []
         self._last_flush = time.monotonic()
         self.error: BaseException | None = None
-        self.error_trace: str = ""
         self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
         self._thread.start()
 
@@ -97,10 +100,6 @@ class BackgroundWriter:
             self._put(("close", truncated))
             self._put(_STOP)
             self._thread.join()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
 
     # --------------------------------------------------------------- writer thread
     def _run(self) -> None:
@@ -130,7 +129,6 @@ class BackgroundWriter:
                         self.writer.set_truncated(item[1])
         except BaseException as e:  # noqa: BLE001 - reported to the training thread
             self.error = e
-            self.error_trace = traceback.format_exc()
             # Drain so that producers never block on a dead consumer.
             try:
                 while True:
@@ -140,13 +138,12 @@ class BackgroundWriter:
 
     def _check_flags(self, rec: StepRecord) -> None:
         """Flag layers whose gradient or per-sample information holds NaN/Inf (on the host,
-        off the training thread)."""
+        off the training thread), or whose capture failed (``nonfinite`` set by the recorder)."""
         for name, arrays in rec.layers.items():
-            bad = not all(
+            bad = bool(arrays.get("nonfinite", False)) or not all(
                 np.isfinite(a).all()
                 for k, a in arrays.items()
-                if k not in ("weight", "weight_after", "probe_grad", "lr", "basis_residual", "grad_scale")
-                and a.dtype.kind == "f"
+                if k not in _NOT_CHECKED and isinstance(a, np.ndarray) and a.dtype.kind == "f"
             )
             arrays["nonfinite"] = np.bool_(bad)
             if bad and self.on_nonfinite is not None:
@@ -164,8 +161,20 @@ class BackgroundWriter:
         if self.on_tick is not None:
             self.on_tick()
         if self._buffer:
-            self.writer.append(self._settle_updates(self._buffer))
+            rows = self._settle_updates(self._buffer)
             self._buffer = []
+            try:
+                self.writer.append(rows)
+            except Exception:
+                # Commit every complete row before the one that fails (each storing its own
+                # update, so no committed row depends on one that is not), then report.
+                for row in rows:
+                    for arrays in row.layers.values():
+                        if arrays.get("update") is None:
+                            arrays["update"] = arrays["_update"]
+                            arrays["update_stored"] = np.bool_(True)
+                    self.writer.append([row])
+                raise
         self._last_flush = time.monotonic()
 
     def _settle_updates(self, rows: list[StepRecord]) -> list[StepRecord]:
@@ -184,6 +193,8 @@ class BackgroundWriter:
                 after = arrays.pop("weight_after")
                 same = (derive and consecutive
                         and np.array_equal(nxt.layers[name]["weight"], after))
-                arrays["update"] = None if same else np.subtract(after, arrays["weight"])
+                full = np.subtract(after, arrays["weight"])
+                arrays["_update"] = full  # kept for a row-by-row commit after a failure
+                arrays["update"] = None if same else full
                 arrays["update_stored"] = np.bool_(not same)
         return rows

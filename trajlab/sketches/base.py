@@ -96,6 +96,13 @@ class SketchKind:
         """
         raise NotImplementedError(f"sketch kind {self.name!r} does not capture per-sample data")
 
+    def capture_dense(self, G: Tensor, *, basis: tuple[Tensor, Tensor] | None = None,
+                      want_per_sample: bool = False
+                      ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Sketch dense per-sample gradients ``G`` (B, m, n) of one micro-batch."""
+        raise NotImplementedError(f"sketch kind {self.name!r} cannot sketch dense per-sample "
+                                  "gradients")
+
     def batch_size(self, tensors: Mapping[str, Tensor]) -> int:
         """Number of samples B the sketch holds."""
         if self.batch_var is None:

@@ -46,10 +46,13 @@ class Subspace(SketchKind):
         return ("basis_u", "basis_v", "ps_proj_out", "ps_proj_in", "grad_sq_sum")
 
     def capture(self, act, delta, *, basis=None, want_per_sample=False):
+        G = torch.bmm(delta, act.transpose(1, 2))  # (B, m, n): as costly as the weight gradient
+        return self.capture_dense(G, basis=basis, want_per_sample=want_per_sample)
+
+    def capture_dense(self, G, *, basis=None, want_per_sample=False):
         if basis is None:
             raise ValueError("the subspace sketch needs a basis (U, V)")
         U, V = basis
-        G = torch.bmm(delta, act.transpose(1, 2))  # (B, m, n): as costly as the weight gradient
         sq = G.square()
         tensors = {
             "ps_proj_out": G @ V.to(G.dtype),

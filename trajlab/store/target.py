@@ -29,6 +29,9 @@ def local_path(store: StoreLike) -> Path | None:
     root = getattr(store, "root", None)  # zarr.storage.LocalStore
     if root is not None and type(store).__name__ == "LocalStore":
         return Path(root)
+    inner = getattr(store, "_store", None)  # zarr.storage.WrapperStore around one
+    if inner is not None and inner is not store:
+        return local_path(inner)
     if isinstance(store, (str, os.PathLike)):
         s = os.fspath(store)
         if "://" in s and not s.startswith("file://"):

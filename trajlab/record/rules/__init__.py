@@ -1,29 +1,105 @@
-"""Layer rules: how each supported module type exposes its weight matrix and per-sample gradients.
+"""Layer rules: how each module type exposes its weight matrices and per-sample gradients.
 
-Supporting a new layer type is one file with a :class:`~trajlab.record.rules.base.LayerRule`
-subclass and one entry in :data:`RULES` (exact-type dispatch, as in BackPACK). Module types with
-parameters but without an entry are reported once as unsupported and not recorded.
+A rule is one class (:class:`~trajlab.record.rules.base.LayerRule`) registered for a module
+type with :func:`register_rule`. Dispatch is by type: the rule registered for the module's
+exact type wins, else the nearest registered base class whose rule accepts subclasses (a Linear
+subclass is recorded as a Linear unless a rule for it is registered). Every module with
+parameters that no rule covers is listed, with the reason, in the recorder's summary and in
+``trajlab info``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from trajlab.record.rules.base import Capture, LayerRule
+from trajlab.record.rules.base import (
+    Dense,
+    Description,
+    LayerRule,
+    Matrix,
+    Patches,
+    rank1_sketch,
+    subspace_sketch,
+)
 from trajlab.record.rules.conv2d import Conv2dRule
 from trajlab.record.rules.linear import LinearRule
 
-#: Exact module type -> rule. Subclasses of these types are *not* matched implicitly, since a
-#: subclass may change what ``forward`` computes.
-RULES: dict[type[nn.Module], LayerRule] = {
-    nn.Linear: LinearRule(),
-    nn.Conv2d: Conv2dRule(),
-}
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: LayerRule, *,
+                  overwrite: bool = False) -> LayerRule:
+    """Record modules of ``module_type`` (and, if ``rule.subclasses``, its subclasses) with
+    ``rule``.
+
+    Parameters
+    ----------
+    module_type : a subclass of ``torch.nn.Module``.
+    rule : a :class:`LayerRule` instance.
+    overwrite : replace a rule already registered for exactly this type.
+
+    Examples
+    --------
+    >>> class MyRule(trajlab.record.rules.LinearRule):  # doctest: +SKIP
+    ...     module_type = "MyLinear"
+    >>> trajlab.register_rule(MyLinear, MyRule())  # doctest: +SKIP
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"rule must be a trajlab LayerRule instance, got {type(rule).__name__}")
+    if module_type in _RULES and not overwrite:
+        raise ValueError(f"a rule is already registered for {module_type.__name__} "
+                         f"({type(_RULES[module_type]).__name__}); pass overwrite=True to "
+                         "replace it")
+    _RULES[module_type] = rule
+    return rule
+
+
+def unregister_rule(module_type: type[nn.Module]) -> None:
+    """Remove the rule registered for exactly ``module_type`` (tests, experiments)."""
+    _RULES.pop(module_type, None)
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for ``module``'s exact type, or None when the type is not supported."""
-    return RULES.get(type(module))
+    """The rule for ``module``: its exact type's, else the nearest base class's whose rule
+    accepts subclasses; None when no rule covers it."""
+    t = type(module)
+    if t in _RULES:
+        return _RULES[t]
+    for base in t.__mro__[1:]:
+        rule = _RULES.get(base)
+        if rule is not None and rule.subclasses:
+            return rule
+    return None
 
 
-__all__ = ["RULES", "Capture", "LayerRule", "rule_for"]
+def rules() -> dict[type[nn.Module], LayerRule]:
+    """Every registered rule by module type."""
+    return dict(_RULES)
+
+
+def supported_types() -> str:
+    """The registered module types, for messages ("Linear, Conv2d, ...")."""
+    return ", ".join(sorted({r.module_type or t.__name__ for t, r in _RULES.items()}))
+
+
+register_rule(nn.Linear, LinearRule())
+register_rule(nn.Conv2d, Conv2dRule())
+
+__all__ = [
+    "Conv2dRule",
+    "Dense",
+    "Description",
+    "LayerRule",
+    "LinearRule",
+    "Matrix",
+    "Patches",
+    "rank1_sketch",
+    "register_rule",
+    "rule_for",
+    "rules",
+    "subspace_sketch",
+    "supported_types",
+    "unregister_rule",
+]

@@ -1,31 +1,27 @@
-"""nn.Linear: exact rank-one factors for (batch, features) inputs, a sketch over sequences."""
+"""nn.Linear (and its subclasses): exact rank-one factors on (batch, features) inputs, a
+subspace sketch when the layer is applied over extra dimensions (sequences, tokens)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from trajlab.record.rules.base import LayerRule
+from trajlab.record.rules.base import Description, LayerRule, Patches
 
 
 class LinearRule(LayerRule):
     module_type = "Linear"
 
-    def weight_matrix(self, module: nn.Module) -> Tensor:
-        return module.weight
+    def describe(self, module: nn.Module, matrix, args, kwargs) -> Description:
+        inp = args[0]
+        if inp.dim() == 2:
+            return Description("rank1", 1, None)
+        return Description("subspace", int(math.prod(inp.shape[1:-1])), None)
 
-    def geometry(self, module: nn.Module, inp: Tensor) -> dict[str, Any]:
-        positions = math.prod(inp.shape[1:-1]) if inp.dim() > 2 else 1
-        return {
-            "sketch": "rank1" if inp.dim() == 2 else "subspace",
-            "positions": positions,
-            "conv": {},
-        }
-
-    def patches(self, module: nn.Module, inp: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    def per_sample(self, module, matrix, args, kwargs, grad_out) -> Patches:
+        inp = args[0]
         B = inp.shape[0]
         act = inp.detach().reshape(B, -1, inp.shape[-1]).transpose(1, 2)
         delta = grad_out.reshape(B, -1, grad_out.shape[-1]).transpose(1, 2) * B
-        return act, delta
+        return Patches(act, delta)

@@ -1,0 +1,158 @@
+"""Assembling one recorded step from what the hooks captured (pure torch, no I/O).
+
+A step may see several backward passes through a layer before ``optimizer.step()``: micro-batches
+of gradient accumulation, or a backward whose step was skipped (a non-finite loss, a GradScaler
+overflow) followed by ``zero_grad()`` and a new one. The step is assembled from the suffix of
+micro-batches whose gradients ``.grad`` actually holds, found with a cheap random-probe fit
+``.grad @ r ~= c * sum_k mean_k @ r``; ``c`` is the scale applied after backward (1/S under a
+GradScaler, the clip coefficient under clipping). A residual above the precision of the
+arithmetic means ``.grad`` was changed in a way no scalar explains (elementwise clipping, an
+explicit weight penalty added to the loss): the step cannot be recorded faithfully.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trajlab.sketches import SketchKind
+
+
+@dataclass
+class Capture:
+    """One backward pass through one layer.
+
+    Attributes
+    ----------
+    micro : index of the model forward (micro-batch) it belongs to.
+    batch : samples in that micro-batch.
+    tensors : the sketch kind's per-sample variables, on the training device.
+    per_sample : dense (B, m, n) per-sample gradients (first recorded step only, for the check).
+    eps : machine epsilon of the lowest precision involved (autocast, input or weight dtype).
+    """
+
+    micro: int
+    batch: int
+    tensors: dict[str, Tensor]
+    per_sample: Tensor | None = None
+    eps: float = 0.0
+
+
+@dataclass
+class Micro:
+    """One forward of the model during a recorded step, and what ``log()`` said after it."""
+
+    rng: Any = None
+    inputs: Any = None
+    targets: Any = None
+    indices: Tensor | None = None
+    loss: float | None = None
+    batch: int | None = None
+
+
+@dataclass
+class Assembled:
+    """A layer's step: the per-sample sketch of all selected micro-batches, scaled so that its
+    batch mean is the ``.grad`` the optimizer applied."""
+
+    tensors: dict[str, Tensor]
+    per_sample: Tensor | None
+    scale: float
+    first_micro: int
+    n: int
+    residual: float
+    tol: float
+    micro_batches: list[int] = field(default_factory=list)
+
+
+def tolerance(eps: float, n: int, positions: int) -> float:
+    """Relative tolerance of a gradient comparison: float rounding of n*P accumulated terms at
+    precision ``eps`` (generous), at most 5% (bfloat16)."""
+    return float(min(5e-2, max(1e3 * eps * math.sqrt(max(1, n * positions)), 1e-9)))
+
+
+def probes(n: int, dtype: torch.dtype, device: torch.device, k: int = 2) -> Tensor:
+    """Fixed random probe vectors (n, k) from a private generator (the user's RNG is never
+    touched)."""
+    gen = torch.Generator().manual_seed(12345 + n)
+    return torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def scale_of(y: Tensor, S: Tensor) -> tuple[float, float]:
+    """``(c, residual)`` of the least-squares fit ``y ~= c S`` (relative residual)."""
+    y, S = y.to(torch.float64), S.to(torch.float64)
+    ny = float(torch.linalg.vector_norm(y))
+    ns2 = float((S * S).sum())
+    if ny == 0.0:
+        return (0.0, 0.0) if ns2 else (1.0, 0.0)
+    if ns2 == 0.0:
+        return 1.0, 1.0
+    c = float((y * S).sum()) / ns2
+    return c, float(torch.linalg.vector_norm(y - c * S)) / ny
+
+
+def fit_scale(y: Tensor, parts: Sequence[Tensor]) -> tuple[int, float, float]:
+    """Which suffix of micro-batches ``.grad`` holds, and at what scale.
+
+    Parameters
+    ----------
+    y : ``.grad @ r``.
+    parts : ``mean_k @ r`` for each micro-batch k, in order.
+
+    Returns
+    -------
+    (first, c, residual) : ``.grad ~= c * sum_{k >= first} mean_k`` with the smallest relative
+        residual ``||y - c S|| / ||y||`` (ties: the longest suffix).
+    """
+    best = (0, 1.0, math.inf)
+    total = torch.zeros_like(y, dtype=torch.float64)
+    suffix = []
+    for z in reversed(parts):
+        total = total + z.to(torch.float64)
+        suffix.append(total)
+    suffix.reverse()  # suffix[j] = sum_{k >= j}
+    for j, S in enumerate(suffix):
+        c, res = scale_of(y, S)
+        if res < best[2] - 1e-15:
+            best = (j, c, res)
+    return best
+
+
+def assemble(kind: SketchKind, captures: list[Capture], grad: Tensor, positions: int,
+             r: Tensor, *, first: int | None = None) -> Assembled:
+    """Assemble one layer's step from its captures (see the module docstring).
+
+    ``first``: force the first micro-batch (so that every layer of the step agrees).
+    """
+    by_micro: dict[int, list[Capture]] = {}
+    for cap in captures:
+        by_micro.setdefault(cap.micro, []).append(cap)
+    order = sorted(by_micro)
+    reused = [m for m in order if len(by_micro[m]) > 1]
+    if reused:
+        raise ValueError(f"applied {len(by_micro[reused[0]])} times in one forward")
+    caps = [by_micro[m][0] for m in order]
+    y = grad @ r.to(grad.dtype)
+    parts = [kind.mean_gradient_times(c.tensors, r) for c in caps]
+    if any(p is None for p in parts):
+        raise ValueError(f"sketch kind {kind.name!r} cannot check the gradient")
+    if first is None:
+        j, c, res = fit_scale(y, parts)
+    else:
+        j = order.index(first) if first in order else 0
+        c, res = scale_of(y, sum(p.to(torch.float64) for p in parts[j:]))
+    chosen = caps[j:]
+    n = sum(cp.batch for cp in chosen)
+    eps = max(cp.eps for cp in chosen)
+    scaled = [kind.rescale(cp.tensors, c * n / cp.batch) for cp in chosen]
+    tensors = scaled[0] if len(scaled) == 1 else kind.concat(scaled)
+    ps = None
+    if all(cp.per_sample is not None for cp in chosen):
+        ps = torch.cat([cp.per_sample * (c * n / cp.batch) for cp in chosen])
+    return Assembled(tensors, ps, c, order[j], n, res, tolerance(eps, n, positions),
+                     [order[i] for i in range(j, len(order))])

@@ -1,0 +1,175 @@
+"""What the recorder will record of a model: every parametrised module, recorded (how) or not
+(why), layers that mix samples, and why the product of the recorded norms may not bound the
+network. Pure inspection of the model: nothing is changed or installed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trajlab.errors import RecorderError
+from trajlab.record.rules import LayerRule, Matrix, rule_for, supported_types
+
+#: Module types whose train mode mixes the samples of a batch.
+SAMPLE_MIXING: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+          nn.modules.instancenorm._InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
+                                                   else ()))
+_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_RESIDUAL_NAMES = ("BasicBlock", "Bottleneck", "ResidualBlock", "ResBlock",
+                   "TransformerEncoderLayer", "TransformerDecoderLayer")
+
+
+@dataclass
+class Target:
+    """One recorded weight matrix."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    rule: LayerRule
+    matrix: Matrix
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.rule.parameter(self.module, self.matrix)
+
+
+def _name(matrix_part: str, module_name: str) -> str:
+    return f"{module_name}:{matrix_part}" if matrix_part else module_name
+
+
+def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str] | None
+         ) -> tuple[list[Target], dict[str, Any]]:
+    """The matrices to record and the model summary stored in the run's metadata.
+
+    Parameters
+    ----------
+    model, optimizer : as given to the Recorder.
+    names : recorded names to select (module names, or ``module:part``), None for all.
+
+    Returns
+    -------
+    targets : the recorded matrices, in module order.
+    summary : ``parameters``, ``weight_parameters``, ``modules`` (name, type, parameters,
+        recorded, recorded_parameters, how or why), ``not_a_bound`` (reasons).
+    """
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    modules = dict(model.named_modules())
+    claimed: set[str] = set()
+    for mname, m in modules.items():
+        rule = rule_for(m)
+        if rule is not None:
+            claimed.update(f"{mname}.{c}" if mname else c for c in rule.claims(m))
+    candidates: list[Target] = []
+    entries: list[dict[str, Any]] = []
+    for mname, m in modules.items():
+        own = list(m.parameters(recurse=False))
+        if mname in claimed:
+            continue
+        rule = rule_for(m)
+        n_params = sum(p.numel() for p in own)
+        if rule is None:
+            if own:
+                entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
+                                "recorded": False, "why": "no rule for this module type "
+                                f"(trajlab records {supported_types()}; add one with "
+                                "trajlab.register_rule)"})
+            continue
+        why = rule.refuse(m)
+        matrices = [] if why else rule.matrices(m)
+        if not why:
+            params = [rule.parameter(m, mx) for mx in matrices]
+            if all(not p.requires_grad for p in params):
+                why = "frozen (requires_grad=False)"
+            elif all(id(p) not in in_opt for p in params):
+                why = "its weight is not among the optimizer's parameters"
+        if why:
+            entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
+                            "recorded": False, "why": why})
+            continue
+        rec = 0
+        for mx in matrices:
+            candidates.append(Target(_name(mx.part, mname), mname, m, rule, mx))
+            rec += int(rule.weight_matrix(m, mx).numel())
+        entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
+                        "recorded": True, "recorded_parameters": rec,
+                        "how": f"{rule.module_type or type(rule).__name__} rule: "
+                        + ", ".join(_name(mx.part, mname) for mx in matrices)})
+    if names is not None:
+        names = list(names)
+        if not names:
+            raise ValueError("layers=[] selects nothing; pass None to record every layer")
+        by_name = {t.name: t for t in candidates}
+        by_module: dict[str, list[Target]] = {}
+        for t in candidates:
+            by_module.setdefault(t.module_name, []).append(t)
+        chosen: list[Target] = []
+        for n in names:
+            if n in by_name:
+                chosen.append(by_name[n])
+            elif n in by_module:
+                chosen.extend(by_module[n])
+            elif n in modules:
+                entry = next((e for e in entries if e["name"] == n), None)
+                why = entry["why"] if entry else "it has no parameters"
+                raise ValueError(f"layer {n!r} ({type(modules[n]).__name__}) cannot be "
+                                 f"recorded: {why}")
+            else:
+                raise ValueError(f"unknown layer name(s) [{n!r}]; recordable layers of this "
+                                 f"model: {[t.name for t in candidates]}")
+        keep = {t.name for t in chosen}
+        for e in entries:
+            if e.get("recorded") and not any(t.module_name == e["name"] and t.name in keep
+                                             for t in candidates):
+                e.update(recorded=False, recorded_parameters=0, why="not selected (layers=)")
+        candidates = [t for t in candidates if t.name in keep]
+    if not candidates:
+        raise RecorderError(f"{type(model).__name__} has no layer trajlab can record (trajlab "
+                            f"records {supported_types()}): "
+                            + "; ".join(f"{e['name'] or '<model>'}: {e['why']}"
+                                        for e in entries if not e["recorded"])[:500])
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    summary = {
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "weight_parameters": int(total),
+        "modules": entries,
+        "not_a_bound": not_a_bound(model),
+    }
+    return candidates, summary
+
+
+def not_a_bound(model: nn.Module) -> list[str]:
+    """Reasons the product of the layers' sigma_1 is not a Lipschitz bound of ``model``
+    (detected from known module types; residual connections in custom code are not
+    detectable and are stated as a condition in the analysis instead)."""
+    out = []
+    kinds = {type(m) for m in model.modules()}
+    if any(issubclass(k, _ATTENTION) for k in kinds):
+        out.append("it contains attention, whose Lipschitz constant is not bounded by its "
+                   "weight norms")
+    if any(issubclass(k, _NORMS) for k in kinds):
+        out.append("it contains normalisation layers, which are not 1-Lipschitz in general")
+    if any(k.__name__ in _RESIDUAL_NAMES for k in kinds):
+        out.append("it contains residual blocks (x + f(x) is bounded by 1 + Lip(f), not by "
+                   "Lip(f))")
+    return out
+
+
+def mixing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that mix the samples of a batch in their current mode (BatchNorm in train mode)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, SAMPLE_MIXING) and m.training]
+
+
+def mixing_message(found: list[tuple[str, nn.Module]]) -> str:
+    names = ", ".join(f"{n or '<model>'} ({type(m).__name__})" for n, m in found[:4])
+    return (f"{names} mix the samples of a batch in train mode, so per-sample gradients are not "
+            "defined for this model. Record weights, batch gradients and updates only with "
+            "Recorder(..., per_sample=False) (the analysis then gives K, the flow drift and the "
+            "pathwise terms, without noise terms), or put these layers in eval mode, or use "
+            "GroupNorm/LayerNorm")
