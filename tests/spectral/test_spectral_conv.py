@@ -1,4 +1,8 @@
-"""Conv2d operator norms: FFT == power iteration == dense operator; derivatives vs FD."""
+"""Conv2d operator norms: FFT == LOBPCG == power == dense operator; derivatives vs FD.
+
+New geometries (Conv1d, reflect/replicate padding, ConvTranspose), tolerances, warm starts and
+series: test_spectral_conv_geometries.py.
+"""
 
 import pytest
 import torch
@@ -14,6 +18,15 @@ from trajlab.spectral import (
 )
 
 f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny products: one thread each (two xdist workers on two cores must not oversubscribe)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -39,23 +52,26 @@ def _dense_sigma(k, size, kw):
 
 @pytest.mark.parametrize("kw", CIRCULAR)
 @pytest.mark.parametrize("size", SIZES)
-def test_fft_equals_power_equals_dense(kw, size):
+def test_fft_equals_iterative_equals_dense(kw, size):
     k = torch.randn(3, 2, 3, 3, generator=_gen(1), dtype=f64)
     fft = conv_opnorm(k, size, **kw)
-    power = conv_opnorm(k, size, **kw, method="power", max_iter=3000)
     dense = _dense_sigma(k, size, kw)
-    assert fft.method == "fft" and power.method == "power"
+    assert fft.method == "fft"
     assert abs(float(fft.sigma - dense)) <= 1e-13 * float(dense)
-    assert abs(float(power.sigma - fft.sigma)) <= 1e-12 * float(dense)
     assert float(fft.residual) <= 1e-13  # (u, v) is a real singular pair of the operator
+    for method in ("lobpcg", "power", "dense"):
+        r = conv_opnorm(k, size, **kw, method=method)
+        assert r.method == method
+        assert abs(float(r.sigma - fft.sigma)) <= 1e-12 * float(dense)
 
 
 def test_fft_spectrum_equals_dense_spectrum():
-    from trajlab.spectral.conv import _geometry, _spectrum
+    from trajlab.spectral.conv_fft import spectrum
+    from trajlab.spectral.conv_geometry import conv_geometry
 
     k = torch.randn(2, 3, 3, 3, generator=_gen(2), dtype=f64)
-    g = _geometry(k, (5, 6), 1, 1, 1, "circular")
-    fft = torch.sort(_spectrum(k, g).reshape(-1), descending=True).values
+    g = conv_geometry(k, (5, 6), padding=1, padding_mode="circular")
+    fft = torch.sort(spectrum(k, g).reshape(-1), descending=True).values
     dense = torch.linalg.svdvals(conv_operator_matrix(k, (5, 6), padding=1,
                                                       padding_mode="circular"))
     # dense has C_out*H*W values, the FFT min(C_out, C_in)*H*W non-trivial ones (rest are 0)
@@ -64,12 +80,14 @@ def test_fft_spectrum_equals_dense_spectrum():
 
 @pytest.mark.parametrize("kw", OTHER)
 @pytest.mark.parametrize("size", SIZES)
-def test_power_equals_dense(kw, size):
+@pytest.mark.parametrize("method", ["auto", "lobpcg", "power", "dense"])
+def test_iterative_equals_dense(kw, size, method):
     k = torch.randn(3, 2, 3, 3, generator=_gen(3), dtype=f64)
-    r = conv_opnorm(k, size, **kw, max_iter=3000)
-    assert r.method == "power"
+    r = conv_opnorm(k, size, **kw, method=method)
+    assert r.method == ("dense" if method == "auto" else method)  # tiny: auto builds the matrix
     assert abs(float(r.sigma - _dense_sigma(k, size, kw))) <= 1e-12 * float(r.sigma)
     assert r.u.shape == (3, *conv_operator(k, size, **kw)[2]) and r.v.shape == (2, *size)
+    assert float(r.residual) <= 1e-10
 
 
 @pytest.mark.parametrize("kw", CIRCULAR + OTHER)
@@ -144,23 +162,25 @@ def test_proxy_batched():
     torch.testing.assert_close(conv_matrix_proxy(k), ref)
 
 
-def test_power_warm_start():
+@pytest.mark.parametrize("method", ["lobpcg", "power"])
+def test_warm_start_equals_cold_start(method):
     k = torch.randn(4, 3, 3, 3, generator=_gen(41), dtype=f64)
-    r0 = conv_opnorm(k, 8, padding=1, max_iter=3000)
+    r0 = conv_opnorm(k, 8, padding=1, method=method, max_iter=3000)
     k1 = k + 1e-4 * torch.randn(k.shape, generator=_gen(42), dtype=f64)
-    cold = conv_opnorm(k1, 8, padding=1, max_iter=3000)
-    warm = conv_opnorm(k1, 8, padding=1, max_iter=3000, init=r0)
+    cold = conv_opnorm(k1, 8, padding=1, method=method, max_iter=3000)
+    warm = conv_opnorm(k1, 8, padding=1, method=method, max_iter=3000, init=r0)
     assert warm.n_iter < cold.n_iter
     assert abs(float(warm.sigma - cold.sigma)) <= 1e-12 * float(cold.sigma)
 
 
 @pytest.mark.parametrize("size", [(6, 6), (5, 7), (4, 5)])
 def test_fft_gap_matches_full_spectrum(size):
-    from trajlab.spectral.conv import _geometry, _spectrum
+    from trajlab.spectral.conv_fft import spectrum
+    from trajlab.spectral.conv_geometry import conv_geometry
 
     k = torch.randn(3, 2, 3, 3, generator=_gen(50), dtype=f64)
     r = conv_opnorm(k, size, padding=1, padding_mode="circular")
-    sv = _spectrum(k, _geometry(k, size, 1, 1, 1, "circular"))
+    sv = spectrum(k, conv_geometry(k, size, padding=1, padding_mode="circular"))
     fh, fw = r.freq
     top = sv[..., 0].clone()
     second = sv[fh, fw, 1]
