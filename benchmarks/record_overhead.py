@@ -1,25 +1,42 @@
-"""Benchmark of trajlab.Recorder: training-step overhead, capture cost and bytes per step.
+"""Benchmark of trajlab.Recorder: step overhead, the I/O floor of recorded steps, bytes per step.
 
-Usage: ``python benchmarks/record_overhead.py [--quick] [--threads N] [--no-profile]``.
+Usage: ``python benchmarks/record_overhead.py [--quick] [--threads N] [--writer W] [--errors]
+[--bandwidth-gb G] [--dir DIR] [--capture] [--only mlp|convnet]``.
 
-Every number is a ratio against a baseline measured in the same run: plain training steps,
-``torch.func`` dense per-sample gradients, dense float32 per-sample gradients on disk. Timed
-blocks are interleaved (baseline, recorder, baseline, recorder, ...) and the tables give the
-median of the paired ratios with their min..max, because a shared machine is noisy. Not a test.
+Three tables, every figure a ratio against a baseline measured in the same run:
+
+1. training step with a Recorder at ``every`` = 1, 10, 100 / without (plus per-sample gradients
+   with Opacus ``GradSampleModule`` and BackPACK ``BatchGrad`` where those are installed);
+2. every=1 against the I/O floor: recorder time / max(plain step, stored bytes per step /
+   sustained write bandwidth), the bandwidth measured here into the stores' directory;
+3. bytes per recorded step against the old layout (trajlab 0.1 codecs, rank 4, float32).
+
+``--errors`` adds the error of every analysis term of float16 and rank-2 stores against the
+float32 rank-4 store (``trajlab.analyze``, synchronous). Timed blocks are interleaved (baseline,
+candidate, ...); tables give the median of the paired ratios with their min..max, and the load
+average (``uptime``) while each row was measured. OpenMP threads spin while waiting by default,
+which stalls training whenever another process (such as a writer process) holds a core, so this
+script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it; every table prints it.
+Not a test.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
 import argparse
-import cProfile
-import io
-import pstats
+import contextlib
+import copy
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
@@ -27,13 +44,23 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import trajlab
+import trajlab.record.recorder as recorder_module
 from trajlab.data import load_digits
 from trajlab.recipes import TrainConfig, digits_model
 from trajlab.record.basis import SubspaceTracker
+from trajlab.record.process_writer import ProcessWriter
 from trajlab.record.rules import rule_for
 from trajlab.record.rules.base import rank1_sketch, subspace_sketch
+from trajlab.record.writer import BackgroundWriter
+from trajlab.store.run_store import RunStoreWriter
 
-TARGET_STEP = {"mlp": 1.3, "convnet": 2.0}
+TARGET_EVERY = {1: None, 10: 1.15, 100: 1.03}
+TARGET_FLOOR = 1.25
+OMP = os.environ.get("OMP_WAIT_POLICY", "")
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -44,6 +71,12 @@ class Workload:
         self.name, self.model, self.X, self.Y, self.batch = name, model, X, Y, batch
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
         self.gen = torch.Generator().manual_seed(0)
+
+    def copy(self) -> Workload:
+        """An identical workload (same weights, same batches from here on)."""
+        w = Workload(self.name, copy.deepcopy(self.model), self.X, self.Y, self.batch)
+        w.gen.set_state(self.gen.get_state())
+        return w
 
     def steps(self, n: int, rec: trajlab.Recorder | None = None) -> None:
         for _ in range(n):
@@ -76,39 +109,239 @@ def convnet_workload() -> Workload:
     return Workload("convnet", digits_model(TrainConfig()), X, Y, batch=64)
 
 
-# ----------------------------------------------------------------------------- step overhead
-def time_steps(w: Workload, n: int, store: Path | None) -> tuple[float, float]:
-    """(seconds for the loop, seconds including the recorder's close/flush) for ``n`` steps."""
+# ----------------------------------------------------------------------------- wiring
+@contextlib.contextmanager
+def writer_setup(writer: str = "thread", profile: str = "fast"):
+    """Benchmark-only wiring: which writer and codec profile the Recorder gets (restored)."""
+    make = ProcessWriter if writer == "process" else BackgroundWriter
+    names = ("BackgroundWriter", "make_writer", "RunStoreWriter")
+    saved = {n: getattr(recorder_module, n) for n in names if hasattr(recorder_module, n)}
+    recorder_module.BackgroundWriter = make
+    recorder_module.make_writer = lambda kind, w, **kw: make(w, **kw)
+    recorder_module.RunStoreWriter = lambda *a, **kw: RunStoreWriter(
+        *a, **{**kw, "codec_profile": profile})
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in saved:
+                setattr(recorder_module, n, saved[n])
+            else:
+                delattr(recorder_module, n)
+
+
+def record(w: Workload, store: Path, n: int, **kw) -> tuple[float, float]:
+    """(seconds of the loop, seconds including enter and close) recording ``n`` steps."""
     t0 = time.perf_counter()
-    if store is None:
-        w.steps(n)
-        t = time.perf_counter() - t0
-        return t, t
-    rec = trajlab.Recorder(w.model, store, optimizer=w.opt)
-    with rec:
+    with trajlab.Recorder(w.model, store, optimizer=w.opt, **kw) as rec:
+        t1 = time.perf_counter()
         w.steps(n, rec)
-        t_hot = time.perf_counter() - t0
+        t_hot = time.perf_counter() - t1
     return t_hot, time.perf_counter() - t0
 
 
-def bench_steps(w: Workload, n: int, repeats: int, tmp: Path) -> dict:
-    w.steps(20)  # warm-up: allocator, kernels
-    time_steps(w, 10, tmp / f"{w.name}-warm.zarr")  # warm-up: zarr, writer thread, imports
-    base, hot, total = [], [], []
-    for r in range(repeats):
-        base.append(time_steps(w, n, None)[0])
-        h, t = time_steps(w, n, tmp / f"{w.name}-{r}.zarr")
-        hot.append(h)
-        total.append(t)
-        if r > 0:  # keep the first store for the bytes table; the MLP writes ~7 MB a step
-            shutil.rmtree(tmp / f"{w.name}-{r}.zarr")
-    return {
-        "base_ms": statistics.median(base) / n * 1e3,
-        "hot": [h / b for h, b in zip(hot, base)],
-        "total": [t / b for t, b in zip(total, base)],
-        "store": tmp / f"{w.name}-0.zarr",
-        "n": n,
-    }
+def paired(base: list[float], cand: list[float]) -> list[float]:
+    return [c / b for b, c in zip(base, cand)]
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3g}x ({min(xs):.3g}..{max(xs):.3g})"
+
+
+# ----------------------------------------------------------------------------- table 1
+def bench_every1(w: Workload, n: int, repeats: int, tmp: Path, writer: str) -> dict:
+    """Fresh recorder per block (so each block pays its own final flush)."""
+    with writer_setup(writer):
+        record(w, tmp / f"{w.name}-warm.zarr", 5, mode="w")  # zarr, writer, imports
+        base, hot, total, loads = [], [], [], []
+        store = None
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            w.steps(n)
+            base.append(time.perf_counter() - t0)
+            store = tmp / f"{w.name}-{writer}-{r}.zarr"
+            h, t = record(w, store, n)
+            hot.append(h)
+            total.append(t)
+            loads.append(os.getloadavg()[0])
+            if r < repeats - 1:
+                shutil.rmtree(store)
+    run = trajlab.open_run(store)
+    return {"base_ms": statistics.median(base) / n * 1e3, "hot": paired(base, hot),
+            "total": paired(base, total), "rec_ms": statistics.median(total) / n * 1e3,
+            "bytes": run.nbytes_stored() / run.n_steps, "load": statistics.median(loads)}
+
+
+def bench_every(w: Workload, every: int, blocks_of: int, repeats: int, tmp: Path,
+                writer: str) -> dict:
+    """Steady state of a long-lived recorder: blocks of ``blocks_of * every`` steps of an
+    identical plain workload and of the recorded one, interleaved."""
+    plain, recd = w.copy(), w.copy()
+    n = blocks_of * every
+    base, cand, loads = [], [], []
+    with writer_setup(writer), trajlab.Recorder(recd.model, tmp / f"{w.name}-e{every}.zarr",
+                                                optimizer=recd.opt, every=every) as rec:
+        recd.steps(every, rec)  # the first recorded step creates the store
+        plain.steps(every)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plain.steps(n)
+            base.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            recd.steps(n, rec)
+            cand.append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+    shutil.rmtree(tmp / f"{w.name}-e{every}.zarr")
+    return {"ratio": paired(base, cand), "load": statistics.median(loads),
+            "base_ms": statistics.median(base) / n * 1e3}
+
+
+def opacus_step(w: Workload):
+    try:
+        from opacus import GradSampleModule
+    except ImportError:
+        return None
+    model = GradSampleModule(copy.deepcopy(w.model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+
+    def steps(n):
+        for _ in range(n):
+            idx = torch.randint(0, len(w.X), (w.batch,), generator=g)
+            model.zero_grad(set_to_none=True)  # also drops grad_sample (else it accumulates)
+            F.cross_entropy(model(w.X[idx]), w.Y[idx]).backward()  # fills p.grad_sample
+            opt.step()
+        for p in model.parameters():
+            p.grad_sample = None
+
+    return steps
+
+
+def backpack_step(w: Workload):
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+    except ImportError:
+        return None
+    model = extend(copy.deepcopy(w.model))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+
+    def steps(n):
+        for _ in range(n):
+            idx = torch.randint(0, len(w.X), (w.batch,), generator=g)
+            opt.zero_grad(set_to_none=True)
+            with backpack(BatchGrad()):
+                loss_fn(model(w.X[idx]), w.Y[idx]).backward()  # fills p.grad_batch
+            opt.step()
+
+    return steps
+
+
+def bench_alternative(w: Workload, make, n: int, repeats: int) -> dict | None:
+    steps = make(w)
+    if steps is None:
+        return None
+    plain = w.copy()
+    steps(3)
+    plain.steps(3)
+    base, cand, loads = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            plain.steps(n)
+            base.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            steps(n)
+            cand.append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+    return {"ratio": paired(base, cand), "load": statistics.median(loads)}
+
+
+# ----------------------------------------------------------------------------- bandwidth
+def write_bandwidth(directory: Path, gigabytes: float, block_mb: int = 16) -> float:
+    """Sustained sequential write bandwidth (bytes/s) into ``directory``: ``gigabytes`` written
+    in ``block_mb`` blocks, then fsync; the clock includes the fsync."""
+    path = directory / "bandwidth.tmp"
+    block = np.random.default_rng(0).integers(0, 255, block_mb << 20, dtype=np.uint8).tobytes()
+    n = max(1, int(gigabytes * 1024 / block_mb))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, block)
+        os.fsync(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        path.unlink()
+    return n * len(block) / dt
+
+
+# ----------------------------------------------------------------------------- table 3
+def logical_nbytes(group: zarr.Group) -> int:
+    """Uncompressed bytes of every array in the store (recursively)."""
+    total = sum(int(a.nbytes) for _, a in group.arrays())
+    for _, g in group.groups():
+        total += logical_nbytes(g)
+    return total
+
+
+BYTES_CONFIGS = [
+    ("old layout (0.1 codecs, rank 4, f32)", "plain", {}),
+    ("fast codecs (default)", "fast", {}),
+    ("small codecs", "small", {}),
+    ("fast + float16 per-sample", "fast", {"per_sample_dtype": "float16"}),
+    ("fast + rank 2", "fast", {"rank": 2}),
+    ("fast + float16 + rank 2", "fast", {"per_sample_dtype": "float16", "rank": 2}),
+    ("small + float16 + rank 2", "small", {"per_sample_dtype": "float16", "rank": 2}),
+]
+
+
+def bench_bytes(make, n: int, tmp: Path) -> list[dict]:
+    rows = []
+    for label, profile, kw in BYTES_CONFIGS:
+        w = make()
+        store = tmp / f"{w.name}-bytes.zarr"
+        with writer_setup("thread", profile):
+            record(w, store, n, **kw)
+        run = trajlab.open_run(store)
+        n_w = sum(m.weight.numel() for m in w.model.modules() if rule_for(m) is not None)
+        rows.append({"label": label, "stored": run.nbytes_stored() / run.n_steps,
+                     "raw": logical_nbytes(zarr.open_group(str(store), mode="r")) / run.n_steps,
+                     "dense": w.batch * n_w * 4, "kw": kw, "profile": profile,
+                     "store": store})
+        shutil.move(str(store), str(tmp / f"{w.name}-bytes-{len(rows)}.zarr"))
+        rows[-1]["store"] = tmp / f"{w.name}-bytes-{len(rows)}.zarr"
+    return rows
+
+
+#: Terms that are ~0 for plain SGD are scaled by the term they correct.
+ERROR_SCALE = {"drift_optimizer": "drift", "logK_drift_optimizer": "logK_drift"}
+
+
+def analysis_errors(rows: list[dict]) -> list[tuple[str, str, float, float, bool]]:
+    """(configuration, variable, max |x - x_ref| / max |x_ref|, max |x_ref|, NaN pattern
+    differs) of every analysis variable against the fast float32 rank-4 store (the same
+    training run: recording does not change training)."""
+    ref_row = next(r for r in rows if r["profile"] == "fast" and not r["kw"])
+    ref = trajlab.analyze(ref_row["store"], scheduler="synchronous", progress=False)
+    out = []
+    for r in rows:
+        if r is ref_row or r["profile"] != "fast":
+            continue
+        ds = trajlab.analyze(r["store"], scheduler="synchronous", progress=False)
+        for v in ref.data_vars:
+            a, b = np.asarray(ds[v].values, np.float64), np.asarray(ref[v].values, np.float64)
+            s = np.asarray(ref[ERROR_SCALE.get(v, v)].values, np.float64)
+            scale = float(np.max(np.abs(s[np.isfinite(s)]), initial=0.0))
+            ok = np.isfinite(a) & np.isfinite(b)
+            diff = float(np.max(np.abs(a[ok] - b[ok]), initial=0.0))
+            out.append((r["label"], v, diff / scale if scale > 0 else diff, scale,
+                        not np.array_equal(np.isfinite(a), np.isfinite(b))))
+    return out
 
 
 # ----------------------------------------------------------------------------- capture cost
@@ -135,13 +368,11 @@ def layer_inputs_and_grads(w: Workload):
     return seen
 
 
-def capture_fn(w: Workload, with_basis: bool):
-    """The recorder's per-sample work for one batch (rule patches + sketch kernels)."""
+def capture_fn(w: Workload):
+    """The recorder's per-sample work for one batch (rule patches + sketch kernels + basis)."""
     seen = layer_inputs_and_grads(w)
     tracker = SubspaceTracker(4)
     rules = {n: rule_for(m) for n, (m, _, _) in seen.items()}
-    bases = {n: tracker.basis(n, rules[n].weight_matrix(m).detach())
-             for n, (m, inp, _) in seen.items() if inp.dim() != 2}
 
     def run():
         out = {}
@@ -150,8 +381,7 @@ def capture_fn(w: Workload, with_basis: bool):
             if inp.dim() == 2:
                 out[n] = rank1_sketch(act[..., 0], delta[..., 0])
             else:
-                U, V, _ = (tracker.basis(n, rules[n].weight_matrix(m).detach())
-                           if with_basis else bases[n])
+                U, V, _ = tracker.basis(n, rules[n].weight_matrix(m).detach())
                 out[n] = subspace_sketch(act, delta, U, V)[0]
         return out
 
@@ -159,7 +389,6 @@ def capture_fn(w: Workload, with_basis: bool):
 
 
 def torch_func_fn(w: Workload):
-    """Dense per-sample gradients of every recorded weight with vmap(grad(...))."""
     x, y = w.batch_tensors()
     weights = {f"{n}.weight" for n, m in w.model.named_modules() if rule_for(m) is not None}
     params = {k: v.detach() for k, v in w.model.named_parameters()}
@@ -174,160 +403,130 @@ def torch_func_fn(w: Workload):
     return lambda: per_sample(wp, x, y)
 
 
-def plain_fwd_bwd_fn(w: Workload):
-    x, y = w.batch_tensors()
-
-    def run():
-        w.model.zero_grad()
-        F.cross_entropy(w.model(x), y).backward()
-
-    return run
-
-
-def interleaved(fns: dict, repeats: int, inner: int) -> dict[str, list[float]]:
-    for f in fns.values():
-        f()  # warm-up
+def bench_capture(w: Workload, repeats: int) -> list[float]:
+    fns = {"capture": capture_fn(w), "torch.func": torch_func_fn(w)}
     times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
     for _ in range(repeats):
         for k, f in fns.items():
             t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return times
-
-
-def bench_capture(w: Workload, repeats: int, inner: int) -> dict:
-    t = interleaved(
-        {
-            "capture": capture_fn(w, with_basis=False),
-            "capture+basis": capture_fn(w, with_basis=True),
-            "torch.func": torch_func_fn(w),
-            "fwd+bwd": plain_fwd_bwd_fn(w),
-        },
-        repeats,
-        inner,
-    )
-    return t
-
-
-# ----------------------------------------------------------------------------- bytes
-def logical_nbytes(group: zarr.Group) -> int:
-    """Uncompressed bytes of every array in the store (recursively)."""
-    total = sum(int(a.nbytes) for _, a in group.arrays())
-    for _, g in group.groups():
-        total += logical_nbytes(g)
-    return total
-
-
-def bench_bytes(w: Workload, store: Path) -> dict:
-    run = trajlab.open_run(store)
-    n = run.n_steps
-    n_weights = sum(m.weight.numel() for m in w.model.modules() if rule_for(m) is not None)
-    dense = w.batch * n_weights * 4
-    stored = run.nbytes_stored() / n
-    raw = logical_nbytes(zarr.open_group(str(store), mode="r")) / n
-    return {"dense": dense, "stored": stored, "raw": raw, "n_weights": n_weights}
-
-
-# ----------------------------------------------------------------------------- profile
-def profile_recorded(w: Workload, n: int, store: Path) -> str:
-    """cProfile of the training thread plus the writer thread's total append time."""
-    from trajlab.store.run_store import RunStoreWriter
-
-    spent = [0.0]
-    original = RunStoreWriter.append
-
-    def timed_append(self, records):
-        t0 = time.perf_counter()
-        try:
-            return original(self, records)
-        finally:
-            spent[0] += time.perf_counter() - t0
-
-    RunStoreWriter.append = timed_append  # benchmark-only instrumentation, restored below
-    prof = cProfile.Profile()
-    try:
-        t0 = time.perf_counter()
-        prof.enable()
-        with trajlab.Recorder(w.model, store, optimizer=w.opt) as rec:
-            w.steps(n, rec)
-        prof.disable()
-        wall = time.perf_counter() - t0
-    finally:
-        RunStoreWriter.append = original
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
-    lines = [ln[:150] for ln in s.getvalue().splitlines() if ln.strip()]
-    head = (f"  {w.name}: {n} recorded steps, {wall / n * 1e3:.2f} ms/step wall; writer thread "
-            f"in RunStoreWriter.append {spent[0] / n * 1e3:.2f} ms/step")
-    return "\n".join([head] + ["    " + ln for ln in lines[3:]])
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return paired(times["torch.func"], times["capture"])
 
 
 # ----------------------------------------------------------------------------- main
-def spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.3g}x  ({min(xs):.3g}..{max(xs):.3g})"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fast smoke run (< 60 s)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--no-profile", action="store_true", help="skip the cProfile breakdown")
+    p.add_argument("--quick", action="store_true", help="fast smoke run (a few minutes)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--writer", choices=("thread", "process", "both"), default="both",
+                   help="writer(s) to time at every=1 (default both)")
+    p.add_argument("--bandwidth-gb", type=float, default=None,
+                   help="GB written to measure the disk's sustained bandwidth (default 3; "
+                        "quick 1)")
+    p.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir)")
+    p.add_argument("--only", choices=("mlp", "convnet"), default=None)
+    p.add_argument("--errors", action="store_true",
+                   help="analysis-term errors of float16 / rank-2 stores (slow)")
+    p.add_argument("--capture", action="store_true", help="capture cost vs torch.func")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # The MLP's recorded steps are slow (the writer, see README), so it runs fewer of them.
-    steps = {"mlp": 10, "convnet": 20} if args.quick else {"mlp": 50, "convnet": 200}
-    repeats = 3 if args.quick else 7
-    cap_repeats, cap_inner = (3, 1) if args.quick else (9, 5)
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    steps1 = {"mlp": 16, "convnet": 50} if q else {"mlp": 50, "convnet": 200}
+    repeats = 3 if q else 7
+    blocks = 3 if q else 10
+    writers = ["thread", "process"] if args.writer == "both" else [args.writer]
+    makers = [mlp_workload, convnet_workload]
+    if args.only:
+        makers = [m for m in makers if m.__name__.startswith(args.only)]
     print(f"trajlab {trajlab.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads; steps per timed block {steps}, "
-          f"{repeats} interleaved repeats")
-    workloads = [mlp_workload(), convnet_workload()]
-    over_target = []
-    with tempfile.TemporaryDirectory() as d:
+          f"{torch.get_num_threads()} torch thread(s), OMP_WAIT_POLICY={OMP or '(unset)'}, "
+          f"{os.cpu_count()} CPUs; every=1 blocks {steps1} steps, {repeats} interleaved repeats")
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
-        print("\nStep time with Recorder(every=1) / without (median of paired ratios, min..max)")
-        print(f"{'model':9} {'plain ms/step':>13} {'hot loop':>24} {'incl. final flush':>24}"
-              f" {'target':>7}")
-        results = {}
-        for w in workloads:
-            r = bench_steps(w, steps[w.name], repeats, tmp)
-            results[w.name] = r
-            print(f"{w.name:9} {r['base_ms']:13.2f} {spread(r['hot']):>24} "
-                  f"{spread(r['total']):>24} {TARGET_STEP[w.name]:6.1f}x")
-            if statistics.median(r["total"]) > TARGET_STEP[w.name]:
-                over_target.append(w)
+        gb = args.bandwidth_gb if args.bandwidth_gb is not None else (1.0 if q else 3.0)
+        bw = write_bandwidth(tmp, gb)
+        print(f"sustained write bandwidth into {tmp}: {bw / 1e6:.0f} MB/s ({gb:g} GB + fsync; "
+              f"load {load()})")
 
-        print("\nPer-sample capture for one batch vs torch.func vmap(grad) dense per-sample "
-              "gradients (median ms; ratio = capture / torch.func, min..max over repeats)")
-        print(f"{'model':9} {'fwd+bwd':>8} {'torch.func':>10} {'capture':>8} {'ratio':>24} "
-              f"{'capture+basis':>13} {'ratio':>24}")
-        for w in workloads:
-            t = bench_capture(w, cap_repeats, cap_inner)
-            med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-            r1 = [a / b for a, b in zip(t["capture"], t["torch.func"])]
-            r2 = [a / b for a, b in zip(t["capture+basis"], t["torch.func"])]
-            print(f"{w.name:9} {med['fwd+bwd']:8.2f} {med['torch.func']:10.2f} "
-                  f"{med['capture']:8.2f} {spread(r1):>24} {med['capture+basis']:13.2f} "
-                  f"{spread(r2):>24}")
+        print(f"\n1. Step time with a Recorder / without (median of paired ratios, min..max); "
+              f"OMP_WAIT_POLICY={OMP or '(unset)'}, load = 1-min load average")
+        print(f"{'model':8} {'recorder':20} {'plain ms':>8} {'ratio':>26} {'target':>7} "
+              f"{'load':>5}")
+        every1: dict[tuple[str, str], dict] = {}
+        for make in makers:
+            w = make()
+            w.steps(20)
+            for writer in writers:
+                r = bench_every1(w, steps1[w.name], repeats, tmp, writer)
+                every1[(w.name, writer)] = r
+                print(f"{w.name:8} {'every=1 ' + writer:20} {r['base_ms']:8.2f} "
+                      f"{spread(r['total']):>26} {'-':>7} {r['load']:5.2f}", flush=True)
+            for every in (10, 100):
+                for writer in writers:
+                    r = bench_every(w, every, blocks, max(3, repeats // 2), tmp, writer)
+                    print(f"{w.name:8} {f'every={every} ' + writer:20} {r['base_ms']:8.2f} "
+                          f"{spread(r['ratio']):>26} {TARGET_EVERY[every]:6.2f}x "
+                          f"{r['load']:5.2f}", flush=True)
+            for label, alt in (("Opacus GradSample", opacus_step), ("BackPACK BatchGrad",
+                                                                    backpack_step)):
+                r = bench_alternative(w, alt, steps1[w.name], repeats)
+                if r is None:
+                    print(f"{w.name:8} {label:20} (not installed: skipped)")
+                else:
+                    print(f"{w.name:8} {label:20} {'':8} {spread(r['ratio']):>26} {'-':>7} "
+                          f"{r['load']:5.2f}", flush=True)
 
-        print("\nBytes per recorded step vs dense float32 per-sample gradients of the recorded "
-              "weights (B x params x 4)")
-        print(f"{'model':9} {'params':>8} {'dense KB':>9} {'stored KB':>10} {'smaller':>8} "
-              f"{'uncompr. KB':>11} {'smaller':>8} {'target':>7}")
-        for w in workloads:
-            b = bench_bytes(w, results[w.name]["store"])
-            print(f"{w.name:9} {b['n_weights']:8d} {b['dense'] / 1e3:9.1f} "
-                  f"{b['stored'] / 1e3:10.1f} {b['dense'] / b['stored']:7.1f}x "
-                  f"{b['raw'] / 1e3:11.1f} {b['dense'] / b['raw']:7.1f}x {'10x':>7}")
+        print(f"\n2. every=1 against the I/O floor: recorder ms/step (incl. final flush) / "
+              f"max(plain ms/step, stored bytes per step / {bw / 1e6:.0f} MB/s); "
+              f"OMP_WAIT_POLICY={OMP or '(unset)'}")
+        print(f"{'model':8} {'writer':8} {'plain ms':>8} {'KB/step':>8} {'I/O ms':>7} "
+              f"{'rec. ms':>8} {'/ floor':>8} {'/ plain':>8} {'target':>7} {'load':>5}")
+        for (name, writer), r in every1.items():
+            io_ms = r["bytes"] / bw * 1e3
+            floor = max(r["base_ms"], io_ms)
+            print(f"{name:8} {writer:8} {r['base_ms']:8.2f} {r['bytes'] / 1e3:8.1f} "
+                  f"{io_ms:7.2f} {r['rec_ms']:8.2f} {r['rec_ms'] / floor:7.2f}x "
+                  f"{statistics.median(r['total']):7.2f}x {TARGET_FLOOR:6.2f}x "
+                  f"{r['load']:5.2f}")
 
-        if over_target and not args.no_profile:
-            print("\nOver target: where the recorded loop's time goes (training thread, "
-                  "cProfile by own time)")
-            for w in over_target:
-                print(profile_recorded(w, steps[w.name], tmp / f"{w.name}-profile.zarr"))
+        print("\n3. Bytes per recorded step (stored; raw = uncompressed) vs the old layout "
+              "and vs dense float32 per-sample gradients (B x params x 4)")
+        print(f"{'model':8} {'configuration':38} {'KB/step':>9} {'vs old':>7} {'raw KB':>8} "
+              f"{'vs dense':>9}")
+        bytes_rows = {}
+        for make in makers:
+            rows = bench_bytes(make, 24 if q else 64, tmp)
+            bytes_rows[make.__name__] = rows
+            old = rows[0]["stored"]
+            for r in rows:
+                print(f"{make.__name__.split('_')[0]:8} {r['label']:38} {r['stored'] / 1e3:9.1f} "
+                      f"{old / r['stored']:6.2f}x {r['raw'] / 1e3:8.1f} "
+                      f"{r['dense'] / r['stored']:8.1f}x")
+
+        if args.errors:
+            print("\n4. Analysis terms of reduced stores vs the fast float32 rank-4 store of the "
+                  "same run: max |x - x_ref| / max |x_ref| over steps and layers (0: bit-identical; "
+                  "drift_optimizer terms, ~0 for SGD, are scaled by the drift)")
+            for name, rows in bytes_rows.items():
+                errs = analysis_errors(rows)
+                labels = list(dict.fromkeys(e[0] for e in errs))
+                table = {(e[0], e[1]): e for e in errs}
+                print(f"{name.split('_')[0]:32} {'max |x_ref|':>11} "
+                      + " ".join(f"{lab[:26]:>27}" for lab in labels))
+                for v in dict.fromkeys(e[1] for e in errs):
+                    cells = [f"{table[(lab, v)][2]:26.2e}{'*' if table[(lab, v)][4] else ' '}"
+                             for lab in labels]
+                    print(f"  {v:30} {table[(labels[0], v)][3]:11.3g} " + " ".join(cells))
+            print("  (* NaN pattern differs)")
+
+        if args.capture:
+            print("\nPer-sample capture (incl. basis) / torch.func vmap(grad), one batch")
+            for make in makers:
+                w = make()
+                print(f"{w.name:8} {spread(bench_capture(w, 5 if q else 15))}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from trajlab.errors import (
     StoreLockedError,
     TrajlabError,
 )
+from trajlab.data.indexed import WithIndices
 from trajlab.record import FullGradientProbe, Recorder
+from trajlab.record.rules import register_rule
 from trajlab.store import Run, open_run
 from trajlab.store.reconstruct import PerSampleGradients, per_sample_gradients
 
@@ -36,10 +38,12 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "TrajlabError",
+    "WithIndices",
     "__version__",
     "analyze",
     "open_analyses",
     "open_analysis",
     "open_run",
     "per_sample_gradients",
+    "register_rule",
 ]

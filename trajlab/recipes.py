@@ -52,7 +52,7 @@ class TrainConfig:
     sampling_seed: int = 0
     sampler: Literal["with_replacement", "reshuffle"] = "with_replacement"
     every: int = 1
-    rank: int = 4
+    rank: int = 2
     dtype: Literal["float32", "float64"] = "float32"
     probe_every: int = 0
     device: str = "cpu"
@@ -185,7 +185,7 @@ def record_cifar(
 
 
 def _progress(total: int, enabled: bool, *, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed in notebooks
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", leave=False)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
 from trajlab.cli._util import human
+from trajlab.errors import StoreCorruptError
 
 
 def add_parser(sub) -> None:
@@ -20,18 +22,33 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    text, problems = info_report(args.run, verify=args.verify, progress=not args.quiet)
-    print(text)
-    return 2 if (args.verify and problems) else 0
+    import sys
+
+    report = info_report(args.run, verify=args.verify, progress=not args.quiet)
+    print(report.text)
+    if report.damaged:
+        print(f"trajlab info: error: the store is damaged: {report.damaged[0]}",
+              file=sys.stderr)
+    return 2 if report.damaged else 0
+
+
+@dataclass(frozen=True)
+class InfoReport:
+    """What ``trajlab info`` prints, its integrity problems, and those that are damage
+    (unreadable or missing data, a broken commit marker) as opposed to notes (truncation, gaps,
+    rows past the commit marker)."""
+
+    text: str
+    problems: list[str]
+    damaged: list[str]
 
 
 def format_info(path) -> str:
     """Human-readable summary of a run store (metadata-level integrity only)."""
-    return info_report(path)[0]
+    return info_report(path).text
 
 
-def info_report(path, *, verify: bool = False, progress: bool = False
-                ) -> tuple[str, list[str]]:
+def info_report(path, *, verify: bool = False, progress: bool = False) -> InfoReport:
     """Summary of a run store and its integrity problems.
 
     Works on any store trajlab can open: a live recording, one killed while being laid out
@@ -49,12 +66,17 @@ def info_report(path, *, verify: bool = False, progress: bool = False
              f"{meta.torch_version}"]
     if meta.run_id:
         lines.append(f"run id      {meta.run_id}")
+    damaged: list[str] = []
     if run.n_steps:
-        steps = run.steps
-        lines.append(f"steps       {steps.size} recorded (every {meta.every}): "
-                     f"{steps[0]} .. {steps[-1]}")
-        bs = run.root_rows(["batch_size"])["batch_size"]
-        lines.append(f"batch size  {int(bs.min())}..{int(bs.max())}")
+        try:
+            steps = run.steps
+            lines.append(f"steps       {steps.size} recorded (every {meta.every}): "
+                         f"{steps[0]} .. {steps[-1]}")
+            bs = run.root_rows(["batch_size"])["batch_size"]
+            lines.append(f"batch size  {int(bs.min())}..{int(bs.max())}")
+        except StoreCorruptError as e:
+            lines.append(f"steps       {run.n_steps} committed (unreadable: see integrity)")
+            damaged.append(_short(e))
     else:
         lines.append("steps       none committed (a recording that has not committed its first "
                      "rows yet, or one stopped before)")
@@ -64,7 +86,10 @@ def info_report(path, *, verify: bool = False, progress: bool = False
     nonfinite = {}
     if run.n_steps:
         for name in run.layers:
-            nonfinite[name] = int(run.layer_rows(name, ["nonfinite"])["nonfinite"].sum())
+            try:
+                nonfinite[name] = int(run.layer_rows(name, ["nonfinite"])["nonfinite"].sum())
+            except StoreCorruptError as e:
+                damaged.append(_short(e))
     for name in run.layers:
         lm = run.layer_meta(name)
         kind = sketch_kind(lm.sketch)
@@ -74,14 +99,14 @@ def info_report(path, *, verify: bool = False, progress: bool = False
         lines.append(f"  {name:<{width}}  {lm.module:<9} W {lm.shape[0]}x{lm.shape[1]}  "
                      f"{lm.positions} position(s)  {how}  {size}{extra}")
     lines += _coverage(meta.model)
-    problems = integrity(run)
     if verify:
-        problems += _verify(run, progress)
+        damaged += [p for p in _verify(run, progress) if p not in damaged]
+    problems = integrity(run) + damaged
     lines.append(f"stored      {human(run.nbytes_stored())} compressed")
     lines.append("integrity   " + ("ok" + (" (every committed chunk read and checked)"
                                            if verify else "")
                                    if not problems else "; ".join(problems)))
-    return "\n".join(lines), problems
+    return InfoReport("\n".join(lines), problems, damaged)
 
 
 def _coverage(model: dict) -> list[str]:
@@ -101,13 +126,20 @@ def _coverage(model: dict) -> list[str]:
     return out
 
 
+def _short(e: Exception) -> str:
+    return str(e).split(". The stored")[0].split("; the data")[0]
+
+
 def integrity(run) -> list[str]:
     """Problems visible from metadata alone (truncation, gaps, uncommitted rows)."""
     problems = []
     if run.meta.truncated:
         problems.append(f"truncated ({run.meta.truncated})")
     if run.n_steps > 1:
-        steps = run.steps
+        try:
+            steps = run.steps
+        except StoreCorruptError:
+            steps = np.arange(run.n_steps) * run.meta.every  # reported by the caller
         gaps = np.flatnonzero(np.diff(steps) != run.meta.every)
         if gaps.size:
             problems.append(f"{gaps.size} gap(s) in the step sequence (first after "
@@ -120,7 +152,7 @@ def integrity(run) -> list[str]:
 
 
 def _verify(run, progress: bool) -> list[str]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed in notebooks
 
     with tqdm(total=run.n_chunks(), disable=not progress, desc="verifying", unit="chunk",
               leave=False) as bar:

@@ -3,6 +3,7 @@
 * :mod:`trajlab.data.digits`: scikit-learn's 8x8 digits (no download) and label noise.
 * :mod:`trajlab.data.cifar`: CIFAR-10/100 from the official binary files.
 * :mod:`trajlab.data.sampling`: seeded index samplers (with replacement, reshuffling).
+* :mod:`trajlab.data.indexed`: :class:`WithIndices`, so a DataLoader yields (x, y, indices).
 """
 
 from trajlab.data.cifar import (
@@ -14,6 +15,7 @@ from trajlab.data.cifar import (
     write_cifar_dataset,
 )
 from trajlab.data.digits import DIGITS_NUM_CLASSES, load_digits, with_label_noise
+from trajlab.data.indexed import WithIndices
 from trajlab.data.sampling import (
     SamplingKind,
     batches_reshuffled,
@@ -26,6 +28,7 @@ __all__ = [
     "CIFAR_STD",
     "DIGITS_NUM_CLASSES",
     "SamplingKind",
+    "WithIndices",
     "batches_reshuffled",
     "batches_with_replacement",
     "load_cifar",

@@ -88,7 +88,7 @@ def autocast_state(device_types: Sequence[str]) -> list[tuple[str, torch.dtype]]
 
 
 def check_one_sample(
-    layers: Sequence[tuple[str, Tensor | None]],
+    layers: Sequence[tuple[str, Tensor | None, float]],
     recompute: Callable[[], list[Tensor | None]],
     *,
     tol: float,
@@ -97,15 +97,21 @@ def check_one_sample(
 ) -> None:
     """Sample 0's gradient recomputed with ``loss_fn`` against the recorded one.
 
+    The recorded per-sample gradients are those the optimizer applied: equal to the gradient
+    of each sample's own loss when the training loss is the batch mean and any loss scale was
+    undone in ``.grad`` (GradScaler), or that times the scale ``c`` applied to ``.grad`` after
+    backward (clipping). Either is accepted; anything else is named.
+
     Parameters
     ----------
-    layers : (name, recorded gradient of sample 0 divided by the applied scale) per layer.
+    layers : (name, recorded gradient of sample 0, applied scale c) per layer.
     recompute : returns each layer's recomputed gradient of sample 0 (same order).
     tol : relative tolerance (by the precision in play).
     n : samples in the step.  micro_batches : micro-batches the step accumulated.
     """
     grads = recompute()
-    for (name, mine), g in zip(layers, grads):
+    tol = max(tol, 1e-9)
+    for (name, mine, c), g in zip(layers, grads):
         if g is None or mine is None:
             continue
         g = g.reshape(mine.shape).double()
@@ -114,7 +120,10 @@ def check_one_sample(
         if ng == 0.0 and nm == 0.0:
             continue
         err = float(torch.linalg.vector_norm(mine - g)) / max(ng, nm)
-        if err <= max(tol, 1e-9):
+        if c and c > 0:
+            err_c = float(torch.linalg.vector_norm(mine - c * g)) / max(c * ng, nm)
+            err = min(err, err_c)
+        if err <= tol:
             continue
         ratio = nm / ng if ng > 0 else float("inf")
         cos = float((mine * g).sum()) / max(ng * nm, 1e-300)
@@ -138,6 +147,6 @@ def check_one_sample(
                     "the two forwards.")
         raise SelfCheckError(
             f"self-check failed for layer {name!r}: sample 0's gradient recomputed with loss_fn "
-            f"differs from the recorded one by {err:.2e} (relative, tolerance "
-            f"{max(tol, 1e-9):.1e}). {hint} Pass self_check=False to record anyway."
+            f"differs from the recorded one by {err:.2e} (relative, tolerance {tol:.1e}). "
+            f"{hint} Pass self_check=False to record anyway."
         )

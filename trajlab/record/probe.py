@@ -18,8 +18,9 @@ class FullGradientProbe:
 
     Parameters
     ----------
-    data : re-iterable of (inputs, targets) batches covering the training set (e.g. a
-        DataLoader without shuffling, or a list of tensors).
+    data : re-iterable of (inputs, targets) or (inputs, targets, indices) batches covering the
+        training set (e.g. a DataLoader, also the training one over
+        :class:`trajlab.data.WithIndices`, or a list of tensors).
     loss_fn : mean-reduced loss ``loss_fn(model(x), y)``.
     every : probe at recorded steps whose index is a multiple of ``every``.
     """
@@ -36,7 +37,8 @@ class FullGradientProbe:
         """Mean gradient over ``data`` w.r.t. ``params``; does not touch ``.grad``."""
         total = [torch.zeros_like(p) for p in params]
         count = 0
-        for x, y in self.data:
+        for batch in self.data:
+            x, y = _inputs_targets(batch)
             loss = self.loss_fn(model(x), y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             n = len(x)
@@ -47,3 +49,12 @@ class FullGradientProbe:
         if count == 0:
             raise ValueError("FullGradientProbe.data yielded no samples")
         return [t / count for t in total]
+
+
+def _inputs_targets(batch) -> tuple:
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1]
+    kind = (f"a {type(batch).__name__} of {len(batch)} items"
+            if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+    raise ValueError(f"FullGradientProbe.data must yield (inputs, targets) or (inputs, targets, "
+                     f"indices) batches, got {kind}")

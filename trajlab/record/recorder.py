@@ -23,16 +23,17 @@ from trajlab.errors import RecorderError, SelfCheckError
 from trajlab.record import checks, store_policy
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
-from trajlab.record.rules import Dense, supported_types
-from trajlab.record.step import Assembled, Capture, Micro, assemble, probes
+from trajlab.record.rules import Patches, supported_types
+from trajlab.record.step import Assembled, Capture, Micro, assemble, interleaved, probes
 from trajlab.record.summary import Target, mixing_layers, mixing_message, plan
-from trajlab.record.writer import BackgroundWriter, PendingRecord
+from trajlab.record.process_writer import make_writer
+from trajlab.record.writer import PendingRecord
 from trajlab.sketches import SketchKind, sketch_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
 from trajlab.store.metadata import SAMPLERS, LayerMeta
 from trajlab.store.run_store import RunStoreWriter
-from trajlab.store.target import StoreLike
+from trajlab.store.target import StoreLike, show
 
 _PS_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -93,6 +94,10 @@ class Recorder:
         Record per-sample gradient sketches (default). False records weights, batch gradients
         and updates only: for models whose layers mix samples (BatchNorm in train mode) or to
         save bytes; the analysis then has no noise terms.
+    batch_dim : int or dict, optional
+        Axis of the layers' inputs that indexes the samples, for sequence-first models (one int
+        for every layer, or per layer name). Default: 1 for layers inside PyTorch's Transformer
+        modules built with ``batch_first=False`` (their default), else 0.
     per_sample_dtype : {None, "float16", "float32", "float64"}
         Storage precision of the per-sample information (None: the weights' dtype). float16
         halves those bytes; docs/format.md lists each analysis term's resulting error.
@@ -130,6 +135,14 @@ class Recorder:
         scalars become coordinates of :func:`trajlab.open_analyses`).
     storage_options : dict, optional
         fsspec options for URL stores.
+    compression : {"fast", "small"}
+        Codecs of the stored arrays: ``"fast"`` (LZ4 with bit or byte shuffle per variable,
+        weights stored step-fastest) keeps up with training; ``"small"`` (zstd) stores 15-25%
+        fewer bytes for 2-3x the writer's CPU. Both are lossless and readable by plain Zarr.
+    writer : {"thread", "process"}
+        Where compression and writes run: a background thread (default) or a forked process fed
+        through shared memory (local stores only; measured no faster on 2 cores, see
+        benchmarks/README.md).
 
     Examples
     --------
@@ -151,9 +164,10 @@ class Recorder:
         every: int = 1,
         layers: Sequence[str] | None = None,
         mode: Literal["w-", "w", "a"] = "w-",
-        rank: int = 4,
+        rank: int = 2,
         per_sample: bool = True,
         per_sample_dtype: str | None = None,
+        batch_dim: int | dict[str, int] | None = None,
         sampler: Literal["with_replacement", "reshuffle", "unknown"] = "unknown",
         dataset_size: int | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -167,6 +181,8 @@ class Recorder:
         on_error: Literal["stop", "raise"] = "stop",
         metadata: dict[str, Any] | None = None,
         storage_options: dict | None = None,
+        compression: Literal["fast", "small"] = "fast",
+        writer: Literal["thread", "process"] = "thread",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,6 +213,10 @@ class Recorder:
         if per_sample_dtype is not None and per_sample_dtype not in _PS_DTYPES:
             raise ValueError(f"per_sample_dtype must be None or one of {sorted(_PS_DTYPES)}, "
                              f"got {per_sample_dtype!r}")
+        if compression not in ("fast", "small"):
+            raise ValueError(f"compression must be 'fast' or 'small', got {compression!r}")
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', got {writer!r}")
         if probe is not None and not isinstance(probe, FullGradientProbe):
             raise TypeError(f"probe must be a trajlab.FullGradientProbe, got "
                             f"{type(probe).__name__}")
@@ -222,8 +242,12 @@ class Recorder:
         self.on_error = on_error
         self.metadata = dict(metadata or {})
         self.storage_options = storage_options
+        self.compression = compression
+        self.writer_kind = writer
         self._start_step = start_step
-        targets, self._summary = plan(self.model, optimizer, layers)
+        if batch_dim is not None and not isinstance(batch_dim, dict):
+            _int_option("batch_dim", batch_dim, 0)
+        targets, self._summary = plan(self.model, optimizer, layers, batch_dim=batch_dim)
         self._layers = [_Layer(t) for t in targets]
         skipped = [m for m in self._summary["modules"] if not m["recorded"]
                    and m.get("why") != "not selected (layers=)"]
@@ -253,7 +277,9 @@ class Recorder:
         self._nonfinite_seen: list[tuple[int, str]] = []
         self._warned: set[str] = set()
         self._resume_check: dict[str, np.ndarray] | None = None
+        self._run_meta = None  # the metadata this recording writes (set when the store is made)
         self._failure: BaseException | None = None
+        self._device_types = sorted({layer.target.param.device.type for layer in self._layers})
         self._mixing = [] if not self.per_sample else mixing_layers(self.model)
         if self._mixing:
             raise RecorderError(mixing_message(self._mixing))
@@ -287,10 +313,11 @@ class Recorder:
         self._lock.acquire()
         try:
             self._store_writer = RunStoreWriter(self.store, mode=self.mode,
-                                                storage_options=self.storage_options)
+                                                storage_options=self.storage_options,
+                                                codec_profile=self.compression)
             self._prepare_resume()
-            self._writer = BackgroundWriter(
-                self._store_writer, queue_size=self.queue_size,
+            self._writer = make_writer(
+                self.writer_kind, self._store_writer, queue_size=self.queue_size,
                 flush_seconds=self.flush_seconds,
                 on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
                 on_tick=self._lock.refresh,
@@ -334,7 +361,7 @@ class Recorder:
         elif last is not None:
             self._step = last + 1
         if sw.is_created and sw.meta is not None:
-            old = sw.meta
+            old = self._run_meta = sw.meta
             if old.every != self.every:
                 raise RecorderError(
                     f"cannot append: the store was recorded with every={old.every}, this "
@@ -389,7 +416,7 @@ class Recorder:
             else:
                 why = "optimizer.step() was not called while recording"
             warnings.warn(f"trajlab: no step was recorded ({why}); nothing was written to "
-                          f"{self.store!r}", RuntimeWarning, stacklevel=3)
+                          f"{show(self.store)}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
@@ -421,10 +448,12 @@ class Recorder:
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
         if not (self.recording and torch.is_grad_enabled()):
             return
+        if any(isinstance(a, Tensor) and _transformed(a) for a in args):
+            return  # a torch.func transform of the user's own, not a training forward
         first = not self._checked and self.self_check and self.loss_fn is not None
-        devices = sorted({p.device.type for p in (l.target.param for l in self._layers)})
         self._micro.append(Micro(rng=checks.rng_state() if first else None))
-        self._micro[-1].autocast = checks.autocast_state(devices)  # type: ignore[attr-defined]
+        self._micro[-1].autocast = checks.autocast_state(  # type: ignore[attr-defined]
+            self._device_types)
         if self.per_sample:
             mixing = mixing_layers(self.model)
             if mixing and "mixing" not in self._warned:
@@ -438,9 +467,12 @@ class Recorder:
             if not self.per_sample:
                 return
             out = layer.target.rule.grad_output(output)
-            if out is None or not out.requires_grad:
+            if out is None or not out.requires_grad or _transformed(out):
                 return
             micro = max(0, len(self._micro) - 1)
+            axis = layer.target.sample_axis if layer.target.rule.positionwise else 0
+            if axis and args and isinstance(args[0], Tensor):
+                args = (args[0].movedim(axis, 0), *args[1:])  # samples first for the rule
             try:
                 self._prepare_layer(layer, args, kwargs)
             except Exception as e:  # noqa: BLE001 - never raise inside the user's forward
@@ -452,6 +484,8 @@ class Recorder:
             eps = checks.eps_of(*dtypes, *amp)
 
             def on_grad(grad_out: Tensor) -> None:
+                if axis:
+                    grad_out = grad_out.movedim(axis, 0)
                 self._capture(layer, micro, args, kwargs, grad_out, eps)
 
             out.register_hook(on_grad)
@@ -465,7 +499,8 @@ class Recorder:
             desc = t.rule.describe(t.module, t.matrix, args, kwargs)
             shape = tuple(layer.weight().shape)
             kind = sketch_kind(desc.sketch if self.per_sample else "none")
-            rank = self._tracker.rank_for(shape) if kind.name == "subspace" else 0
+            rank = (self._tracker.rank_for(shape) if kind.name == "subspace"
+                    else int(desc.rank) if kind.per_sample else 0)
             layer.kind = kind
             layer.meta = LayerMeta(
                 name=layer.name, module=t.rule.module_type or type(t.module).__name__,
@@ -492,23 +527,23 @@ class Recorder:
             return
         t = layer.target
         try:
-            ps = t.rule.per_sample(t.module, t.matrix, args, kwargs, grad_out.detach())
+            self._suspended = True  # a rule may re-run forwards (attention, torch.func)
+            try:
+                ps = t.rule.per_sample(t.module, t.matrix, args, kwargs, grad_out.detach())
+            finally:
+                self._suspended = False
             want = self.self_check and not self._checked
             basis = None if layer.basis is None else layer.basis[:2]
-            if isinstance(ps, Dense):
-                tensors, dense = layer.kind.capture_dense(ps.grads, basis=basis,
-                                                          want_per_sample=want)
-                b = int(ps.grads.shape[0])
-            else:
-                if layer.meta.sketch == "rank1" and ps.act.shape[-1] != 1:
-                    raise RecorderError(
-                        f"layer {layer.name!r} was recorded with (batch, features) inputs but "
-                        f"now sees {tuple(args[0].shape)}; its input shape must not change "
-                        "between steps (record such a run into a new store)")
-                tensors, dense = layer.kind.capture(ps.act, ps.delta, basis=basis,
-                                                    want_per_sample=want)
-                b = int(ps.act.shape[0])
-            layer.captures.append(Capture(micro, b, tensors, dense, eps))
+            if (layer.meta.sketch == "rank1" and isinstance(ps, Patches)
+                    and ps.act.shape[-1] != 1):
+                raise RecorderError(
+                    f"layer {layer.name!r} was recorded with (batch, features) inputs but "
+                    f"now sees {tuple(args[0].shape)}; its input shape must not change "
+                    "between steps (record such a run into a new store)")
+            tensors, dense = ps.capture(layer.kind, basis=basis, rank=layer.meta.rank,
+                                        want_per_sample=want)
+            layer.captures.append(Capture(micro, ps.batch, tensors, dense, eps,
+                                          forwards_seen=len(self._micro)))
         except Exception as e:  # noqa: BLE001 - never raise inside the user's backward
             layer.failed = e
 
@@ -540,14 +575,16 @@ class Recorder:
         TypeError, ValueError
             An argument of the wrong kind (named in the message); nothing is recorded from it.
         """
-        loss_v = _check_loss(loss)
-        idx = _check_indices(indices)
+        _check_loss_type(loss)
+        _check_indices_type(indices)
         if batch_size is not None:
             _int_option("batch_size", batch_size, 1)
         if (inputs is None) != (targets is None):
             raise ValueError("log(): pass inputs and targets together (or neither)")
         if not self.recording:
-            return
+            return  # no .item() or device-to-host copy on unrecorded steps
+        loss_v = _check_loss(loss)
+        idx = _check_indices(indices)
         if not self._micro:
             self._micro.append(Micro())
         m = self._micro[-1]
@@ -591,7 +628,7 @@ class Recorder:
     def _assemble_step(self) -> None:
         """Turn this step's captures into one record per layer (see trajlab.record.step)."""
         dtype = store_policy.numpy_dtype(self._layers[0].target.param.dtype)
-        meta = self._store_writer.meta if self._store_writer is not None else None
+        meta = self._run_meta
         if meta is not None and meta.dtype != dtype:
             raise RecorderError(f"the model's weights are now {dtype} but the run stores "
                                 f"{meta.dtype}: changing the model's dtype mid-run is not "
@@ -626,10 +663,19 @@ class Recorder:
                     f"layer {layer.name!r} was {e} (shared weights, e.g. a layer reused in a "
                     "loop): its per-sample gradients are not recorded exactly; pass "
                     "layers=[...] without it, or per_sample=False") from None
+            if interleaved(layer.captures, asm.micro_batches):
+                raise SelfCheckError(
+                    f"layer {layer.name!r}: the model was called {len(asm.micro_batches)} times "
+                    "before one shared backward (the model applied to its own output, or the "
+                    "losses of several forwards summed before backward()), so the samples of "
+                    "those calls are not distinct and their per-sample gradients cannot be told "
+                    "apart. Call backward() once per forward (gradient accumulation), or record "
+                    "with per_sample=False")
             if first_micro is None:
                 first_micro = asm.first_micro
-            finite = bool(torch.isfinite(grad).all())
-            if finite and not asm.residual <= asm.tol:
+            # .grad is checked for NaN/Inf only when the check fails: isfinite(...).all() of a
+            # 400k-element gradient costs ~3 ms on one CPU thread, more than a small step.
+            if not asm.residual <= asm.tol and bool(torch.isfinite(grad).all()):
                 msg = checks.unexplained_grad(layer.name, self._step, asm.residual, asm.tol,
                                               asm.scale)
                 raise (SelfCheckError(msg) if not self._checked else RecorderError(msg))
@@ -689,13 +735,12 @@ class Recorder:
         for layer in self._layers:
             asm = getattr(layer, "assembled", None)
             if asm is None:
-                entries.append((layer.name, None))
+                entries.append((layer.name, None, 1.0))
                 continue
             g0 = layer.kind.sample_gradient(asm.tensors, 0)
             if g0 is None and asm.per_sample is not None:
                 g0 = asm.per_sample[0]
-            entries.append((layer.name, None if g0 is None or asm.scale == 0
-                            else g0 / asm.scale))
+            entries.append((layer.name, g0, asm.scale))
         tol = max(getattr(layer, "assembled").tol for layer in self._layers
                   if getattr(layer, "assembled", None) is not None)
         micro_batches = len(asm0.micro_batches)
@@ -712,9 +757,8 @@ class Recorder:
                 if g is None:
                     res.append(None)
                     continue
-                mx = layer.target.matrix
-                g = g.reshape(g.shape[0], -1)
-                res.append(g if mx.rows is None else g[mx.rows[0]:mx.rows[1]])
+                t = layer.target
+                res.append(t.rule.matrix_of(t.module, t.matrix, g))
             return res
 
         checks.check_one_sample(entries, recompute, tol=max(tol, 1e4 * checks.eps_of(
@@ -727,6 +771,8 @@ class Recorder:
                 try:
                     self._emit_step()
                 except RecorderError as e:
+                    if self._n_recorded == 0:
+                        raise  # a set-up problem: fail fast, nothing was recorded
                     self._stop(e, where="step")
         finally:
             self._reset_step()
@@ -813,12 +859,11 @@ class Recorder:
             sizes = [m.batch or (m.indices.numel() if m.indices is not None else 0)
                      for m in micros]
             batch = int(sum(sizes))
-        if self._n_recorded == 0 and not self._store_writer.is_created:
+        if self._n_recorded == 0 and self._run_meta is None:
             self._create_store(max(1, batch))
         elif self._n_recorded == 0:
-            store_policy.check_append(self._store_writer.meta, [lay.meta for lay in
-                                                                 self._layers],
-                                      dtype=self._store_writer.meta.dtype, every=self.every,
+            store_policy.check_append(self._run_meta, [lay.meta for lay in self._layers],
+                                      dtype=self._run_meta.dtype, every=self.every,
                                       probe=self.probe is not None)
         indices = None
         if micros and all(m.indices is not None for m in micros):
@@ -851,6 +896,7 @@ class Recorder:
             metas=metas, dtype=dtype, ps_dtype=ps_dtype, every=self.every, chunk=chunk,
             sampler=self.sampler, dataset_size=self.dataset_size, user=self.metadata,
             probe=self.probe is not None, model=self._summary)
+        self._run_meta = meta
         self._writer.create(meta, batch_size)
 
     def _to_host(self, root: dict[str, Any], layers: dict[str, dict[str, Any]]) -> PendingRecord:
@@ -890,9 +936,8 @@ class Recorder:
             grads = self.probe.gradient(self.model, params)
         out = {}
         for layer, g in zip(self._layers, grads):
-            mx = layer.target.matrix
-            g = g.reshape(g.shape[0], -1)
-            out[layer.name] = (g if mx.rows is None else g[mx.rows[0]:mx.rows[1]]).detach()
+            t = layer.target
+            out[layer.name] = t.rule.matrix_of(t.module, t.matrix, g).detach()
         return out
 
     @contextlib.contextmanager
@@ -936,7 +981,7 @@ class Recorder:
             raise RecorderError(f"trajlab: recording stopped at step {self._step}: "
                                 f"{reason}") from err
         warnings.warn(
-            f"trajlab: recording into {self.store!r} stopped at step {self._step} ({reason}); "
+            f"trajlab: recording into {show(self.store)} stopped at step {self._step} ({reason}); "
             "training continues. Steps committed before are kept; the store is marked "
             "truncated.", RuntimeWarning, stacklevel=4)
 
@@ -951,12 +996,46 @@ class Recorder:
 
 
 # ----------------------------------------------------------------------------- validation
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` lives inside a torch.func transform (vmap/grad of the user's own): such
+    forwards are not training steps and are left alone."""
+    if torch.compiler.is_compiling():
+        return False  # being traced by torch.compile: a training forward
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except (AttributeError, RuntimeError):  # pragma: no cover - other torch builds
+        return False
+
+
 def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
         raise ValueError(f"{name} must be {rng}, got {value}")
+
+
+def _check_loss_type(loss: Any) -> None:
+    """The checks of :func:`_check_loss` that need no value (no device synchronisation)."""
+    if loss is None or isinstance(loss, numbers.Real):
+        return
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"log(loss=...) needs the batch's mean loss as a scalar; got a "
+                             f"tensor of shape {tuple(loss.shape)} (pass loss.mean() or "
+                             "loss.item())")
+        return
+    raise TypeError(f"log(loss=...) needs a number or a one-element tensor, got "
+                    f"{type(loss).__name__}")
+
+
+def _check_indices_type(indices: Any) -> None:
+    """The checks of :func:`_check_indices` that need no copy, for tensors."""
+    if isinstance(indices, Tensor) and (indices.dim() != 1 or indices.is_floating_point()
+                                        or indices.is_complex()
+                                        or indices.dtype == torch.bool):
+        raise ValueError(f"log(indices=...) needs a 1-D sequence of integer dataset indices, "
+                         f"got a {indices.dtype} tensor of shape {tuple(indices.shape)}")
 
 
 def _check_loss(loss: Any) -> float | None:

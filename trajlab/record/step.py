@@ -34,6 +34,9 @@ class Capture:
     tensors : the sketch kind's per-sample variables, on the training device.
     per_sample : dense (B, m, n) per-sample gradients (first recorded step only, for the check).
     eps : machine epsilon of the lowest precision involved (autocast, input or weight dtype).
+    forwards_seen : model forwards started in the step when this backward arrived (a backward
+        of micro-batch k that arrives after forward k + 1 started means several forwards shared
+        one backward, see :func:`interleaved`).
     """
 
     micro: int
@@ -41,6 +44,7 @@ class Capture:
     tensors: dict[str, Tensor]
     per_sample: Tensor | None = None
     eps: float = 0.0
+    forwards_seen: int = 0
 
 
 @dataclass
@@ -121,6 +125,17 @@ def fit_scale(y: Tensor, parts: Sequence[Tensor]) -> tuple[int, float, float]:
         if res < best[2] - 1e-15:
             best = (j, c, res)
     return best
+
+
+def interleaved(captures: Sequence[Capture], micro_batches: Sequence[int]) -> bool:
+    """Whether several selected forwards were followed by one shared backward (the model
+    applied to its own output, or losses of several forwards summed before backward): their
+    samples are then not distinct, and per-sample gradients cannot be told apart."""
+    chosen = set(micro_batches)
+    for c in captures:
+        if c.micro in chosen and any(m > c.micro and m < c.forwards_seen for m in chosen):
+            return True
+    return False
 
 
 def assemble(kind: SketchKind, captures: list[Capture], grad: Tensor, positions: int,

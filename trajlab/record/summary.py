@@ -33,6 +33,7 @@ class Target:
     module: nn.Module
     rule: LayerRule
     matrix: Matrix
+    sample_axis: int = 0  # where the samples are in the module's first input and output
 
     @property
     def param(self) -> torch.Tensor:
@@ -43,7 +44,44 @@ def _name(matrix_part: str, module_name: str) -> str:
     return f"{module_name}:{matrix_part}" if matrix_part else module_name
 
 
-def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str] | None
+_SEQ_FIRST_FAMILY = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                     nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+def sample_axis(modules: dict[str, nn.Module], name: str,
+                batch_dim: int | dict[str, int] | None) -> int:
+    """The axis of a module's input that indexes samples: ``batch_dim`` when given (one int for
+    every layer, or per layer name), else 1 inside PyTorch's Transformer modules built with
+    ``batch_first=False`` (their default), else 0."""
+    if isinstance(batch_dim, dict):
+        if name in batch_dim:
+            return int(batch_dim[name])
+    elif batch_dim is not None:
+        return int(batch_dim)
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = modules.get(".".join(parts[:i]))
+        if isinstance(anc, _SEQ_FIRST_FAMILY):
+            first = _batch_first(anc)
+            return 0 if first is None or first else 1
+    return 0
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    """``batch_first`` of a PyTorch Transformer module (stored on its attention layers)."""
+    if hasattr(module, "batch_first"):
+        return bool(module.batch_first)
+    attn = getattr(module, "self_attn", None)
+    if attn is not None and hasattr(attn, "batch_first"):
+        return bool(attn.batch_first)
+    layers = getattr(module, "layers", None)
+    if layers is not None and len(layers):
+        return _batch_first(layers[0])
+    return None
+
+
+def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str] | None,
+         *, batch_dim: int | dict[str, int] | None = None
          ) -> tuple[list[Target], dict[str, Any]]:
     """The matrices to record and the model summary stored in the run's metadata.
 
@@ -61,10 +99,14 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     modules = dict(model.named_modules())
     claimed: set[str] = set()
+    inside: dict[str, str] = {}  # child -> parent whose forward uses the child's weight directly
     for mname, m in modules.items():
         rule = rule_for(m)
         if rule is not None:
             claimed.update(f"{mname}.{c}" if mname else c for c in rule.claims(m))
+        elif isinstance(m, nn.MultiheadAttention):
+            for c, _ in m.named_children():
+                inside[f"{mname}.{c}" if mname else c] = f"{mname} (MultiheadAttention)"
     candidates: list[Target] = []
     entries: list[dict[str, Any]] = []
     for mname, m in modules.items():
@@ -73,6 +115,12 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
             continue
         rule = rule_for(m)
         n_params = sum(p.numel() for p in own)
+        if mname in inside:
+            entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
+                            "recorded": False, "why": f"its weight is used directly by "
+                            f"{inside[mname]}, which no rule covers (its forward is never "
+                            "called)"})
+            continue
         if rule is None:
             if own:
                 entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
@@ -94,11 +142,12 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
             continue
         rec = 0
         for mx in matrices:
-            candidates.append(Target(_name(mx.part, mname), mname, m, rule, mx))
-            rec += int(rule.weight_matrix(m, mx).numel())
+            candidates.append(Target(_name(mx.part, mname), mname, m, rule, mx,
+                                     sample_axis(modules, mname, batch_dim)))
+            rec += rule.matrix_numel(m, mx)
         entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
                         "recorded": True, "recorded_parameters": rec,
-                        "how": f"{rule.module_type or type(rule).__name__} rule: "
+                        "how": f"{rule.how(m)}: "
                         + ", ".join(_name(mx.part, mname) for mx in matrices)})
     if names is not None:
         names = list(names)
@@ -128,6 +177,11 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
                                              for t in candidates):
                 e.update(recorded=False, recorded_parameters=0, why="not selected (layers=)")
         candidates = [t for t in candidates if t.name in keep]
+    if not candidates and entries and all(
+            e["why"] == "its weight is not among the optimizer's parameters"
+            for e in entries if not e["recorded"] and rule_for_name(modules, e["name"])):
+        raise RecorderError("none of the model's layers is among the optimizer's parameters: "
+                            "pass the optimizer that trains this model")
     if not candidates:
         raise RecorderError(f"{type(model).__name__} has no layer trajlab can record (trajlab "
                             f"records {supported_types()}): "
@@ -141,6 +195,10 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
         "not_a_bound": not_a_bound(model),
     }
     return candidates, summary
+
+
+def rule_for_name(modules: dict[str, nn.Module], name: str) -> bool:
+    return rule_for(modules[name]) is not None
 
 
 def not_a_bound(model: nn.Module) -> list[str]:

@@ -4,6 +4,10 @@ The training thread only enqueues; the writer thread waits for device-to-host co
 compresses and writes. The queue is bounded, so a slow disk applies backpressure to training
 instead of growing memory. Rows are committed at chunk boundaries, every ``flush_seconds``, and
 on close; a crash loses at most the uncommitted rows.
+
+What happens to a row once it is on the host (flags, buffering, updates derived from
+consecutive weights, commits) is :class:`RowSink`, shared with the writer process of
+:mod:`trajlab.record.process_writer`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,115 @@ class PendingRecord:
         return StepRecord(root=root, layers=layers)
 
 
+class RowSink:
+    """Rows on the host -> committed rows of the store (single-threaded; numpy only).
+
+    Flags non-finite gradient information, buffers rows until a chunk fills or
+    ``flush_seconds`` pass, leaves out updates that consecutive weights give bit for bit, and
+    appends and commits.
+
+    Parameters
+    ----------
+    writer : the store writer (opened, maybe not yet created).
+    flush_seconds : commit buffered rows at least this often.
+    on_nonfinite : called with (step, layer) for a row whose gradient information holds NaN/Inf.
+    on_tick : called before every flush (the recorder refreshes its store lock there).
+    """
+
+    def __init__(self, writer: RunStoreWriter, *, flush_seconds: float,
+                 on_nonfinite: Callable[[int, str], None] | None = None,
+                 on_tick: Callable[[], None] | None = None) -> None:
+        self.writer = writer
+        self.flush_seconds = flush_seconds
+        self.on_nonfinite = on_nonfinite
+        self.on_tick = on_tick
+        self._buffer: list[StepRecord] = []
+        self._last_flush = time.monotonic()
+
+    def create(self, meta: RunMeta, sample_capacity: int) -> None:
+        self.writer.create(meta, sample_capacity=sample_capacity)
+
+    def add(self, rec: StepRecord) -> None:
+        self._check_flags(rec)
+        self._buffer.append(rec)
+        if self._at_chunk_boundary() or self.due():
+            self.flush()
+
+    def close(self, truncated: str | None) -> None:
+        self.flush()
+        self.writer.finalize()
+        if truncated:
+            self.writer.set_truncated(truncated)
+
+    def wait_seconds(self) -> float:
+        """How long the feeder may wait for a row before :meth:`flush` is due."""
+        return max(0.05, self.flush_seconds - (time.monotonic() - self._last_flush))
+
+    def _check_flags(self, rec: StepRecord) -> None:
+        """Flag layers whose gradient or per-sample information holds NaN/Inf (on the host,
+        off the training thread), or whose capture failed (``nonfinite`` set by the recorder)."""
+        for name, arrays in rec.layers.items():
+            bad = bool(arrays.get("nonfinite", False)) or not all(
+                np.isfinite(a).all()
+                for k, a in arrays.items()
+                if k not in _NOT_CHECKED and isinstance(a, np.ndarray) and a.dtype.kind == "f"
+            )
+            arrays["nonfinite"] = np.bool_(bad)
+            if bad and self.on_nonfinite is not None:
+                self.on_nonfinite(int(rec.root["step"]), name)
+
+    def _at_chunk_boundary(self) -> bool:
+        meta = self.writer.meta
+        return (meta is not None
+                and (self.writer.committed + len(self._buffer)) % meta.chunk_steps == 0)
+
+    def due(self) -> bool:
+        """Whether ``flush_seconds`` have passed since the last flush."""
+        return time.monotonic() - self._last_flush >= self.flush_seconds
+
+    def flush(self) -> None:
+        """Write and commit the buffered rows."""
+        if self.on_tick is not None:
+            self.on_tick()
+        if self._buffer:
+            rows = self._settle_updates(self._buffer)
+            self._buffer = []
+            try:
+                self.writer.append(rows)
+            except Exception:
+                # Commit every complete row before the one that fails (each storing its own
+                # update, so no committed row depends on one that is not), then report.
+                for row in rows:
+                    for arrays in row.layers.values():
+                        if arrays.get("update") is None:
+                            arrays["update"] = np.subtract(arrays["_after"], arrays["weight"])
+                            arrays["update_stored"] = np.bool_(True)
+                    self.writer.append([row])
+                raise
+        self._last_flush = time.monotonic()
+
+    def _settle_updates(self, rows: list[StepRecord]) -> list[StepRecord]:
+        """Turn each row's ``weight_after`` into ``update``/``update_stored``.
+
+        The update of row r is left out when row r + 1 is in the same flush, is the next
+        optimizer step and starts from exactly the weights row r's step left (bit for bit: the
+        reader's ``weight[r+1] - weight[r]`` is then the very subtraction the writer would have
+        stored). The last row of a flush stores its update, so committed rows never depend on
+        rows that may not be committed.
+        """
+        derive = self.writer.derives_updates
+        for i, rec in enumerate(rows):
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            consecutive = nxt is not None and int(nxt.root["step"]) == int(rec.root["step"]) + 1
+            for name, arrays in rec.layers.items():
+                after = arrays.pop("weight_after")
+                same = derive and consecutive and same_bits(nxt.layers[name]["weight"], after)
+                arrays["_after"] = after  # for a row-by-row commit after a failure
+                arrays["update"] = None if same else np.subtract(after, arrays["weight"])
+                arrays["update_stored"] = np.bool_(not same)
+        return rows
+
+
 class BackgroundWriter:
     """Owns a :class:`RunStoreWriter` and a thread that feeds it.
 
@@ -56,6 +169,7 @@ class BackgroundWriter:
     queue_size : maximum records waiting; ``put`` blocks beyond (backpressure).
     flush_seconds : commit buffered rows at least this often.
     on_nonfinite : called in the writer thread with (step, layer) when a record has a NaN/Inf flag.
+    on_tick : called in the writer thread before every flush.
     """
 
     def __init__(
@@ -71,9 +185,9 @@ class BackgroundWriter:
         self.flush_seconds = flush_seconds
         self.on_nonfinite = on_nonfinite
         self.on_tick = on_tick
+        self._sink = RowSink(writer, flush_seconds=flush_seconds, on_nonfinite=on_nonfinite,
+                             on_tick=on_tick)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        self._buffer: list[StepRecord] = []
-        self._last_flush = time.monotonic()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
         self._thread.start()
@@ -103,30 +217,23 @@ class BackgroundWriter:
 
     # --------------------------------------------------------------- writer thread
     def _run(self) -> None:
+        sink = self._sink
         try:
             while True:
-                timeout = max(0.05, self.flush_seconds - (time.monotonic() - self._last_flush))
                 try:
-                    item = self._queue.get(timeout=timeout)
+                    item = self._queue.get(timeout=sink.wait_seconds())
                 except queue.Empty:
-                    self._flush()
+                    sink.flush()
                     continue
                 if item is _STOP:
                     return
                 kind = item[0]
                 if kind == "create":
-                    self.writer.create(item[1], sample_capacity=item[2])
+                    sink.create(item[1], item[2])
                 elif kind == "record":
-                    rec = item[1].materialize()
-                    self._check_flags(rec)
-                    self._buffer.append(rec)
-                    if self._at_chunk_boundary() or self._due():
-                        self._flush()
+                    sink.add(item[1].materialize())
                 elif kind == "close":
-                    self._flush()
-                    self.writer.finalize()
-                    if item[1]:
-                        self.writer.set_truncated(item[1])
+                    sink.close(item[1])
         except BaseException as e:  # noqa: BLE001 - reported to the training thread
             self.error = e
             # Drain so that producers never block on a dead consumer.
@@ -136,65 +243,13 @@ class BackgroundWriter:
             except queue.Empty:
                 pass
 
-    def _check_flags(self, rec: StepRecord) -> None:
-        """Flag layers whose gradient or per-sample information holds NaN/Inf (on the host,
-        off the training thread), or whose capture failed (``nonfinite`` set by the recorder)."""
-        for name, arrays in rec.layers.items():
-            bad = bool(arrays.get("nonfinite", False)) or not all(
-                np.isfinite(a).all()
-                for k, a in arrays.items()
-                if k not in _NOT_CHECKED and isinstance(a, np.ndarray) and a.dtype.kind == "f"
-            )
-            arrays["nonfinite"] = np.bool_(bad)
-            if bad and self.on_nonfinite is not None:
-                self.on_nonfinite(int(rec.root["step"]), name)
 
-    def _at_chunk_boundary(self) -> bool:
-        meta = self.writer.meta
-        return meta is not None and (self.writer.committed + len(self._buffer)) % meta.chunk_steps == 0
-
-    def _due(self) -> bool:
-        return time.monotonic() - self._last_flush >= self.flush_seconds
-
-    def _flush(self) -> None:
-        """Write and commit the buffered rows."""
-        if self.on_tick is not None:
-            self.on_tick()
-        if self._buffer:
-            rows = self._settle_updates(self._buffer)
-            self._buffer = []
-            try:
-                self.writer.append(rows)
-            except Exception:
-                # Commit every complete row before the one that fails (each storing its own
-                # update, so no committed row depends on one that is not), then report.
-                for row in rows:
-                    for arrays in row.layers.values():
-                        if arrays.get("update") is None:
-                            arrays["update"] = arrays["_update"]
-                            arrays["update_stored"] = np.bool_(True)
-                    self.writer.append([row])
-                raise
-        self._last_flush = time.monotonic()
-
-    def _settle_updates(self, rows: list[StepRecord]) -> list[StepRecord]:
-        """Turn each row's ``weight_after`` into ``update``/``update_stored``.
-
-        The update of row r is left out when row r + 1 is in the same flush, is the next
-        optimizer step and starts from exactly the weights row r's step left (bit for bit): the
-        reader then derives it. The last row of a flush stores its update, so committed rows
-        never depend on rows that may not be committed.
-        """
-        derive = self.writer.derives_updates
-        for i, rec in enumerate(rows):
-            nxt = rows[i + 1] if i + 1 < len(rows) else None
-            consecutive = nxt is not None and int(nxt.root["step"]) == int(rec.root["step"]) + 1
-            for name, arrays in rec.layers.items():
-                after = arrays.pop("weight_after")
-                same = (derive and consecutive
-                        and np.array_equal(nxt.layers[name]["weight"], after))
-                full = np.subtract(after, arrays["weight"])
-                arrays["_update"] = full  # kept for a row-by-row commit after a failure
-                arrays["update"] = None if same else full
-                arrays["update_stored"] = np.bool_(not same)
-        return rows
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays hold the same bits (NaN payloads and the sign of zero included)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind in "fc" and a.dtype.itemsize in (2, 4, 8):
+        view = np.dtype(f"u{a.dtype.itemsize}")
+        a, b = np.ascontiguousarray(a).view(view), np.ascontiguousarray(b).view(view)
+    return bool(np.array_equal(a, b))

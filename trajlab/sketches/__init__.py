@@ -8,8 +8,10 @@ the store layout, the recorder, the reader and the analysis all dispatch through
 from __future__ import annotations
 
 from trajlab.sketches.base import SketchKind, Var
+from trajlab.sketches.diagonal import DiagonalSketch
 from trajlab.sketches.none import NoSketch
 from trajlab.sketches.rank1 import Rank1
+from trajlab.sketches.rows import RowsSketch
 from trajlab.sketches.subspace import Subspace, reconstruct_subspace
 
 _KINDS: dict[str, SketchKind] = {}
@@ -39,12 +41,14 @@ def sketch_kinds() -> dict[str, SketchKind]:
     return dict(_KINDS)
 
 
-for _k in (Rank1(), Subspace(), NoSketch()):
+for _k in (Rank1(), Subspace(), NoSketch(), DiagonalSketch(), RowsSketch()):
     register_sketch_kind(_k)
 
 __all__ = [
+    "DiagonalSketch",
     "NoSketch",
     "Rank1",
+    "RowsSketch",
     "SketchKind",
     "Subspace",
     "Var",

@@ -22,7 +22,7 @@ from trajlab.store.codecs import compressors_for
 from trajlab.store.metadata import AnalysisMeta
 from trajlab.store.names import ATTR_KEY, STEP
 from trajlab.store.run_store import write_many
-from trajlab.store.target import StoreLike, Target, create_group, inspect
+from trajlab.store.target import StoreLike, Target, create_group, inspect, show
 
 DONE = "_done"
 _CONFIG = {"write_empty_chunks": True}
@@ -69,10 +69,10 @@ class AnalysisStore:
         """Open an existing analysis store (FileNotFoundError / StoreError otherwise)."""
         target = inspect(store, storage_options=storage_options)
         if target.state == "absent" or target.state == "empty":
-            raise FileNotFoundError(f"no analysis store at {store!r}; create one with "
+            raise FileNotFoundError(f"no analysis store at {show(store)}; create one with "
                                     "trajlab.analyze")
         if target.state != "analysis":
-            raise StoreError(f"{store!r} holds {target.describe()}, not a trajlab analysis "
+            raise StoreError(f"{show(store)} holds {target.describe()}, not a trajlab analysis "
                              "store")
         kw: dict[str, Any] = {"mode": mode}
         if storage_options is not None:

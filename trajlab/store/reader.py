@@ -23,7 +23,7 @@ from trajlab.store.names import (
     TRUNCATION_ARRAY,
 )
 from trajlab.store.rows import RowReader, StoredArray
-from trajlab.store.target import StoreLike
+from trajlab.store.target import StoreLike, show
 
 
 def read_commit(attrs: dict[str, Any], where: str) -> int:
@@ -71,7 +71,7 @@ class Run:
     def __init__(self, store: StoreLike, *, storage_options: dict | None = None) -> None:
         self.store = store
         self.storage_options = storage_options
-        self.where = str(store)
+        self.where = show(store).strip("\x27")
         kw: dict[str, Any] = {"mode": "r"}
         if storage_options is not None:
             kw["storage_options"] = storage_options
@@ -79,14 +79,14 @@ class Run:
             self._group = zarr.open_group(store, **kw)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise FileNotFoundError(
-                f"no run store at {store!r}; record one with trajlab.Recorder or `trajlab demo`"
+                f"no run store at {show(store)}; record one with trajlab.Recorder or `trajlab demo`"
             ) from e
         except (ValueError, TypeError) as e:
-            raise StoreError(f"{store!r} is not a Zarr v3 group: {e}") from e
+            raise StoreError(f"{show(store)} is not a Zarr v3 group: {e}") from e
         attrs = self._group.attrs.asdict()
         if ATTR_KEY not in attrs:
             raise StoreError(
-                f"{store!r} is a Zarr group but not a trajlab run store (its root attributes "
+                f"{show(store)} is a Zarr group but not a trajlab run store (its root attributes "
                 f"have no {ATTR_KEY!r} entry); point at a store written by trajlab.Recorder"
             )
         meta = RunMeta.from_dict(attrs[ATTR_KEY], where=self.where)
@@ -316,7 +316,7 @@ class Run:
 
     def __repr__(self) -> str:
         return (
-            f"<trajlab.Run {self.store!r}: {self.n_steps} steps, layers "
+            f"<trajlab.Run {show(self.store)}: {self.n_steps} steps, layers "
             f"{', '.join(self.layers)}{' (truncated)' if self.meta.truncated else ''}>"
         )
 

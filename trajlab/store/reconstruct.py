@@ -8,6 +8,7 @@ import numpy as np
 
 from trajlab.sketches import reconstruct_subspace, sketch_kind
 from trajlab.store.reader import Run, open_run
+from trajlab.store.target import show
 
 __all__ = ["PerSampleGradients", "per_sample_gradients", "reconstruct_subspace"]
 
@@ -54,7 +55,7 @@ def per_sample_gradients(run: Run | str, layer: str, step: int) -> PerSampleGrad
     hits = np.flatnonzero(steps == step)
     if hits.size == 0:
         raise KeyError(
-            f"step {step} is not recorded in {run.store!r} (recorded steps: "
+            f"step {step} is not recorded in {show(run.store)} (recorded steps: "
             f"{steps[:5].tolist()}{'...' if steps.size > 5 else ''}, {steps.size} in all)"
         )
     row = int(hits[0])

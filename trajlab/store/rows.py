@@ -35,12 +35,14 @@ class StoredArray:
     arr : the Zarr array.  name : its path in the store (for messages).
     rows : committed rows.  samples : committed sample capacity (None: the array's own).
     strict : missing chunks are errors.  where : the store, for messages.
-    batch : batch size of each committed row (lets a strict reader accept chunks that hold
-        only sample padding, which are legitimately absent after the sample axis grew).
+    batch : returns the batch size of each committed row (lets a strict reader accept chunks
+        that hold only sample padding, which are legitimately absent after the sample axis
+        grew); called only when such a chunk is missing.
     """
 
     def __init__(self, arr: zarr.Array, name: str, *, rows: int, samples: int | None,
-                 strict: bool, where: str, batch: np.ndarray | None = None) -> None:
+                 strict: bool, where: str,
+                 batch: Callable[[], np.ndarray] | None = None) -> None:
         self.arr = arr
         self.name = name
         self.where = where
@@ -106,7 +108,7 @@ class StoredArray:
         if coords[ax] == 0:
             return True
         r0 = coords[0] * self.chunks[0]
-        rows = self.batch[r0:r0 + self.chunks[0]]
+        rows = self.batch()[r0:r0 + self.chunks[0]]
         return bool(rows.size) and int(rows.max()) > coords[ax] * cs
 
     def _describe_chunk(self, coords: tuple[int, ...]) -> str:
@@ -145,10 +147,10 @@ class StoredArray:
     async def _check_present(self, sel: tuple[slice, ...]) -> None:
         sp = self.arr._async_array.store_path
         prefix = f"{sp.path}/" if sp.path else ""
-        coords = [c for c in self._chunks_of(sel) if self._required(c)]
+        coords = self._chunks_of(sel)
         found = await asyncio.gather(*(
             sp.store.exists(prefix + self.arr.metadata.encode_chunk_key(c)) for c in coords))
-        missing = [c for c, ok in zip(coords, found) if not ok]
+        missing = [c for c, ok in zip(coords, found) if not ok and self._required(c)]
         if missing:
             raise StoreCorruptError(
                 f"{self.where}: array {self.name!r} is missing {self._describe_chunk(missing[0])}"
@@ -238,6 +240,18 @@ class RowReader:
                            else np.zeros(0, dtype=np.int32))
         return self._batch
 
+    def expected_dtype(self, path: str) -> np.dtype | None:
+        """The dtype the layout gives the array at ``path`` (None when it does not know it)."""
+        parts = path.split("/")
+        if len(parts) == 1:
+            var = self.layout.root_vars.get(path)
+            return None if var is None else self.layout.dtype(var)
+        for lm in self.layout.meta.layers:
+            if self.layout.group_path(lm) == "/".join(parts[:-1]):
+                var = self.layout.layer_vars(lm).get(parts[-1])
+                return None if var is None else self.layout.dtype(var)
+        return None
+
     def array(self, path: str) -> StoredArray:
         """The checked view of the stored array at ``path`` ("lr", "layers/fc1/weight")."""
         if path not in self._arrays:
@@ -248,11 +262,17 @@ class RowReader:
                     f"{self.where}: array {path!r} is missing although the store has "
                     f"{self.committed} committed rows; the store is damaged"
                 ) from None
+            want = self.expected_dtype(path)
+            if want is not None and np.dtype(arr.dtype) != want:
+                raise StoreCorruptError(
+                    f"{self.where}: array {path!r} is stored as {np.dtype(arr.dtype)} but the "
+                    f"run's metadata says {want}: the metadata was edited or is damaged "
+                    "(restore zarr.json from a copy)")
             batch = None
             if self.layout.checksummed and path != "batch_size":
                 dims = tuple(arr.metadata.dimension_names or ())
                 if SAMPLE in dims:
-                    batch = self.batch_sizes()
+                    batch = self.batch_sizes
             self._arrays[path] = StoredArray(arr, path, rows=self.committed,
                                              samples=self.samples,
                                              strict=self.layout.checksummed,

@@ -24,6 +24,13 @@ StoreLike = Any  # str path, os.PathLike, fsspec URL, or a zarr Store
 State = Literal["absent", "empty", "run", "analysis", "zarr", "other"]
 
 
+def show(store: StoreLike) -> str:
+    """A store's location as written in messages: a quoted path or URL, else the object's repr."""
+    if isinstance(store, (str, os.PathLike)):
+        return repr(os.fspath(store))
+    return repr(store)
+
+
 def local_path(store: StoreLike) -> Path | None:
     """The local directory behind ``store`` (paths, ``file://`` URLs, ``LocalStore``), or None."""
     root = getattr(store, "root", None)  # zarr.storage.LocalStore
@@ -117,13 +124,13 @@ def check_writable(target: Target, kind: Literal["run", "analysis"], *, overwrit
         if overwrite or resume:
             return
         raise StoreExistsError(
-            f"a trajlab {kind} store already exists at {target.store!r}; "
+            f"a trajlab {kind} store already exists at {show(target.store)}; "
             + ("pass mode='a' to append to it (resume) or mode='w' to overwrite it"
                if kind == "run" else "pass overwrite=True (--overwrite) to replace it")
             + ", or choose another path"
         )
     raise StoreExistsError(
-        f"{target.store!r} holds {target.describe()}, not a trajlab {kind} store; trajlab never "
+        f"{show(target.store)} holds {target.describe()}, not a trajlab {kind} store; trajlab never "
         "overwrites or writes into it (with or without overwrite): choose another path"
     )
 
@@ -138,7 +145,7 @@ def create_group(target: Target, kind: Literal["run", "analysis"], attributes: d
     """
     fresh = inspect(target.store, storage_options=target.storage_options)
     if fresh.state not in ("absent", "empty", kind):
-        raise StoreError(f"refusing to replace {target.store!r}: it holds {fresh.describe()}")
+        raise StoreError(f"refusing to replace {show(target.store)}: it holds {fresh.describe()}")
     mode = "w-"
     if fresh.state == kind:
         if fresh.path is not None:

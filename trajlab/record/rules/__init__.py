@@ -12,19 +12,29 @@ from __future__ import annotations
 
 from torch import nn
 
+from trajlab.record.rules.attention import MultiheadAttentionRule
 from trajlab.record.rules.base import (
     Dense,
     Description,
+    Diagonal,
     LayerRule,
     Matrix,
     Patches,
+    PerSample,
+    Rows,
     rank1_sketch,
     subspace_sketch,
 )
+from trajlab.record.rules.conv1d import Conv1dRule
 from trajlab.record.rules.conv2d import Conv2dRule
+from trajlab.record.rules.conv_transpose2d import ConvTranspose2dRule
+from trajlab.record.rules.embedding import EmbeddingRule
+from trajlab.record.rules.generic import GenericRule, matrix_parameters
 from trajlab.record.rules.linear import LinearRule
+from trajlab.record.rules.norm import GroupNormRule, LayerNormRule, RMSNormRule
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
+_FALLBACKS: dict[type[nn.Module], GenericRule] = {}
 
 
 def register_rule(module_type: type[nn.Module], rule: LayerRule, *,
@@ -61,9 +71,10 @@ def unregister_rule(module_type: type[nn.Module]) -> None:
     _RULES.pop(module_type, None)
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
+def rule_for(module: nn.Module, *, fallback: bool = True) -> LayerRule | None:
     """The rule for ``module``: its exact type's, else the nearest base class's whose rule
-    accepts subclasses; None when no rule covers it."""
+    accepts subclasses, else (``fallback``) the generic torch.func rule when the module has 2-D
+    parameters of its own; None when nothing covers it."""
     t = type(module)
     if t in _RULES:
         return _RULES[t]
@@ -71,6 +82,10 @@ def rule_for(module: nn.Module) -> LayerRule | None:
         rule = _RULES.get(base)
         if rule is not None and rule.subclasses:
             return rule
+    if fallback and matrix_parameters(module):
+        if t not in _FALLBACKS:
+            _FALLBACKS[t] = GenericRule(f"generic:{t.__name__}")
+        return _FALLBACKS[t]
     return None
 
 
@@ -85,16 +100,35 @@ def supported_types() -> str:
 
 
 register_rule(nn.Linear, LinearRule())
+register_rule(nn.Conv1d, Conv1dRule())
 register_rule(nn.Conv2d, Conv2dRule())
+register_rule(nn.ConvTranspose2d, ConvTranspose2dRule())
+register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
+register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(nn.GroupNorm, GroupNormRule())
+if hasattr(nn, "RMSNorm"):
+    register_rule(nn.RMSNorm, RMSNormRule())
 
 __all__ = [
+    "Conv1dRule",
     "Conv2dRule",
+    "ConvTranspose2dRule",
     "Dense",
     "Description",
+    "Diagonal",
+    "EmbeddingRule",
+    "GenericRule",
+    "GroupNormRule",
+    "LayerNormRule",
     "LayerRule",
     "LinearRule",
     "Matrix",
+    "MultiheadAttentionRule",
     "Patches",
+    "PerSample",
+    "RMSNormRule",
+    "Rows",
     "rank1_sketch",
     "register_rule",
     "rule_for",

@@ -7,14 +7,19 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from trajlab.record.rules.base import Description, LayerRule, Patches
+from trajlab.record.rules.base import Description, LayerRule, Patches, require_batched
 from trajlab.store.metadata import ConvGeometry
 
 
-def _padding(module: nn.Conv2d) -> tuple[int, int]:
+def _padding(module: nn.Conv2d) -> tuple[int, ...]:
+    """(ph, pw), or (top, bottom, left, right) when ``padding="same"`` pads asymmetrically
+    (even kernels): geometries never relabel an asymmetric padding as a symmetric one."""
     if isinstance(module.padding, str):
-        rp = module._reversed_padding_repeated_twice  # resolved "same"
-        return (int(rp[2]), int(rp[0]))
+        rp = module._reversed_padding_repeated_twice  # (left, right, top, bottom)
+        top, bottom, left, right = (int(rp[2]), int(rp[3]), int(rp[0]), int(rp[1]))
+        if top == bottom and left == right:
+            return (top, left)
+        return (top, bottom, left, right)
     return (int(module.padding[0]), int(module.padding[1]))
 
 
@@ -29,13 +34,14 @@ class Conv2dRule(LayerRule):
 
     def describe(self, module, matrix, args, kwargs) -> Description:
         inp = args[0]
-        pad = _padding(module)
+        require_batched(module, "input", inp, 4)
+        rp = module._reversed_padding_repeated_twice
         H, W = inp.shape[-2:]
-        out_h = (H + 2 * pad[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1)
-        out_w = (W + 2 * pad[1] - module.dilation[1] * (module.kernel_size[1] - 1) - 1)
+        out_h = (H + rp[2] + rp[3] - module.dilation[0] * (module.kernel_size[0] - 1) - 1)
+        out_w = (W + rp[0] + rp[1] - module.dilation[1] * (module.kernel_size[1] - 1) - 1)
         positions = (out_h // module.stride[0] + 1) * (out_w // module.stride[1] + 1)
         geo = ConvGeometry(kernel_shape=tuple(module.weight.shape), stride=tuple(module.stride),
-                           padding=pad, dilation=tuple(module.dilation),
+                           padding=_padding(module), dilation=tuple(module.dilation),
                            padding_mode=module.padding_mode, input_size=(int(H), int(W)))
         return Description("subspace", int(positions), geo)
 

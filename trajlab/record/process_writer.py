@@ -1,0 +1,369 @@
+"""A writer process fed through shared memory: the same contract as
+:class:`trajlab.record.writer.BackgroundWriter`, with the compression and the Zarr machinery out
+of the training process's interpreter (no GIL shared with training).
+
+Three parts:
+
+* the training thread only enqueues the step's host tensors (``put``, bounded queue), as with the
+  writer thread;
+* a feeder thread in the training process waits for device-to-host copies, copies the tensors
+  into a free slot of an anonymous shared-memory ring (``queue_size`` slots, sized on the first
+  record) and sends the child a small descriptor (offsets, dtypes, shapes) through a pipe; a
+  record larger than a slot travels through the pipe itself;
+* the child, forked on the first record (so the ring is inherited, nothing is named in
+  ``/dev/shm`` and nothing leaks when the training process is killed), copies the row out,
+  frees the slot and hands the row to the same :class:`~trajlab.record.writer.RowSink` the
+  writer thread uses; so rows, flushes and commits are those of the thread, bit for bit.
+
+Crash safety is that of the thread: the child leaves at once, without writing more, when the
+training process is gone (its parent changes or the pipe closes), and every Zarr write is atomic.
+A failure in the child is reported back as ``error`` (the store is marked truncated with the
+reason, as the recorder does for the thread), and the child then drains so ``put`` never blocks.
+Only local stores (a path) are written by a process; :func:`make_writer` falls back to the thread
+for other stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+import multiprocessing
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from trajlab.record.writer import BackgroundWriter, PendingRecord, RowSink
+from trajlab.store.metadata import RunMeta
+from trajlab.store.run_store import RunStoreWriter, StepRecord
+
+_ALIGN = 64
+_STOP = ("stop",)
+
+
+class _Shm:
+    """A tensor's place in a slot: (offset from the slot start, dtype string, shape)."""
+
+    __slots__ = ("dtype", "offset", "shape")
+
+    def __init__(self, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
+        self.offset, self.dtype, self.shape = offset, dtype, shape
+
+    def __reduce__(self):
+        return (_Shm, (self.offset, self.dtype, self.shape))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+
+
+def record_bytes(record: PendingRecord) -> int:
+    """Bytes a record's tensors take in a slot (each aligned to 64 bytes)."""
+    n = sum(_nbytes(v) for v in record.root.values() if isinstance(v, torch.Tensor))
+    for arrays in record.layers.values():
+        n += sum(_nbytes(v) for v in arrays.values() if isinstance(v, torch.Tensor))
+    return n
+
+
+class ProcessWriter:
+    """Owns a child process that writes the run store; same interface as
+    :class:`~trajlab.record.writer.BackgroundWriter`.
+
+    Parameters
+    ----------
+    writer : the store writer (opened, maybe not yet created) of a local store; the child
+        process writes through its copy of it.
+    queue_size : records that may wait (in the queue and in the ring) before ``put`` blocks.
+    flush_seconds : commit buffered rows at least this often.
+    on_nonfinite : called (in a thread of this process) with (step, layer) for a flagged row.
+    on_tick : called (in a thread of this process) before every flush of the child.
+    slot_bytes : size of one shared-memory slot; default twice the first record.
+    """
+
+    def __init__(
+        self,
+        writer: RunStoreWriter,
+        *,
+        queue_size: int = 8,
+        flush_seconds: float = 5.0,
+        on_nonfinite: Callable[[int, str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        slot_bytes: int | None = None,
+    ) -> None:
+        if writer.target.path is None:
+            raise ValueError("a writer process needs a local store (a path); use the thread")
+        self.writer = writer
+        self.flush_seconds = flush_seconds
+        self.on_nonfinite = on_nonfinite
+        self.on_tick = on_tick
+        self.error: BaseException | None = None
+        self.slot_bytes = slot_bytes
+        self.n_slots = max(2, int(queue_size))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._pending_create: tuple | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._closed = threading.Event()
+        self._feeder = threading.Thread(target=self._feed, name="trajlab-feeder", daemon=True)
+        self._listener: threading.Thread | None = None
+        self._feeder.start()
+
+    # --------------------------------------------------------------- training thread
+    def create(self, meta: RunMeta, sample_capacity: int) -> None:
+        self.writer.meta = meta  # the recorder's checks read it (dtype of the run)
+        self._put(("create", meta, sample_capacity))
+
+    def put(self, record: PendingRecord) -> None:
+        """Enqueue a record; blocks while the queue is full."""
+        self._put(("record", record))
+
+    def _put(self, item: Any) -> None:
+        while self.error is None:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, *, truncated: str | None = None) -> None:
+        """Flush everything, stop the child and the threads, mark the store truncated if asked."""
+        for item in (("close", truncated), _STOP):  # delivered after an error too
+            while self._feeder.is_alive():
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+        self._feeder.join()
+
+    # --------------------------------------------------------------- feeder thread
+    def _feed(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                kind = item[0]
+                if kind == "create":
+                    self._pending_create = item
+                elif kind == "record":
+                    self._send_record(item[1])
+                elif kind == "close":
+                    self._finish(item[1])
+                elif kind == "stop":
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported to the training thread
+            if self.error is None:
+                self.error = e
+            self._drain_queue()
+            if self._proc is not None and self._proc.is_alive():
+                self._proc.kill()
+
+    def _drain_queue(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _start(self, first: PendingRecord) -> None:
+        """Allocate the ring and fork the child (on the first record)."""
+        ctx = multiprocessing.get_context("fork")
+        self.slot_bytes = self.slot_bytes or max(1 << 20, 2 * record_bytes(first))
+        self._ring = mmap.mmap(-1, self.slot_bytes * self.n_slots)  # anonymous, MAP_SHARED
+        self._free = ctx.Semaphore(self.n_slots)
+        self._next_slot = 0
+        self._to_child, child_in = ctx.Pipe(duplex=False)[::-1]
+        reports, self._to_parent = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_child_main, name="trajlab-writer",
+            args=(self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
+                  self._free, self.flush_seconds, os.getpid(), (self._to_child, reports)),
+            daemon=True)
+        gc.freeze()  # the child never collects (and finalizes) the training process's objects
+        try:
+            self._proc.start()
+        finally:
+            gc.unfreeze()
+        child_in.close()
+        self._to_parent.close()
+        self._reports = reports
+        self._listener = threading.Thread(target=self._listen, name="trajlab-writer-reports",
+                                          daemon=True)
+        self._listener.start()
+        if self._pending_create is not None:
+            self._to_child.send(self._pending_create)
+            self._pending_create = None
+
+    def _send_record(self, record: PendingRecord) -> None:
+        if self.error is not None:
+            return
+        if record.event is not None:
+            record.event.synchronize()  # device-to-host copies done
+        if self._proc is None:
+            self._start(record)
+        if record_bytes(record) > self.slot_bytes:
+            self._to_child.send(("inline", _as_numpy(record)))  # larger than a slot
+            return
+        while not self._free.acquire(timeout=0.5):
+            if self.error is not None:
+                return
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.n_slots
+        base = slot * self.slot_bytes
+        cursor = [0]
+
+        def place(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            src = v.detach().numpy()
+            dst = np.ndarray(src.shape, src.dtype, buffer=self._ring, offset=base + cursor[0])
+            np.copyto(dst, src)
+            ref = _Shm(cursor[0], src.dtype.str, src.shape)
+            cursor[0] += _nbytes(v)
+            return ref
+
+        root = {k: place(v) for k, v in record.root.items()}
+        layers = {n: {k: place(v) for k, v in a.items()} for n, a in record.layers.items()}
+        self._to_child.send(("slot", slot, root, layers))
+
+    def _finish(self, truncated: str | None) -> None:
+        if self._proc is None:
+            # no record reached the child: do in this process what the thread would do
+            sink = RowSink(self.writer, flush_seconds=self.flush_seconds,
+                           on_nonfinite=self.on_nonfinite, on_tick=self.on_tick)
+            if self._pending_create is not None:
+                sink.create(*self._pending_create[1:])
+            sink.close(truncated)
+            return
+        try:
+            self._to_child.send(("close", truncated))
+            self._to_child.send(_STOP)
+        except OSError:
+            pass
+        self._proc.join()
+        if self._listener is not None:
+            self._listener.join()
+        if self.error is None and self._proc.exitcode != 0:
+            self.error = RuntimeError(f"the trajlab writer process exited with code "
+                                      f"{self._proc.exitcode}")
+        self._to_child.close()
+        self._reports.close()
+
+    # --------------------------------------------------------------- listener thread
+    def _listen(self) -> None:
+        while True:
+            try:
+                msg = self._reports.recv()
+            except (EOFError, OSError):
+                return
+            kind = msg[0]
+            if kind == "nonfinite" and self.on_nonfinite is not None:
+                self.on_nonfinite(msg[1], msg[2])
+            elif kind == "tick" and self.on_tick is not None:
+                self.on_tick()
+            elif kind == "error":
+                self.error = msg[1]
+
+
+def _as_numpy(record: PendingRecord) -> StepRecord:
+    def conv(v):
+        return v.detach().numpy().copy() if isinstance(v, torch.Tensor) else v
+
+    return StepRecord(root={k: conv(v) for k, v in record.root.items()},
+                      layers={n: {k: conv(v) for k, v in a.items()}
+                              for n, a in record.layers.items()})
+
+
+# ----------------------------------------------------------------------------- child process
+def _child_main(*args: Any) -> None:
+    """The writer process. It leaves with ``os._exit``: no interpreter shutdown, so nothing the
+    training process had buffered (stdout, atexit handlers) runs or prints twice."""
+    code = 1
+    try:
+        _child_loop(*args)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _child_loop(writer: RunStoreWriter, inbox, reports, ring: mmap.mmap, slot_bytes: int,
+                free, flush_seconds: float, parent: int, parent_ends: tuple) -> None:
+    """Rows from the ring into a :class:`RowSink` until told to stop."""
+    for conn in parent_ends:  # so that the pipe closes when the training process is gone
+        conn.close()
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    def on_tick() -> None:
+        if orphaned():
+            os._exit(0)  # the training process is gone: write nothing more
+        reports.send(("tick",))
+
+    sink = RowSink(writer, flush_seconds=flush_seconds,
+                   on_nonfinite=lambda s, n: reports.send(("nonfinite", s, n)),
+                   on_tick=on_tick)
+    failed = False
+    while True:
+        try:
+            ready = inbox.poll(min(0.2, sink.wait_seconds()))
+            if orphaned():
+                os._exit(0)
+            if not ready:
+                if not failed and sink.due():
+                    sink.flush()
+                continue
+            msg = inbox.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the pipe closed: the training process is gone
+        kind = msg[0]
+        if kind == "stop":
+            return
+        try:
+            if kind == "slot":
+                row = _copy_out(ring, msg[1] * slot_bytes, msg[2], msg[3])
+                free.release()
+                if not failed:
+                    sink.add(row)
+            elif failed:
+                continue
+            elif kind == "inline":
+                sink.add(msg[1])
+            elif kind == "create":
+                sink.create(msg[1], msg[2])
+            elif kind == "close":
+                sink.close(msg[1])
+        except BaseException as e:  # noqa: BLE001 - reported to the training process
+            failed = True
+            try:
+                reports.send(("error", e))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle
+                reports.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+            with contextlib.suppress(Exception):  # best effort, as the recorder's own marking
+                writer.set_truncated(f"{type(e).__name__}: {e}")
+
+
+def _copy_out(ring: mmap.mmap, base: int, root: dict, layers: dict) -> StepRecord:
+    def take(v: Any) -> Any:
+        if not isinstance(v, _Shm):
+            return v
+        return np.ndarray(v.shape, np.dtype(v.dtype), buffer=ring, offset=base + v.offset).copy()
+
+    return StepRecord(root={k: take(v) for k, v in root.items()},
+                      layers={n: {k: take(v) for k, v in a.items()} for n, a in layers.items()})
+
+
+def make_writer(kind: str, writer: RunStoreWriter, **kwargs: Any
+                ) -> BackgroundWriter | ProcessWriter:
+    """``"thread"`` or ``"process"`` writer; a process only for local stores (else a thread)."""
+    if kind == "process" and writer.target.path is not None:
+        return ProcessWriter(writer, **kwargs)
+    if kind not in ("thread", "process"):
+        raise ValueError(f"writer must be 'thread' or 'process', got {kind!r}")
+    return BackgroundWriter(writer, **kwargs)
+
+
+__all__ = ["ProcessWriter", "make_writer", "record_bytes"]
