@@ -1,195 +1,343 @@
-"""Benchmark of trajlab.analyze: steps per second with 1 and 2 Dask workers, and peak memory.
+"""Benchmark of trajlab.analyze: vectorised vs per-step nodes, schedulers, sweeps, memory.
 
-Usage: ``python benchmarks/analysis.py [--quick] [--steps T]``.
+Usage: ``python benchmarks/analysis.py [--quick] [--only SECTION[,SECTION]]``; sections:
 
-Records the digits demo run with T and 4T steps, then
+* ``vectorised``: every (layer, chunk) node of the demo run (digits ConvNet, 1000 steps) and of
+  the MLP benchmark run (784-512-512-10, B=128, 60 steps of random data) computed by the
+  vectorised :func:`trajlab.analysis.tasks.layer_chunk` and by the per-step reference
+  :func:`trajlab.analysis.reference.layer_chunk_per_step`, interleaved node by node, in this
+  process with one torch and one BLAS thread. Layer-steps per CPU-second (per core) of each, their
+  ratio, and the largest difference of any variable (relative to the variable's scale).
+* ``schedulers``: 60-step runs analysed end to end with the default scheduler ("auto"),
+  ``"threads"``, ``"synchronous"`` and a fresh 2-worker LocalCluster (start-up included, as the
+  default would pay it); interleaved repeats, medians. Prints ``_estimate_seconds`` and what
+  "auto" chose.
+* ``sweep``: 16 digits MLP runs of 64 (and of 256) steps analysed in one call on pre-started
+  LocalClusters of 1 and 2 single-threaded workers (start-up reported apart); interleaved
+  repeats.
+* ``memory``: peak RSS of the 2 worker processes (psutil, sampled every 10 ms) and of this
+  process while a fresh 2-worker cluster analyses 4, 8 and 16 such runs, and 16 runs of twice
+  the steps. Flat means bounded by the node size, not by the number of runs or steps.
 
-* throughput: analyses the T-step run on LocalClusters of 1 and 2 single-threaded worker
-  processes, both started *before* timing (start-up reported separately), and on Dask's threaded
-  scheduler for reference; runs are interleaved (threads, 1 worker, 2 workers, ...) and the table
-  gives medians with min..max;
-* memory: analyses the T- and 4T-step runs in fresh subprocesses with the synchronous scheduler
-  and reports their peak RSS (``ru_maxrss``) above the RSS right before ``analyze``. Flat means
-  bounded by the chunk size, not by the run's length.
-
-All numbers are measured in this run. Not a test.
+Every figure is measured in this run; the load average and OMP_WAIT_POLICY are printed with
+it. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import resource
+import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import dask
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
 import trajlab
+from trajlab.analysis import engine
+from trajlab.analysis.pipeline import _estimate_seconds
+from trajlab.analysis.plan import AnalysisOptions, make_plan
+from trajlab.analysis.reference import layer_chunk_per_step
+from trajlab.analysis.tasks import layer_chunk
 from trajlab.recipes import TrainConfig, record_digits
 
-TARGET_SPEEDUP = 1.7
+TARGET_VECTORISED = 5.0
+TARGET_WORKERS = 1.8
+#: Variables that are differences of larger terms: compared at the scale of those terms.
+SCALE_OF = {"drift_optimizer": ("drift_optimizer", "drift_flow"),
+            "drift_noise_cov": ("drift_noise_cov", "drift_noise"),
+            "diffusion2_cov": ("diffusion2_cov", "diffusion2"),
+            "drift_discretization": ("drift_discretization", "drift_noise")}
 
 
+def conditions() -> str:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"load average {load} (1/5/15 min) on {os.cpu_count()} cores; OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; torch threads "
+            f"{torch.get_num_threads()}")
+
+
+def quiet_distributed() -> None:
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# ----------------------------------------------------------------------------- runs
+def record_mlp(path: Path, steps: int) -> Path:
+    """The record_overhead.py MLP (784-512-512-10, B=128) on random data."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4096, 784, generator=g)
+    Y = torch.randint(0, 10, (4096,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with trajlab.Recorder(model, path, optimizer=opt, loss_fn=F.cross_entropy, mode="w",
+                          metadata={"model": "mlp784", "batch_size": 128}) as rec:
+        for _ in range(steps):
+            idx = torch.randint(0, 4096, (128,), generator=g)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), Y[idx])
+            loss.backward()
+            rec.log(loss=loss, indices=idx, inputs=X[idx], targets=Y[idx])
+            opt.step()
+    return path
+
+
+def record(path: Path, cfg: TrainConfig) -> Path:
+    return record_digits(path, cfg, overwrite=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- vectorised
+def _worst(a: dict, b: dict) -> float:
+    """Largest |a - b| of any variable, relative to the variable's scale (max |b|)."""
+    worst = 0.0
+    for k, y in b.items():
+        x = a[k]
+        if y.dtype == bool:
+            worst = max(worst, float((x != y).any()))
+            continue
+        if not np.array_equal(np.isnan(x), np.isnan(y)):
+            return float("inf")
+        fin = np.isfinite(y) & ~b["degenerate"].astype(bool).reshape(
+            (-1,) + (1,) * (y.ndim - 1))
+        if not fin.any():
+            continue
+        scale = max(float(np.abs(b[j][np.isfinite(b[j])]).max(initial=0))
+                    for j in SCALE_OF.get(k, (k,)))
+        if scale > 0:
+            worst = max(worst, float(np.abs(x[fin] - y[fin]).max()) / scale)
+    return worst
+
+
+def bench_vectorised(runs: dict[str, Path]) -> None:
+    print(f"\n== Vectorised node vs per-step reference ({conditions()})")
+    print("CPU seconds of this process (one torch and one BLAS thread), every node of the "
+          "default plan, interleaved; ratio = per-step / vectorised")
+    print(f"{'run':8} {'layer':6} {'shape':12} {'sketch':9} {'rows':>5} {'vec ms/row':>10} "
+          f"{'ref ms/row':>10} {'ratio':>6} {'max diff':>9}")
+    with threadpool_limits(limits=1):
+        for name, path in runs.items():
+            run = trajlab.open_run(path)
+            plan = make_plan(run, None, None, None, AnalysisOptions())
+            tot_v = tot_r = 0.0
+            rows_total = 0
+            for li, lm in enumerate(plan.layers):
+                layer_chunk(plan, li, plan.chunks[0])  # warm-up
+                layer_chunk_per_step(plan, li, plan.chunks[0])
+                tv = tr = 0.0
+                worst = 0.0
+                for ci, rows in enumerate(plan.chunks):
+                    order = (layer_chunk, layer_chunk_per_step)[:: 1 if ci % 2 == 0 else -1]
+                    res = {}
+                    for fn in order:
+                        t0 = time.process_time()
+                        res[fn] = fn(plan, li, rows)
+                        dt = time.process_time() - t0
+                        if fn is layer_chunk:
+                            tv += dt
+                        else:
+                            tr += dt
+                    worst = max(worst, _worst(res[layer_chunk], res[layer_chunk_per_step]))
+                n = plan.n_rows
+                rows_total += n
+                tot_v, tot_r = tot_v + tv, tot_r + tr
+                print(f"{name:8} {lm.name:6} {lm.shape!s:12} {lm.sketch:9} {n:5d} "
+                      f"{1e3 * tv / n:10.3f} {1e3 * tr / n:10.3f} {tr / tv:6.2f} {worst:9.1e}")
+            print(f"{name:8} {'all':6} {'':12} {'':9} {rows_total:5d} layer-steps/s per core: "
+                  f"vectorised {rows_total / tot_v:8.1f}, per-step {rows_total / tot_r:8.1f}, "
+                  f"ratio {tot_r / tot_v:.2f}x (target {TARGET_VECTORISED}x)")
+
+
+# ----------------------------------------------------------------------------- schedulers
+def bench_schedulers(runs: dict[str, Path], repeats: int) -> None:
+    print(f"\n== Schedulers on 60-step runs ({conditions()})")
+    print(f"wall seconds of trajlab.analyze(run) in memory, median (min..max) of {repeats} "
+          "interleaved repeats; 'cluster(2)' starts a fresh 2-worker LocalCluster each time")
+    where = {"auto": "auto", "threads": "threads", "synchronous": "synchronous",
+             "cluster(2)": None}
+    for name, path in runs.items():
+        run = trajlab.open_run(path)
+        est = _estimate_seconds([make_plan(run, None, None, None, AnalysisOptions())])
+        chosen = []
+        trajlab.analyze(path, progress=False, on_schedule=chosen.append)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in where}
+        for _ in range(repeats):
+            for label, sched in where.items():
+                t0 = time.perf_counter()
+                trajlab.analyze(path, scheduler=sched, workers=2 if sched is None else None,
+                                progress=False)
+                times[label].append(time.perf_counter() - t0)
+            quiet_distributed()
+        cells = "  ".join(f"{k} {statistics.median(v):.2f} ({min(v):.2f}..{max(v):.2f})"
+                          for k, v in times.items())
+        print(f"{name:9} estimate {est:6.2f} s -> auto: {chosen[0]}\n          {cells}")
+    print(f"default: in-process below engine.IN_PROCESS_SECONDS = {engine.IN_PROCESS_SECONDS} s"
+          f" of estimated work, else a LocalCluster when CLUSTER_START_SECONDS = "
+          f"{engine.CLUSTER_START_SECONDS} s + W / workers < W / min(workers, THREADS_SPEEDUP = "
+          f"{engine.THREADS_SPEEDUP})")
+
+
+# ----------------------------------------------------------------------------- sweeps
 def start_cluster(n_workers: int):
-    """A LocalCluster like trajlab's default one (single-threaded worker processes)."""
+    import dask
     from distributed import Client, LocalCluster
 
     t0 = time.perf_counter()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE"}
     with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=40,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        )
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40, env=env)
     client = Client(cluster, set_as_default=False)
     client.wait_for_workers(n_workers)
     return cluster, client, time.perf_counter() - t0
 
 
-def timed_analyze(run: Path, out: Path, scheduler, steps=None) -> float:
-    # Clients are made with set_as_default=False (two live side by side), but analyze() needs
-    # the one it is given to be current (engine.run_graph's as_completed looks up the default).
-    ctx = scheduler.as_current() if not isinstance(scheduler, str) else contextlib.nullcontext()
-    with ctx:
-        t0 = time.perf_counter()
-        trajlab.analyze(str(run), out=str(out), overwrite=True, scheduler=scheduler,
-                        progress=False, steps=steps)
-        return time.perf_counter() - t0
+def analyse_sweep(runs: list[Path], out: Path, client) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    outs = [out / f"{p.stem}.analysis.zarr" for p in runs]
+    t0 = time.perf_counter()
+    trajlab.analyze(runs, out=outs, scheduler=client, progress=False)
+    return time.perf_counter() - t0
 
 
-def bench_throughput(run: Path, tmp: Path, repeats: int) -> None:
-    T = trajlab.open_run(run).n_steps
-    clusters = {}
-    for n in (1, 2):
-        clusters[n] = start_cluster(n)
-    for name in list(logging.root.manager.loggerDict):  # shutdown chatter of the clusters
-        if name.startswith("distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+def sweep_runs(tmp: Path, n: int, steps: int) -> list[Path]:
+    base = TrainConfig(model="mlp", hidden=32, steps=steps, batch_size=32, dtype="float64")
+    paths = []
+    for i in range(n):
+        p = tmp / f"sweep-{steps}" / f"seed{i:02d}.zarr"
+        if not p.exists():
+            record(p, base.replace(sampling_seed=i))
+        paths.append(p)
+    return paths
+
+
+def bench_sweep(tmp: Path, n_runs: int, steps: int, repeats: int) -> None:
+    runs = sweep_runs(tmp, n_runs, steps)
+    print(f"\n== One analyze() call over {n_runs} digits MLP runs of {steps} steps "
+          f"({conditions()})")
+    clusters = {n: start_cluster(n) for n in (1, 2)}
+    quiet_distributed()
     try:
-        where = {"threads": "threads", "1 worker": clusters[1][1], "2 workers": clusters[2][1]}
-        for name, s in where.items():  # warm-up: imports in the workers, file caches
-            timed_analyze(run, tmp / f"warm-{name}.zarr", s)
-        times: dict[str, list[float]] = {k: [] for k in where}
-        fixed = []  # per-call cost that does not scale with steps: a 1-step analysis, 1 worker
+        for n, (_, client, _) in clusters.items():  # warm-up: imports, caches
+            analyse_sweep(runs, tmp / f"warm{n}", client)
+        times: dict[int, list[float]] = {1: [], 2: []}
         for r in range(repeats):
-            for name, s in where.items():
-                times[name].append(timed_analyze(run, tmp / f"a-{name}.zarr", s))
-            fixed.append(timed_analyze(run, tmp / "a-fixed.zarr", clusters[1][1], steps=(0, 1)))
+            for n, (_, client, _) in clusters.items():
+                times[n].append(analyse_sweep(runs, tmp / f"an{n}-{r}", client))
     finally:
         for cluster, client, _ in clusters.values():
             client.close()
             cluster.close()
-    meta = trajlab.open_run(run).meta
-    print(f"\nThroughput on the {T}-step digits run (chunk_steps {meta.chunk_steps}, "
-          f"{len(meta.layers)} layers); {repeats} interleaved repeats, median (min..max)")
-    print(f"{'scheduler':10} {'start-up s':>10} {'s / analysis':>22} {'steps/s':>9} "
-          f"{'vs 1 worker':>22}")
-    one = times["1 worker"]
-    for name, ts in times.items():
-        start = {"1 worker": clusters[1][2], "2 workers": clusters[2][2]}.get(name)
-        ratios = [a / b for a, b in zip(one, ts)]
-        start_s = f"{start:10.2f}" if start is not None else f"{'-':>10}"
-        print(f"{name:10} {start_s} {statistics.median(ts):8.3f} ({min(ts):.3f}..{max(ts):.3f})"
-              f" {T / statistics.median(ts):9.1f} {statistics.median(ratios):8.2f}x "
-              f"({min(ratios):.2f}..{max(ratios):.2f})")
-    print(f"per-call fixed cost (1-step analysis, 1 worker): {statistics.median(fixed):.3f} s "
-          f"({min(fixed):.3f}..{max(fixed):.3f})")
-    print(f"target: 2 workers >= {TARGET_SPEEDUP}x 1 worker")
+    ratios = [a / b for a, b in zip(times[1], times[2])]
+    for n in (1, 2):
+        ts = times[n]
+        print(f"{n} worker{'s' if n > 1 else ' '}: start-up {clusters[n][2]:.2f} s, analysis "
+              f"{statistics.median(ts):.2f} s ({min(ts):.2f}..{max(ts):.2f}), "
+              f"{n_runs * steps / statistics.median(ts):.0f} steps/s")
+    print(f"2 workers / 1 worker: {statistics.median(ratios):.2f}x ({min(ratios):.2f}.."
+          f"{max(ratios):.2f}) over {repeats} paired repeats (target {TARGET_WORKERS}x)")
 
 
-def peak_child(run: str, out: str) -> None:
-    """Subprocess entry: analyse ``run`` synchronously, print RSS figures as JSON."""
-    import threading
-
+# ----------------------------------------------------------------------------- memory
+@contextlib.contextmanager
+def rss_sampler(pids: list[int], every: float = 0.01):
     import psutil
 
-    r = trajlab.open_run(run)
-    # Warm-up on one step: imports, torch/zarr thread pools, first allocations.
-    trajlab.analyze(r, out=out + ".warm", overwrite=True, scheduler="synchronous",
-                    progress=False, steps=(int(r.steps[0]), int(r.steps[0]) + 1))
-    proc = psutil.Process()
-    rss_before = proc.memory_info().rss
-    sampled = [rss_before]
+    procs = [psutil.Process(p) for p in pids]
+    before = [p.memory_info().rss for p in procs]
+    peak = list(before)
     done = threading.Event()
 
-    def sample() -> None:  # ru_maxrss is a high-water mark since start: sample RSS as well
-        while not done.wait(0.002):
-            sampled.append(proc.memory_info().rss)
+    def sample() -> None:
+        while not done.wait(every):
+            for i, p in enumerate(procs):
+                with contextlib.suppress(psutil.Error):
+                    peak[i] = max(peak[i], p.memory_info().rss)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    trajlab.analyze(r, out=out, overwrite=True, scheduler="synchronous", progress=False)
-    done.set()
-    sampler.join()
-    print(json.dumps({
-        "rss_before_kb": rss_before // 1024,
-        "peak_kb": max(sampled) // 1024,
-        "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }))
-
-
-def bench_memory(runs: dict[int, Path], tmp: Path, repeats: int) -> None:
-    print("\nPeak RSS of analyze() in a fresh process (synchronous scheduler; RSS sampled every "
-          f"2 ms, after a 1-step warm-up), median (min..max) over {repeats} runs")
-    print(f"{'steps':>6} {'chunk rows':>10} {'RSS before MB':>13} {'peak MB':>22} "
-          f"{'peak - before MB':>22} {'ru_maxrss MB':>12}")
-    rows = {}
-    for _ in range(repeats):  # interleaved: T, 4T, T, 4T, ...
-        for T, run in runs.items():
-            proc = subprocess.run(
-                [sys.executable, __file__, "--_peak", str(run), str(tmp / f"peak-{T}.zarr")],
-                check=True, capture_output=True, text=True,
-            )
-            rows.setdefault(T, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    grow = {}
-    for T, rs in rows.items():
-        peak = [r["peak_kb"] / 1024 for r in rs]
-        delta = [(r["peak_kb"] - r["rss_before_kb"]) / 1024 for r in rs]
-        grow[T] = statistics.median(delta)
-        attrs = trajlab.open_analysis(str(tmp / f"peak-{T}.zarr")).attrs
-        chunk = attrs.get("trajlab", {}).get("chunk_rows", "?")
-        print(f"{T:6d} {chunk!s:>10} {statistics.median(r['rss_before_kb'] for r in rs) / 1024:13.0f}"
-              f" {statistics.median(peak):8.0f} ({min(peak):.0f}..{max(peak):.0f})"
-              f" {statistics.median(delta):8.1f} ({min(delta):.1f}..{max(delta):.1f})"
-              f" {statistics.median(r['maxrss_kb'] for r in rs) / 1024:12.0f}")
-    small, big = sorted(grow)
-    print(f"growth from {small} to {big} steps: {grow[big] - grow[small]:+.1f} MB "
-          "(target: flat, bounded by the chunk size)")
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    result: dict[str, list[int]] = {"before": before, "peak": peak}
+    try:
+        yield result
+    finally:
+        done.set()
+        th.join()
 
 
+def bench_memory(tmp: Path, sizes: list[tuple[int, int]]) -> None:
+    print(f"\n== Peak RSS of a fresh 2-worker cluster analysing a sweep in one call "
+          f"({conditions()})")
+    print(f"{'runs':>4} {'steps':>5} {'nodes':>5} {'worker RSS before MB':>20} "
+          f"{'worker peak MB':>15} {'peak-before MB':>15} {'client peak-before MB':>21}")
+    for n_runs, steps in sizes:
+        runs = sweep_runs(tmp, n_runs, steps)
+        plan = make_plan(trajlab.open_run(runs[0]), None, None, None, AnalysisOptions())
+        nodes = n_runs * len(plan.chunks) * (len(plan.layers) + 1)
+        cluster, client, _ = start_cluster(2)
+        quiet_distributed()
+        try:
+            pids = list(client.run(os.getpid).values())
+            analyse_sweep(runs[:1], tmp / "mem-warm", client)  # imports in the workers
+            with rss_sampler(pids + [os.getpid()]) as rss:
+                analyse_sweep(runs, tmp / "mem", client)
+        finally:
+            client.close()
+            cluster.close()
+        b, p = rss["before"], rss["peak"]
+        mb = 1 / 2**20
+        print(f"{n_runs:4d} {steps:5d} {nodes:5d} "
+              f"{' / '.join(f'{x * mb:.0f}' for x in b[:-1]):>20} "
+              f"{' / '.join(f'{x * mb:.0f}' for x in p[:-1]):>15} "
+              f"{' / '.join(f'{(y - x) * mb:.0f}' for x, y in zip(b[:-1], p[:-1])):>15} "
+              f"{(p[-1] - b[-1]) * mb:21.0f}")
+
+
+# ----------------------------------------------------------------------------- main
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--_peak":
-        peak_child(sys.argv[2], sys.argv[3])
-        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fast smoke run (< 60 s)")
-    p.add_argument("--steps", type=int, default=None, help="T: steps of the shorter run")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--only", default="vectorised,schedulers,sweep,memory",
+                   help="comma-separated sections (default: all)")
     args = p.parse_args()
-    T = args.steps or (32 if args.quick else 256)
-    repeats = 2 if args.quick else 4
-    mem_repeats = 1 if args.quick else 2
-    print(f"trajlab {trajlab.__version__}; digits ConvNet runs of {T} and {4 * T} steps")
+    only = set(args.only.split(","))
+    torch.set_num_threads(1)
+    q = args.quick
+    print(f"trajlab {trajlab.__version__}, torch {torch.__version__}; {conditions()}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        runs = {}
-        for steps in (T, 4 * T):
-            t0 = time.perf_counter()
-            runs[steps] = record_digits(tmp / f"run-{steps}.zarr", TrainConfig(steps=steps),
-                                        progress=False)
-            print(f"recorded {steps} steps in {time.perf_counter() - t0:.1f} s")
-        bench_throughput(runs[T], tmp, repeats)
-        bench_memory(runs, tmp, mem_repeats)
+        if "vectorised" in only:
+            runs = {"demo": record(tmp / "demo.zarr", TrainConfig(model="convnet",
+                                                                 steps=200 if q else 1000)),
+                    "mlp784": record_mlp(tmp / "mlp784.zarr", 12 if q else 60)}
+            bench_vectorised(runs)
+        if "schedulers" in only:
+            runs = {"convnet60": record(tmp / "convnet60.zarr",
+                                        TrainConfig(model="convnet", steps=60)),
+                    "mlp784-60": (tmp / "mlp784.zarr" if (tmp / "mlp784.zarr").exists()
+                                  else record_mlp(tmp / "mlp784.zarr", 60))}
+            bench_schedulers(runs, 1 if q else 3)
+        if "sweep" in only:
+            for steps in ((32,) if q else (64, 256)):  # 256: more work per run's fixed cost
+                bench_sweep(tmp, 4 if q else 16, steps, 1 if q else 3)
+        if "memory" in only:
+            sizes = [(2, 32), (4, 32)] if q else [(4, 64), (8, 64), (16, 64), (16, 128)]
+            bench_memory(tmp, sizes)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

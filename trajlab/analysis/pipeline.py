@@ -3,8 +3,10 @@
 The work is one Dask graph over every analysed run: (layer, step-chunk) nodes feed one chunk
 node per step chunk, which computes the network terms and (with ``out=``) writes every variable
 of that chunk into the run's analysis store, then its done-marker. A killed analysis resumes
-with the unfinished chunks only; the series-wide integrals are computed at the end from the
-stored per-step terms.
+with the unfinished chunks only. With ``out=``, laying out a new store and the series-wide
+integrals (computed from the stored per-step terms once every chunk is written) are graph nodes
+of their run too, so that the per-run work of a sweep is spread over the workers; the caller
+only plans, checks the targets under their locks, and opens the results.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trajlab.analysis.assemble import (
     store_specs,
 )
 from trajlab.analysis.plan import AnalysisOptions, Plan, make_plan
-from trajlab.analysis.tasks import chunk_values, layer_chunk, network_chunk
+from trajlab.analysis.tasks import chunk_values, layer_chunk, network_chunk, plan_run
 from trajlab.errors import StoreError
 from trajlab.store import Run, open_run
 from trajlab.store.analysis_store import AnalysisStore
@@ -46,13 +48,28 @@ class _Job:
     plan: Plan
     out: Any
     out_options: dict | None
-    store: AnalysisStore | None = None
+    store: AnalysisStore | None = None  # an existing store to resume or reuse
     pending: tuple[int, ...] = ()
+    create: bool = False  # lay out a new store (in the graph)
+
+    @property
+    def complete(self) -> bool:
+        return self.store is not None and self.store.meta.complete
 
 
 # ----------------------------------------------------------------------------- graph nodes
-def _layer_node(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndarray]:
-    engine.single_threaded_in_workers()
+# Per run: [create] -> layer nodes (layer, chunk) -> chunk nodes -> [finish]; the bracketed
+# ones only with an analysis store. Store layout and the series-wide integrals run in the graph
+# too, so that a sweep's per-run work is spread over the workers.
+def _create_node(plan: Plan, out, out_options, run_info: dict[str, Any]) -> None:
+    """Lay out a new analysis store for ``plan`` at ``out`` (replacing an analysis store only:
+    the caller has checked the target under its lock)."""
+    _create(plan, run_info, inspect(out, storage_options=out_options))
+
+
+def _layer_node(plan: Plan, li: int, rows: tuple[int, int], threads: int, home_pid: int,
+                created: None = None) -> dict[str, np.ndarray]:
+    engine.node_threads(threads, home_pid)
     return layer_chunk(plan, li, rows)
 
 
@@ -67,17 +84,30 @@ def _chunk_node(plan: Plan, out, out_options, ci: int, layer_results) -> Any:
     return ci, None
 
 
+def _finish_node(plan: Plan, out, out_options, chunk_results) -> tuple[None, None]:
+    """Once every chunk of the run is written: the series-wide integrals, then ``complete``."""
+    store = AnalysisStore.open(out, storage_options=out_options, mode="r+")
+    if not store.meta.complete:
+        store.write_all(integrals(store.read(list(INTEGRAL_INPUTS)), every=plan.every))
+        store.mark_complete()
+    return None, None
+
+
 def _estimate_seconds(plans: Sequence[Plan]) -> float:
-    """Rough single-core cost of the vectorised kernels (calibrated on a 2-core VM): a thin
-    SVD and a few products per layer-step, plus a fixed cost per node."""
+    """Single-core seconds of the analysis graph, from costs measured on a 2-core VM
+    (benchmarks/analysis.py): per layer-step, the resolvent kernel's dense linear algebra on
+    the smaller side r of an (m, n) layer (~2.5e-10 s * r^2 max(m, n)), its passes over the
+    (m, n) arrays and the reads (~5e-8 s * m n), its per-sample work (~3e-8 s * B (m + n));
+    per node, ~15 ms of reads and kernel calls (layer nodes) and ~20 ms (chunk nodes:
+    network terms and writes)."""
     total = 0.0
     for p in plans:
         for lm in p.layers:
             m, n = lm.shape
-            r = min(m, n)
-            per_row = 3e-9 * m * n * r + 4e-9 * p.sample_capacity * (m + n) * r + 2e-5
+            per_row = (2.5e-10 * min(m, n) ** 2 * max(m, n) + 5e-8 * m * n
+                       + 3e-8 * p.sample_capacity * (m + n) + 2e-5)
             total += p.n_rows * per_row
-        total += len(p.chunks) * (len(p.layers) + 1) * 5e-3
+        total += len(p.chunks) * (0.015 * len(p.layers) + 0.02)
     return total
 
 
@@ -114,11 +144,13 @@ def analyze(
         Nothing that is not a trajlab analysis store is ever overwritten or written into.
     layers : layer names (default: every recorded layer). Network terms use these layers.
     steps : slice or (start, stop) of step indices, stop exclusive (default: all committed).
-    scheduler : "auto" (default: in-process threads for small analyses, a LocalCluster when the
-        estimated work pays for one), None (a LocalCluster), "threads", "processes",
+    scheduler : "auto" (default: in-process threads, unless a LocalCluster is predicted to
+        finish first, its start-up included: :func:`trajlab.analysis.engine.choose_scheduler`),
+        None (a LocalCluster), "threads", "processes",
         "synchronous", a scheduler address ("tcp://host:8786") or a ``distributed.Client``.
     workers : worker processes of the LocalCluster (threads of the "threads" scheduler).
-    chunk_rows : recorded steps per graph node (default: chosen from the layer sizes).
+    chunk_rows : recorded steps per graph node (default: one stored chunk of the run, or an
+        even part of one for large layers; see the benchmarks README).
     gradient : "auto" (full-data probe gradient where recorded, batch gradient elsewhere),
         "batch", or "probe" (same as auto; use it to state intent).
     population : finite-population correction N for sampling without replacement. "auto":
@@ -178,13 +210,17 @@ def analyze(
         for lock in locks:
             lock.acquire()
         for j in jobs:
+            j.pending = tuple(range(len(j.plan.chunks)))
             if j.out is not None:
                 j.store = _prepare_store(j, overwrite)
-                j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
-            else:
-                j.pending = tuple(range(len(j.plan.chunks)))
-        results = _compute(jobs, scheduler, workers, progress, torch_threads, on_schedule)
-        datasets = [_finish(j, results.get(i, {})) for i, j in enumerate(jobs)]
+                j.create = j.store is None
+                if j.store is not None:
+                    j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
+        opened: dict[int, xr.Dataset] = {}
+        results = _compute(jobs, scheduler, workers, progress, torch_threads, on_schedule,
+                           opened)
+        datasets = [opened[i] if i in opened else _finish(j, results.get(i, {}))
+                    for i, j in enumerate(jobs)]
     finally:
         for lock in locks:
             lock.release()
@@ -192,27 +228,50 @@ def analyze(
 
 
 def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
-             on_schedule=None) -> dict:
-    """Run the graph of every pending chunk of every job; in-memory results by job."""
-    todo = [(i, j) for i, j in enumerate(jobs)
-            if j.pending and not (j.store is not None and j.store.meta.complete)]
+             on_schedule=None, opened: dict | None = None) -> dict:
+    """Run the graph of every unfinished job; in-memory results by job. A job with a store is
+    opened into ``opened`` as soon as its finish node completes (on a cluster, while the
+    workers go on with the other runs)."""
+    todo = [(i, j) for i, j in enumerate(jobs) if not j.complete]
     if not todo:
         return {}
     if scheduler == "auto":
-        scheduler = engine.choose_scheduler(_estimate_seconds([j.plan for _, j in todo]))
+        scheduler = engine.choose_scheduler(_estimate_seconds([j.plan for _, j in todo]),
+                                            workers)
     if on_schedule is not None:
         on_schedule(engine.describe(scheduler, workers))
-    nodes, owners = [], []
+    nodes, owners, finishers = [], [], {}
+    home = os.getpid()
     for i, j in todo:
         p = j.plan
+        created = None
+        if j.create:
+            created = delayed(_create_node, pure=False)(p, j.out, j.out_options,
+                                                        _run_info(j.run))
+        chunk_nodes = []
         for ci in j.pending:
             rows = p.chunks[ci]
-            lnodes = [delayed(_layer_node, pure=False)(p, li, rows) for li in range(len(p.layers))]
-            nodes.append(delayed(_chunk_node, pure=False)(p, j.out, j.out_options, ci, lnodes))
-            owners.append(i)
+            lnodes = [delayed(_layer_node, pure=False)(p, li, rows, torch_threads, home,
+                                                       created)
+                      for li in range(len(p.layers))]
+            chunk_nodes.append(delayed(_chunk_node, pure=False)(p, j.out, j.out_options, ci,
+                                                                lnodes))
+        if j.out is not None:
+            finishers[len(nodes) + len(chunk_nodes)] = i
+            chunk_nodes.append(delayed(_finish_node, pure=False)(p, j.out, j.out_options,
+                                                                 chunk_nodes))
+        nodes += chunk_nodes
+        owners += [i] * len(chunk_nodes)
     with engine.scheduler_context(scheduler, workers=workers,
                                   torch_threads=torch_threads) as where:
-        outs = engine.run_graph(nodes, where, progress=progress, desc="analysing")
+        def on_result(k: int, _) -> None:
+            if k in finishers and opened is not None:
+                j = jobs[finishers[k]]
+                opened[finishers[k]] = open_analysis(j.out, storage_options=j.out_options,
+                                                     run=j.run)
+
+        outs = engine.run_graph(nodes, where, progress=progress, desc="analysing",
+                                on_result=on_result)
     results: dict[int, dict] = {}
     for i, (ci, vals) in zip(owners, outs):
         if vals is not None:
@@ -220,8 +279,9 @@ def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
     return results
 
 
-def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore:
-    """Create, resume or reuse the job's analysis store; refuse what must not be touched."""
+def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore | None:
+    """The job's analysis store to resume or reuse, or None when a new one is to be laid out
+    (by the graph); refuses what must not be touched."""
     plan, out = job.plan, job.out
     target = inspect(out, storage_options=job.out_options)
     check_writable(target, "analysis", overwrite=True, resume=True)  # never non-analysis data
@@ -233,12 +293,12 @@ def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore:
                 raise
         else:
             if store.meta.state == "layout":
-                return _create(job, target)  # killed while being laid out: ours, no data
+                return None  # killed while being laid out: ours, no data
             if store.meta.signature() == plan.meta(created="", version="").signature():
                 return store  # resume, or reuse a finished analysis
             if not overwrite:
                 raise StoreError(_mismatch(out, store.meta, plan))
-    return _create(job, target)
+    return None
 
 
 def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:
@@ -255,36 +315,53 @@ def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:
             "overwrite=True (--overwrite) to recompute it, or choose another path")
 
 
-def _create(job: _Job, target) -> AnalysisStore:
-    from trajlab import __version__
-
-    plan, run = job.plan, job.run
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    meta = plan.meta(created=created, version=__version__)
+def _create(plan: Plan, run_info: dict[str, Any], target) -> AnalysisStore:
     import dataclasses
 
-    meta = dataclasses.replace(meta, run_info=_run_info(run))
+    from trajlab import __version__
+
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = dataclasses.replace(plan.meta(created=created, version=__version__),
+                               run_info=run_info)
     specs = {"step": (("step",), "int64", "optimizer-step index"),
              **store_specs(plan.options.operator)}
     sizes = {"step": plan.n_rows, "layer": len(plan.layers), "sample": plan.sample_capacity}
     store = AnalysisStore.create(target, meta, specs, sizes, len(plan.chunks))
-    store.write_all({"step": run.steps[plan.rows[0]:plan.rows[1]]})
+    # read with zarr, not through the run's Dask-backed view: this runs inside a graph node,
+    # where a nested compute would wait for the worker it runs on
+    store.write_all({"step": plan_run(plan).root_rows(["step"], plan.rows)["step"]})
     return store
 
 
 def _run_info(run: Run) -> dict[str, Any]:
+    """What the run's metadata says about it: the coordinates of :func:`open_analyses`.
+
+    Scalars of the recorder's ``metadata=``, and those of a dict in it (the ``config`` of
+    :mod:`trajlab.recipes`: lr, batch_size, seeds, optimizer, ...), flattened one level; a
+    top-level key wins over a nested one of the same name.
+    """
     m = run.meta
     info: dict[str, Any] = {"sampler": m.sampler, "every": m.every,
                             "dataset_size": m.dataset_size, "created": m.created}
-    for k, v in (m.user or {}).items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
+    user = m.user or {}
+
+    def scalar(v: Any) -> bool:
+        return isinstance(v, (str, int, float, bool)) or v is None
+
+    for k, v in user.items():
+        if scalar(v):
             info.setdefault(k, v)
+    for v in user.values():
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if scalar(x):
+                    info.setdefault(k, x)
     return info
 
 
 def _finish(job: _Job, chunk_results: dict[int, dict]) -> xr.Dataset:
     plan, run = job.plan, job.run
-    if job.store is None:
+    if job.out is None:
         T = plan.n_rows
         vals: dict[str, np.ndarray] = {}
         for ci, cv in sorted(chunk_results.items()):
@@ -295,12 +372,8 @@ def _finish(job: _Job, chunk_results: dict[int, dict]) -> xr.Dataset:
                 vals[k][sl] = v
         vals.update(integrals(vals, every=plan.every))
         meta = plan.meta(created="", version="").to_dict()
-        return build_dataset(vals, steps=run.steps[plan.rows[0]:plan.rows[1]],
+        return build_dataset(vals, steps=run.root_rows(["step"], plan.rows)["step"],
                              layers=plan.names, attrs=dataset_attrs(run, meta))
-    store = job.store
-    if not store.meta.complete:
-        store.write_all(integrals(store.read(list(INTEGRAL_INPUTS)), every=plan.every))
-        store.mark_complete()
     return open_analysis(job.out, storage_options=job.out_options, run=run)
 
 
@@ -327,8 +400,12 @@ def open_analysis(store: Any, *, storage_options: dict | None = None, run: Run |
             "the same arguments to resume it"
         )
     ds = st.dataset(storage_options=storage_options)
-    ds = ds.set_coords([c for c in ("step", "time") if c in ds])
-    ds = ds.assign_coords(layer=list(st.meta.layers))
+    # the small coordinates are read now, with zarr: building the step index from their lazy
+    # arrays would run a Dask compute (on a distributed client: a round trip per store)
+    coords = st.read([c for c in ("step", "time") if c in ds])
+    ds = ds.assign_coords({"step": coords["step"], "layer": list(st.meta.layers)})
+    if "time" in coords:
+        ds = ds.assign_coords(time=("step", coords["time"]))
     if run is None:
         try:
             run = open_run(st.meta.run, storage_options=storage_options)
@@ -345,26 +422,40 @@ def open_analysis(store: Any, *, storage_options: dict | None = None, run: Run |
 
 def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = None,
                   dim: str = "run") -> xr.Dataset:
-    """Open many analysis stores as one Dataset with a ``run`` dimension.
+    """Open many analysis stores as one Dataset with a ``run`` dimension (lazily).
 
     Parameters
     ----------
     paths : a glob pattern (``"sweep/*.analysis.zarr"``) or a sequence of stores.
+    storage_options : fsspec options for the stores.
     dim : name of the new dimension.
 
     Returns
     -------
     xr.Dataset
-        Each analysis along ``run`` (labelled by its path), with coordinates on ``run`` from
-        each run's metadata (sampler, every, dataset size and every scalar of the recorder's
-        ``metadata=``, e.g. lr, batch_size, seeds, optimizer), ready for ``groupby``. Runs with
-        different layers or lengths are aligned on ``layer`` and ``step`` with NaN where a run
-        has no value (outer join).
+        Each analysis along ``run`` (labelled by its path, in the order given; a glob is
+        sorted), with coordinates on ``run`` from each run's metadata: ``sampler``, ``every``,
+        ``dataset_size``, ``run_id`` and every scalar of the recorder's ``metadata=`` (e.g. lr,
+        batch_size, seeds, optimizer), including the fields of a :class:`trajlab.recipes.
+        TrainConfig` stored there as ``metadata={"config": ...}`` (``lr``, ``batch_size``,
+        ``sampling_seed``, ``optimizer``, ...), ready for ``groupby``. A key that is also the
+        name of an analysis variable gets the prefix ``run_`` (``run_lr``, ``run_batch_size``:
+        the per-step ``lr`` and ``batch_size`` variables stay as they are). A key that some runs
+        lack is NaN (numbers) or "None" (text) for them; integers stay integers when every
+        run has one. ``time`` becomes a (run, step)
+        coordinate: each run has its own clock.
+
+        Runs with different layers, lengths or batch sizes are aligned: ``step`` is the sorted
+        union of the runs' steps, ``layer`` the union of their layers in order of first
+        appearance, ``sample`` as long as the largest batch; a run has NaN wherever it has no
+        value. Boolean flags (``degenerate``, ``flow_full_gradient``) then become float (1.0 /
+        0.0, NaN where missing), as integers do in xarray; they stay boolean when every run has
+        the same steps, layers and sample capacity.
 
     Examples
     --------
     >>> ds = trajlab.open_analyses("sweep/*.analysis.zarr")  # doctest: +SKIP
-    >>> ds.logK_diffusion2.mean("step").groupby("batch_size").mean()  # doctest: +SKIP
+    >>> ds.logK_diffusion2.mean("step").groupby("run_batch_size").mean()  # doctest: +SKIP
     """
     if isinstance(paths, (str, os.PathLike)):
         found = sorted(_glob.glob(os.fspath(paths)))
@@ -377,27 +468,63 @@ def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = 
     parts, infos = [], []
     for p in paths:
         st = AnalysisStore.open(p, storage_options=storage_options)
-        ds = open_analysis(p, storage_options=storage_options)
-        parts.append(ds.drop_vars("time"))
+        ds = open_analysis(p, storage_options=storage_options).reset_coords("time")
+        if "sample" in ds.dims:
+            ds = ds.assign_coords(sample=np.arange(ds.sizes["sample"]))
+        parts.append(ds)
         infos.append({**st.meta.run_info, "run_id": st.meta.run_id})
-    keys = sorted({k for i in infos for k in i})
-    combined = xr.concat(parts, dim=dim, join="outer", combine_attrs="drop_conflicts",
+    parts = _aligned(parts)
+    combined = xr.concat(parts, dim=dim, join="exact", combine_attrs="drop_conflicts",
                          coords="minimal", compat="override")
-    combined = combined.assign_coords({dim: [str(p) for p in paths]})
-    for k in keys:
-        vals = [i.get(k) for i in infos]
-        if all(v is None or isinstance(v, (int, float, str, bool)) for v in vals):
-            arr = np.array([np.nan if v is None and any(isinstance(x, (int, float)) and not
-                                                       isinstance(x, bool) for x in vals)
-                            else v for v in vals], dtype=object)
-            try:
-                arr = arr.astype(float) if all(isinstance(v, (int, float)) and not
-                                               isinstance(v, bool) or v is None
-                                               for v in vals) else arr.astype(str)
-            except (TypeError, ValueError):
-                arr = arr.astype(str)
-            combined = combined.assign_coords({k: (dim, arr)})
+    combined = combined.set_coords("time").assign_coords({dim: [str(p) for p in paths]})
+    taken = set(combined.variables) | set(combined.dims)
+    for k in sorted({k for i in infos for k in i}):
+        arr = _coordinate([i.get(k) for i in infos])
+        if arr is not None:
+            name = f"{dim}_{k}" if k in taken else k  # never replace an analysis variable
+            combined = combined.assign_coords({name: (dim, arr)})
     return combined
+
+
+def _aligned(parts: list[xr.Dataset]) -> list[xr.Dataset]:
+    """Reindex analyses onto common ``step``, ``layer`` and ``sample`` coordinates (NaN where
+    a run has no value; boolean flags then become float)."""
+    steps = np.unique(np.concatenate([ds["step"].values for ds in parts]))
+    layers = list(dict.fromkeys(str(x) for ds in parts for x in ds["layer"].values))
+    samples = np.arange(max(ds.sizes.get("sample", 0) for ds in parts))
+    target = {"step": steps, "layer": layers, "sample": samples}
+
+    def same(ds: xr.Dataset) -> bool:
+        return all(d not in ds.dims or np.array_equal(ds[d].values, v)
+                   for d, v in target.items())
+
+    if all(same(ds) for ds in parts):
+        return parts
+    out = []
+    for ds in parts:
+        flags = [k for k, v in ds.data_vars.items() if v.dtype == bool]
+        ds = ds.assign({k: ds[k].astype(np.float64) for k in flags})
+        out.append(ds.reindex({d: v for d, v in target.items() if d in ds.dims}))
+    return out
+
+
+def _coordinate(values: list[Any]) -> np.ndarray | None:
+    """One ``run`` coordinate from each run's value: int (all integers), float (numbers, NaN
+    where missing), bool, else str; None when no run has a scalar value."""
+    if not all(v is None or isinstance(v, (int, float, str, bool, np.generic)) for v in values):
+        return None
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) == len(values) and all(isinstance(v, (bool, np.bool_)) for v in values):
+        return np.array(values, dtype=bool)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+           for v in values):
+        return np.array(values, dtype=np.int64)
+    if all(isinstance(v, (int, float, np.integer, np.floating))
+           and not isinstance(v, (bool, np.bool_)) for v in present):
+        return np.array([np.nan if v is None else float(v) for v in values])
+    return np.array([str(v) for v in values])
 
 
 def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.DataArray:

@@ -109,7 +109,7 @@ def make_plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> 
     if not names:
         raise ValueError("layers=[] selects nothing; pass None to analyse every recorded layer")
     metas = tuple(run.layer_meta(n) for n in names)  # KeyError naming the recorded layers
-    all_steps = run.steps
+    all_steps = run.root_rows(["step"])["step"]  # with zarr: no Dask compute while planning
     if steps is None:
         rows = (0, run.n_steps)
     else:
@@ -150,11 +150,18 @@ def _per_sample(lm: LayerMeta) -> bool:
 
 
 def _default_chunk_rows(run: Run, metas, n: int) -> int:
-    """Rows per node: enough to amortise per-node costs with the vectorised kernels (up to 128),
-    bounded so that a node's float64 working set stays near 64 MB, and at least 8 nodes' worth
-    of parallelism on long runs."""
-    biggest = max(lm.shape[0] * lm.shape[1] for lm in metas)
-    widest = max(lm.shape[0] + lm.shape[1] for lm in metas)
-    per_row = 8 * (4 * biggest + run.sample_capacity * widest * 2)
-    by_memory = max(1, (64 << 20) // max(per_row, 1))
-    return int(max(1, min(128, by_memory, max(8, math.ceil(n / 8)))))
+    """Rows per node: one chunk of the run store (``chunk_steps`` rows), or an even part of
+    one where the rows a node reads would exceed ~128 MB, and not more than the run.
+
+    A node that reads part of a stored chunk decodes all of it, and every node pays a fixed
+    cost (~10-20 ms: its reads and kernel calls), so nodes aligned with the stored chunks are
+    the cheapest; parallelism comes from the layers, the chunks and the runs of a sweep. The
+    node computes its rows in blocks whose float64 working set is bounded separately
+    (:func:`trajlab.analysis.tasks.block_rows`).
+    """
+    per_row = max(4 * (3 * lm.shape[0] * lm.shape[1] + run.sample_capacity * sum(lm.shape))
+                  for lm in metas)  # weight, grad, update and per-sample factors, float32
+    by_memory = max(1, (128 << 20) // max(per_row, 1))
+    stored = max(1, int(run.meta.chunk_steps))
+    rows = stored // math.ceil(stored / by_memory)  # an even part of a stored chunk
+    return int(max(1, min(rows, n)))

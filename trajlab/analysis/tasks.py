@@ -1,13 +1,17 @@
 """The work of one graph node: a (layer, step-chunk) or a network step-chunk.
 
 Tasks read their slice of the run store themselves through the run's row reader (nothing big
-travels through the graph), compute every step of the chunk at once with the batched kernels of
-:mod:`trajlab.sde` in float64 (steps grouped by batch size), and return small arrays keyed by
-the analysis variables.
+travels through the graph), compute the steps of the chunk together with the batched resolvent
+kernel of :mod:`trajlab.sde.resolvent` in float64 (steps grouped by batch size, in blocks of
+bounded memory), and return small arrays keyed by the analysis variables.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,11 +19,54 @@ import torch
 
 from trajlab.analysis.plan import Plan
 from trajlab.analysis.variables import variables
-from trajlab.sde import network_terms, noise_free_terms, sketch_layer_terms
+from trajlab.errors import StoreError
+from trajlab.sde import network_terms
+from trajlab.sde.resolvent import resolvent_layer_terms
 from trajlab.sketches import sketch_kind
-from trajlab.store import open_run
+from trajlab.store import Run, open_run
+from trajlab.store.metadata import LayerMeta
 
 F64 = torch.float64
+#: Runs opened by this process's nodes, reused by later nodes of the same run (opening a run
+#: and its arrays' metadata costs ~0.3 ms per row of a small layer's chunk).
+_RUNS: OrderedDict[tuple, Run] = OrderedDict()
+_RUNS_MAX = 16
+_RUNS_LOCK = threading.Lock()
+
+
+def plan_run(plan: Plan) -> Run:
+    """The plan's run store, opened once per process (checked against the plan's run id and
+    rows: a re-recorded or re-opened store is opened anew)."""
+    store = plan.store
+    key = (os.fspath(store) if isinstance(store, (str, os.PathLike)) else id(store),
+           repr(sorted((plan.storage_options or {}).items())), plan.run_id)
+    with _RUNS_LOCK:
+        run = _RUNS.get(key)
+        if run is not None:
+            _RUNS.move_to_end(key)
+    if run is None or run.n_steps < plan.rows[1]:
+        run = open_run(store, storage_options=plan.storage_options)
+        if run.meta.identity != plan.run_id:
+            raise StoreError(f"the run store at {store!r} was re-recorded since this analysis "
+                             f"was planned (run id {run.meta.identity}, planned for "
+                             f"{plan.run_id}); start the analysis again")
+        with _RUNS_LOCK:
+            _RUNS[key] = run
+            while len(_RUNS) > _RUNS_MAX:
+                _RUNS.popitem(last=False)
+    return run
+
+
+#: Bound of the float64 working set of one kernel call: a node computes its rows in blocks.
+KERNEL_BYTES = 64 << 20
+
+
+def block_rows(m: int, n: int, samples: int) -> int:
+    """Rows per kernel call for an (m, n) layer with ``samples`` per-sample rows: its float64
+    working set (about twelve (m, n) and six (B, m + n) arrays per row) within
+    :data:`KERNEL_BYTES`."""
+    per_row = 8 * (12 * m * n + 6 * samples * (m + n))
+    return max(1, KERNEL_BYTES // per_row)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -36,61 +83,111 @@ def _empty(names, n: int, bmax: int) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass
+class ChunkInputs:
+    """What a (layer, chunk) node reads: shared by :func:`layer_chunk` and the per-step
+    reference, so that both compute from the same numbers.
+
+    ``vals`` holds the layer's rows as stored (``grad`` only where the sketch does not imply
+    it: for an implying kind the nodes take the batch mean of the per-sample factors they
+    read anyway, in float64, :meth:`~trajlab.sketches.base.SketchKind.mean_gradient`).
+    """
+
+    lm: LayerMeta
+    kind: Any
+    batch: np.ndarray
+    probed: np.ndarray | None
+    vals: dict[str, np.ndarray]
+    implied: bool
+
+    def tensors(self, idx: Any, b: int) -> dict[str, torch.Tensor]:
+        """The sketch's float64 tensors of rows ``idx`` (a slice or indices), first ``b``
+        samples."""
+        out = {}
+        for k in self.kind.needs():
+            a = self.vals[k]
+            out[k] = _t((a[:, :b] if self.kind.variables(self.lm.rank)[k].per_sample else a)[idx])
+        return out
+
+    def grad(self, idx: Any, t: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """float64 batch gradients of rows ``idx`` (``t``: their sketch tensors)."""
+        return self.kind.mean_gradient(t) if self.implied else _t(self.vals["grad"][idx])
+
+
+def read_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> ChunkInputs:
+    """Read layer ``li``'s rows ``rows`` of the plan's run (one round trip per group)."""
+    run = plan_run(plan)
+    lm = plan.layers[li]
+    kind = sketch_kind(lm.sketch)
+    opts = plan.options
+    root = run.root_rows(["batch_size", "probe"], rows)
+    use_probe = opts.gradient in ("auto", "probe") and run.meta.probe and bool(root["probe"].any())
+    implied = bool(kind.per_sample and kind.implies_grad)
+    names = ["lr", "weight", *(() if implied else ("grad",)), "update", "nonfinite",
+             "grad_scale", *(kind.needs() if kind.per_sample else ())]
+    if use_probe:
+        names.append("probe_grad")
+    return ChunkInputs(lm, kind, root["batch_size"].astype(np.int64),
+                       root["probe"].astype(bool) if use_probe else None,
+                       run.layer_rows(lm.name, names, rows), implied)
+
+
+def _start(plan: Plan, c: ChunkInputs, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The output arrays with the variables that need no kernel, and the computable rows."""
+    out = _empty(variables("layer", operator=plan.options.operator), n, plan.sample_capacity)
+    v = c.vals
+    out["lr"] = v["lr"].astype(np.float64)
+    out["dt"] = out["lr"] * plan.every
+    out["grad_scale"] = v["grad_scale"].astype(np.float64)
+    ok = ~v["nonfinite"].astype(bool) & np.isfinite(v["weight"]).all(axis=(1, 2))
+    if not c.implied:
+        ok &= np.isfinite(v["grad"]).all(axis=(1, 2))
+    return out, ok
+
+
 def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndarray]:
     """Per-step terms of layer ``li`` of ``plan`` for run rows ``rows[0]:rows[1]``.
 
     Returns {variable: (n,) array} for the layer-stage variables, ``noise_proj`` (n, B_max).
     """
-    run = open_run(plan.store, storage_options=plan.storage_options)
-    lm = plan.layers[li]
-    kind = sketch_kind(lm.sketch)
+    c = read_chunk(plan, li, rows)
+    lm, kind, batch, vals, probed = c.lm, c.kind, c.batch, c.vals, c.probed
     opts = plan.options
-    r0, r1 = rows
-    n = r1 - r0
-    root = run.root_rows(["batch_size", "probe"], rows)
-    batch = root["batch_size"].astype(np.int64)
-    use_probe = opts.gradient in ("auto", "probe") and run.meta.probe and bool(root["probe"].any())
-    names = ["lr", "weight", "grad", "update", "nonfinite", "grad_scale",
-             *(kind.needs() if kind.per_sample else ())]
-    if use_probe:
-        names.append("probe_grad")
-    vals = run.layer_rows(lm.name, names, rows)
-    keys = [k for k in variables("layer", operator=opts.operator)]
-    out = _empty(keys, n, plan.sample_capacity)
-    out["lr"] = vals["lr"].astype(np.float64)
-    out["dt"] = out["lr"] * plan.every
-    out["grad_scale"] = vals["grad_scale"].astype(np.float64)
-    W, G, U = vals["weight"], vals["grad"], vals["update"]
-    finite_w = np.isfinite(W).all(axis=(1, 2))
-    ok = ~vals["nonfinite"].astype(bool) & finite_w & np.isfinite(G).all(axis=(1, 2))
-    full = None
-    if use_probe:
-        full = np.where(root["probe"].astype(bool)[:, None, None], vals["probe_grad"], np.nan)
+    n = rows[1] - rows[0]
+    keys = list(variables("layer", operator=opts.operator))
+    out, ok = _start(plan, c, n)
+    W, U = vals["weight"], vals["update"]
+
+    def sel(idx: np.ndarray) -> Any:
+        """A slice where the rows are contiguous (one copy instead of two)."""
+        return slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == idx.size else idx
+
+    def full_of(idx: np.ndarray) -> torch.Tensor | None:
+        if probed is None:
+            return None
+        f = _t(vals["probe_grad"][sel(idx)])
+        f[~torch.from_numpy(probed[idx])] = float("nan")  # no probe at that step
+        return f
+
     noisy = ok & (batch >= 2) if kind.per_sample else np.zeros(n, dtype=bool)
-    for b in np.unique(batch[noisy]):
-        idx = np.flatnonzero(noisy & (batch == b))
-        t = {}
-        for k in kind.needs():
-            a = vals[k][idx]
-            t[k] = _t(a[:, :b] if kind.variables(lm.rank)[k].per_sample else a)
-        terms = sketch_layer_terms(
-            _t(W[idx]), _t(G[idx]), _t(U[idx]), _t(out["lr"][idx]), lm.sketch, t,
-            grad_full=None if full is None else _t(full[idx]),
-            population=opts.population, gap_tol=opts.gap_tol,
-        )
-        terms["coverage"] = torch.minimum(terms["coverage_u"], terms["coverage_v"])
-        for k in keys:
-            if k in terms and k != "noise_proj":
-                out[k][idx] = terms[k].numpy()
-        out["noise_proj"][idx, :b] = terms["noise_proj"].numpy()
+    block = block_rows(*lm.shape, plan.sample_capacity)
     quiet = ok & ~noisy
-    if quiet.any():
-        idx = np.flatnonzero(quiet)
-        terms = noise_free_terms(_t(W[idx]), _t(G[idx]), _t(U[idx]), _t(out["lr"][idx]),
-                                 grad_full=None if full is None else _t(full[idx]),
-                                 gap_tol=opts.gap_tol)
-        for k, v in terms.items():
-            out[k][idx] = v.numpy()
+    for rows_b, with_noise in ((noisy, True), (quiet, False)):
+        groups = [np.flatnonzero(rows_b & (batch == b)) for b in np.unique(batch[rows_b])]
+        for idx in (g[i:i + block] for g in groups for i in range(0, g.size, block)):
+            b, s_ = int(batch[idx[0]]), sel(idx)
+            t = c.tensors(s_, b) if kind.per_sample else None
+            terms = resolvent_layer_terms(
+                _t(W[s_]), c.grad(s_, t), _t(U[s_]), _t(out["lr"][idx]),
+                sketch=lm.sketch if with_noise else None, tensors=t if with_noise else None,
+                grad_full=full_of(idx), population=opts.population, gap_tol=opts.gap_tol,
+            )
+            if with_noise:
+                terms["coverage"] = torch.minimum(terms["coverage_u"], terms["coverage_v"])
+                out["noise_proj"][idx, :b] = terms["noise_proj"].numpy()
+            for k in keys:
+                if k in terms and k != "noise_proj":
+                    out[k][idx] = terms[k].numpy()
     if opts.operator:
         out["K_operator"] = (_operator_norms(W, lm.geometry) if lm.geometry is not None
                              else out["K"].copy())
@@ -98,21 +195,59 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
 
 
 def _operator_norms(W: np.ndarray, geometry: Any) -> np.ndarray:
-    """Exact operator norm of each step's convolution (MATH.md §6b), warm-started."""
-    from trajlab.spectral import conv_opnorm
+    """Exact operator norm of each step's layer map on its input size (MATH.md §6b),
+    dispatched by the layer's geometry and warm-started from step to step.
 
+    * :class:`~trajlab.store.metadata.ConvGeometry` of a ``Conv1d``/``Conv2d``: the
+      convolution with the layer's own stride, padding, dilation and padding mode
+      (``"zeros"``, ``"circular"``, ``"reflect"``, ``"replicate"``), by
+      :func:`trajlab.spectral.conv_opnorm_series`;
+    * ``transposed=True`` (``ConvTranspose1d``/``2d``): the kernel is taken back from the
+      recorded ``(C_out, C_in k)`` matrix to PyTorch's ``(C_in, C_out, *k)`` layout and
+      :func:`trajlab.spectral.conv_transpose_opnorm` gives the norm of that map, with its
+      ``output_padding``.
+
+    What no kernel computes for the layer's own operator (asymmetric padding from
+    ``padding="same"`` with an even kernel, an unknown geometry kind or padding mode) raises a
+    ValueError naming it: a norm is never computed for another operator and relabelled.
+    """
+    from trajlab.spectral import conv_opnorm_series, conv_transpose_opnorm
+
+    what = repr(geometry)
+    if getattr(geometry, "kind", None) != "conv":
+        raise ValueError(f"no exact operator norm is known for layer geometry {what}; analyse "
+                         "with conv_definition='matrix'")
+    nd = geometry.spatial_dims
+    if nd not in (1, 2):
+        raise ValueError(f"exact operator norms cover 1-D and 2-D convolutions, not {what}; "
+                         "analyse with conv_definition='matrix'")
+    if len(geometry.padding) != nd:
+        raise ValueError(f"the layer pads asymmetrically (padding {geometry.padding}: "
+                         "padding='same' with an even kernel), which no exact operator-norm "
+                         f"kernel supports ({what}); analyse with conv_definition='matrix'")
+    T = W.shape[0]
+    shape = tuple(geometry.kernel_shape)
+    size, stride = tuple(geometry.input_size), tuple(geometry.stride)
+    padding, dilation = tuple(geometry.padding), tuple(geometry.dilation)
+    if not geometry.transposed:
+        series = conv_opnorm_series(_t(W).reshape(T, *shape), size, stride=stride,
+                                    padding=padding, dilation=dilation,
+                                    padding_mode=geometry.padding_mode)
+        return series.sigma.numpy()
+    if geometry.padding_mode != "zeros":
+        raise ValueError(f"a transposed convolution pads with zeros only, not {what}")
+    c_in, c_out = shape[0], shape[1]
+    kernels = _t(W).reshape(T, c_out, c_in, *shape[2:]).transpose(1, 2)
+    out = np.full(T, np.nan)
     prev = None
-    out = np.full(W.shape[0], np.nan)
-    for i in range(W.shape[0]):
-        if not np.all(np.isfinite(W[i])):
+    for i in range(T):
+        if not bool(torch.isfinite(kernels[i]).all()):
             continue
-        kernel = _t(W[i]).reshape(geometry.kernel_shape)
-        res = conv_opnorm(kernel, tuple(geometry.input_size), stride=tuple(geometry.stride),
-                          padding=tuple(geometry.padding), dilation=tuple(geometry.dilation),
-                          padding_mode="circular" if geometry.padding_mode == "circular"
-                          else "zeros", init=prev)
-        prev = res
-        out[i] = float(res.sigma)
+        prev = conv_transpose_opnorm(kernels[i].contiguous(), size, stride=stride,
+                                     padding=padding, dilation=dilation,
+                                     output_padding=tuple(geometry.output_padding) or 0,
+                                     init=prev)
+        out[i] = float(prev.sigma)
     return out
 
 
@@ -128,7 +263,7 @@ def network_chunk(plan: Plan, rows: tuple[int, int], layer_results: list[dict[st
     relative to the network time's (the first layer's), so the network terms are per-step
     increments divided by the network's dt.
     """
-    run = open_run(plan.store, storage_options=plan.storage_options)
+    run = plan_run(plan)
     r0, r1 = rows
     n = r1 - r0
     batch = run.root_rows(["batch_size"], rows)["batch_size"].astype(np.int64)

@@ -6,6 +6,8 @@ Pure torch kernels (no I/O), float32/float64, any device, batched over leading d
   from a recorded ``"rank1"`` or ``"subspace"`` sketch.
 * :mod:`~trajlab.sde.layer`: per-layer drift, diffusion, variance/covariance split,
   discretisation and pathwise terms of ``K = s_1(W)``.
+* :mod:`~trajlab.sde.resolvent`: the same terms for many steps at once without a full SVD
+  (resolvent of the smaller Gram matrix; the analysis's kernel).
 * :mod:`~trajlab.sde.network`: drift and diffusion of ``Z = log prod_l K_l``.
 * :mod:`~trajlab.sde.integral`: integrals over steps, log-normal prediction, pathwise sums and
   Euler–Maruyama paths.
@@ -21,6 +23,7 @@ from trajlab.sde.layer import (
     sketch_layer_terms,
 )
 from trajlab.sde.network import NETWORK_KEYS, network_terms
+from trajlab.sde.resolvent import resolvent_layer_terms
 from trajlab.sde.sketch import (
     SketchKind,
     noise_diag,
@@ -32,19 +35,20 @@ from trajlab.sde.sketch import (
 __all__ = [
     "LAYER_KEYS",
     "NETWORK_KEYS",
-    "SketchKind",
     "Z95",
+    "SketchKind",
     "euler_maruyama",
     "integrate",
     "layer_terms",
     "logK_prediction",
     "network_terms",
-    "noise_free_terms",
     "noise_diag",
+    "noise_free_terms",
     "noise_scale",
     "pathwise",
     "pathwise_increment",
     "per_sample_directions",
+    "resolvent_layer_terms",
     "sketch_batch_size",
     "sketch_coverage",
     "sketch_layer_terms",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from trajlab.sketches import sketch_kind
@@ -138,5 +139,5 @@ def noise_diag(
     if B < 2:
         raise ValueError(f"noise terms need batch_size >= 2 (got {B}): the covariance of the "
                          "batch gradient cannot be estimated from one sample")
-    sq = sq.to(g.dtype)
-    return ((sq - B * g * g) / (B * (B - 1))).clamp_min(0)
+    # (sq - B g^2) / (B (B - 1)) in three passes over (m, n) (this runs for every step)
+    return torch.addcmul(sq.to(g.dtype), g, g, value=-B).div_(B * (B - 1)).clamp_min_(0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -562,15 +563,15 @@ def sampling_orders(out: str | Path, *, config: TrainConfig | None = None, order
     num = order_spread(datasets)
     fig = _save(plot_order_spread(datasets), out / "orders.png")
     verdict = [
-        f"{num['n_orders']} orders: final K_net {num['K_net_end_range'][0]:.3g}..."
+        (f"{num['n_orders']} orders: final K_net {num['K_net_end_range'][0]:.3g}..."
         f"{num['K_net_end_range'][1]:.3g}; sd of log K_net across orders {num['sd_Z_end']:.3g} "
         f"vs predicted {num['pred_sd_end']:.3g} (ratio {num['sd_ratio']:.2f}); "
         f"{100 * num['inside_ref_band_fraction']:.0f}% of orders inside order 0's band, "
-        f"{100 * num['inside_own_band_fraction']:.0f}% inside their own",
-        f"mean ΔZ measured {num['mean_delta_Z']:+.3f} vs predicted {num['mean_pred_delta_Z']:+.3f}"
+        f"{100 * num['inside_own_band_fraction']:.0f}% inside their own"),
+        (f"mean ΔZ measured {num['mean_delta_Z']:+.3f} vs predicted {num['mean_pred_delta_Z']:+.3f}"
         f"; sd ratio at most {num['sd_ratio_max']:.2f}, below 0.5 from step "
         f"{num['below_half_from_step']} on (-1: never): the spread follows the band early, then "
-        "mean reversion through the loss keeps the orders together (MATH.md §4a)",
+        "mean reversion through the loss keeps the orders together (MATH.md §4a)"),
     ]
     ok = num["inside_ref_band_fraction"] >= 0.9 and 0.5 <= num["sd_ratio"] <= 2
     return _finish(out, "orders", {
@@ -616,51 +617,210 @@ def _sweep_figures(out: Path, name: str, sweep: Sweep, rows, values, *, param: s
     return figs
 
 
+def _config_value(param):
+    return lambda p, ds: float(run_config(p).get(param, math.nan))
+
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _SweepStudy:
+    """What one hyper-parameter sweep (studies 4-7) adds to the shared skeleton
+    :func:`_run_sweep`: record or find the runs, analyse them in one graph, tabulate
+    :func:`run_summary` per run, draw the sweep and drift-bar figures, write the JSON.
+
+    ``numbers(sweep, rows, values)`` returns the study's numbers beyond ``per_run`` (it may add
+    columns to ``rows``); ``verdict(num, rows, values)`` its lines; ``supported(num)`` the
+    verdict flag (None: descriptive); ``reference(rows, values)`` a reference curve for the
+    summary panel.
+    """
+
+    name: str
+    param: str
+    axis: str
+    title: str
+    claim: str
+    criterion: str
+    summary_keys: dict[str, str]
+    summary_ylabel: str
+    numbers: Callable[[Sweep, Rows, list], dict[str, Any]]
+    verdict: Callable[[dict[str, Any], Rows, list], list[str]]
+    supported: Callable[[dict[str, Any]], bool | None]
+    reference: Callable[[Rows, list], Any] | None = None
+    value_of: Callable[[Path, xr.Dataset], float] | None = None
+    logx: bool = False
+    logy: bool = False
+
+
+def _run_sweep(study: _SweepStudy, out: str | Path, values: list, *,
+               config: TrainConfig | None, runs: Sequence[str | Path] | None, scheduler: Any,
+               progress: bool, echo: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(out)
+    sweep, vals = _collect(out, param=study.param, values=values, config=_base(config),
+                           runs=runs, scheduler=scheduler, progress=progress,
+                           value_of=study.value_of or _config_value(study.param))
+    rows = _table(sweep)
+    num = {study.param: vals, "per_run": rows, **study.numbers(sweep, rows, vals)}
+    figs = _sweep_figures(out, study.name, sweep, rows, vals, param=study.axis,
+                          summary_keys=study.summary_keys, summary_ylabel=study.summary_ylabel,
+                          logx=study.logx, logy=study.logy,
+                          reference=study.reference(rows, vals) if study.reference else None)
+    return _finish(out, study.name, {
+        "study": study.name, "title": study.title, "claim": study.claim,
+        "supported": study.supported(num), "numbers": num, "figures": figs,
+        "verdict": study.verdict(num, rows, vals), "criterion": study.criterion,
+    }, t0, echo=echo)
+
+
+def _list(values, fmt: str = ".3g") -> str:
+    return ", ".join(f"{v:{fmt}}" for v in values)
+
+
+_VARIANCE_KEYS = {"sigma_Z2_mean": "predicted σ_Z² (time mean)",
+                  "realised_var_rate": "measured var of ΔZ per unit time"}
+
+# ---- study 4 (paper Fig. 5): batch size
+_BATCH_SIZE = _SweepStudy(
+    name="batch_size", param="batch_size", axis="batch size B",
+    title="batch size vs the variance of K (paper Fig. 5)",
+    claim="smaller batches give larger diffusion of K: σ_Z² ∝ 1/B",
+    criterion="slope of log σ_Z² vs log B in [-1.3, -0.7] and measured variance decreasing in B",
+    summary_keys=_VARIANCE_KEYS, summary_ylabel="variance of log K_net per unit time",
+    logx=True, logy=True,
+    value_of=lambda p, ds: float(np.median(ds.batch_size.values)),
+    numbers=lambda sweep, rows, B: {
+        "slope_sigma_Z2_vs_B": _slope(B, _col(rows, "sigma_Z2_mean")),
+        "slope_realised_var_vs_B": _slope(B, _col(rows, "realised_var_rate")),
+        "B_times_sigma_Z2": [b * s for b, s in zip(B, _col(rows, "sigma_Z2_mean"))],
+        "sigma_Z2_trend": _monotone(_col(rows, "sigma_Z2_mean")),
+        "realised_var_trend": _monotone(_col(rows, "realised_var_rate"))},
+    reference=lambda rows, B: (
+        "∝ 1/B (through the middle run)",
+        [_col(rows, "sigma_Z2_mean")[len(B) // 2] * B[len(B) // 2] / b for b in B]),
+    verdict=lambda num, rows, B: [
+        (f"B = {', '.join(_fmt(b) for b in B)}: time-mean σ_Z² = "
+        f"{_list(_col(rows, 'sigma_Z2_mean'))} (log-log slope "
+        f"{num['slope_sigma_Z2_vs_B']:.2f}; 1/B law: -1); measured step variance of log K_net "
+        f"{_list(_col(rows, 'realised_var_rate'))} (slope {num['slope_realised_var_vs_B']:.2f})"),
+        f"ΔZ = {_list(_col(rows, 'delta_Z'), '+.2f')}; measured/predicted step variance "
+        + ", ".join(f"{m / p:.2f}" for m, p in zip(_col(rows, "realised_var_rate"),
+                                                   _col(rows, "sigma_Z2_mean"))),
+    ],
+    supported=lambda num: (-1.3 <= num["slope_sigma_Z2_vs_B"] <= -0.7
+                           and num["realised_var_trend"] == "decreasing"),
+)
+
+# ---- study 5: label noise
+_LABEL_NOISE = _SweepStudy(
+    name="label_noise", param="label_noise", axis="label-noise fraction",
+    title="label-noise fraction",
+    claim="more label noise -> larger gradient noise -> larger Lipschitz growth and variance",
+    criterion="σ_Z² and ΔZ both increase with the label-noise fraction",
+    summary_keys=_VARIANCE_KEYS, summary_ylabel="variance of log K_net per unit time",
+    logy=True,
+    numbers=lambda sweep, rows, f: {
+        "sigma_Z2_trend": _monotone(_col(rows, "sigma_Z2_mean")),
+        "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
+        "realised_var_trend": _monotone(_col(rows, "realised_var_rate"))},
+    verdict=lambda num, rows, f: [
+        (f"label noise {', '.join(_fmt(x) for x in f)}: σ_Z² "
+        f"{_list(_col(rows, 'sigma_Z2_mean'))} ({num['sigma_Z2_trend']}); measured step "
+        f"variance {_list(_col(rows, 'realised_var_rate'))} ({num['realised_var_trend']})"),
+        (f"growth ΔZ = log K_net(T)/K_net(0): {_list(_col(rows, 'delta_Z'), '+.3f')} "
+        f"({num['delta_Z_trend']}); ∫κ_Z dt {_list(_col(rows, 'int_kappa'), '.3f')}; final "
+        f"loss {_list(_col(rows, 'loss_end'), '.3f')}"),
+    ],
+    supported=lambda num: (num["sigma_Z2_trend"] == "increasing"
+                           and num["delta_Z_trend"] == "increasing"),
+)
+
+# ---- study 6: initialisation scale
+_INIT_SCALE = _SweepStudy(
+    name="init_scale", param="init_scale", axis="initialisation scale",
+    title="initialisation scale",
+    claim="the initialisation scale sets K(0) and changes the later growth of K and the "
+          "balance of the drift terms (descriptive: no direction stated)",
+    criterion="descriptive study",
+    summary_keys={"delta_Z": "measured ΔZ", "pred_delta_Z": "SDE ∫μ_Z dt",
+                  "int_flow": "∫ gradient flow", "int_kappa": "∫ κ_Z"},
+    summary_ylabel="change of log K_net over the run", logx=True,
+    numbers=lambda sweep, rows, s: {
+        "K_net_start_trend": _monotone(_col(rows, "K_net_start")),
+        "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
+        "sigma_Z2_trend": _monotone(_col(rows, "sigma_Z2_mean"))},
+    verdict=lambda num, rows, s: [
+        f"init scale {', '.join(_fmt(x) for x in s)}: K_net "
+        + ", ".join(f"{r['K_net_start']:.3g}->{r['K_net_end']:.3g}" for r in rows)
+        + f"; ΔZ {_list(_col(rows, 'delta_Z'), '+.3f')} ({num['delta_Z_trend']})",
+        "integrated flow / κ_Z / Itô: " + "; ".join(
+            f"{r['int_flow']:+.3f} / {r['int_kappa']:+.3f} / {r['int_ito']:+.3f}" for r in rows)
+        + f"; σ_Z² {_list(_col(rows, 'sigma_Z2_mean'))}",
+    ],
+    supported=lambda num: None,
+)
+
+
+# ---- study 7: weight decay
+def _decay_numbers(sweep: Sweep, rows: Rows, lam: list) -> dict[str, Any]:
+    """Per run: what the recorded .grad includes (decay_check), the optimizer drift and the
+    discretisation term; adds those columns to ``rows``."""
+    checks = [decay_check(p) for p in sweep.runs]
+    for r, c, wd, ds in zip(rows, checks, lam, sweep.datasets):
+        r.update({f"grad_check_{k}": v for k, v in c.items()})
+        r["int_drift_optimizer"] = _integral(
+            np.asarray(ds.logK_drift_optimizer.values, dtype=np.float64), _dt(ds))
+        r["pred_delta_Z_with_optimizer"] = r["pred_delta_Z"] + r["int_drift_optimizer"]
+        # the finite-step term the SDE leaves out (debiased when the batch gradient is used)
+        r["int_discretization"] = _integral(
+            np.asarray(ds.logK_discretization.values, dtype=np.float64), _dt(ds))
+        # reference only: the L2 decay's exact first-order drift of log K_net, -wd * L * t
+        r["decay_term_reference"] = -wd * ds.sizes["layer"] * r["duration"]
+    return {"delta_Z_trend": _monotone(_col(rows, "delta_Z")),
+            "grad_excludes_decay": all(abs(c["wd_estimate"] - wd) <= 0.05 * wd + 1e-9
+                                       for c, wd in zip(checks, lam))}
+
+
+def _decay_verdict(num: dict[str, Any], rows: Rows, lam: list) -> list[str]:
+    with_disc = [r["pred_delta_Z_with_optimizer"] + r["int_discretization"] for r in rows]
+    return [
+        (f"λ = {', '.join(_fmt(x) for x in lam)}: ΔZ {_list(_col(rows, 'delta_Z'), '+.3f')} "
+        f"({num['delta_Z_trend']}); K_net(T) {_list(_col(rows, 'K_net_end'))}"),
+        (f"SDE from .grad predicts ΔZ {_list(_col(rows, 'pred_delta_Z'), '+.3f')}; with the "
+        f"optimizer drift ∫logK_drift_optimizer dt "
+        f"({_list(_col(rows, 'int_drift_optimizer'), '+.3f')}; −λLt = "
+        f"{_list(_col(rows, 'decay_term_reference'), '+.3f')}): "
+        f"{_list(_col(rows, 'pred_delta_Z_with_optimizer'), '+.3f')} (+ discretisation ∫d dt: "
+        f"{_list(with_disc, '+.3f')}); pathwise {_list(_col(rows, 'pathwise_delta_Z'), '+.3f')}"),
+        "recorded .grad excludes the decay: λ estimated from update vs grad = "
+        + _list(_col(rows, "grad_check_wd_estimate"), ".2g")
+        + f" (set: {', '.join(_fmt(x) for x in lam)}); ||update + lr·grad|| / ||update|| = "
+        + _list(_col(rows, "grad_check_update_residual"), ".2g"),
+    ]
+
+
+_WEIGHT_DECAY = _SweepStudy(
+    name="weight_decay", param="weight_decay", axis="weight decay λ", title="weight decay",
+    claim="weight decay suppresses the growth of K", criterion="ΔZ decreases with λ",
+    summary_keys={"delta_Z": "measured ΔZ",
+                  "pred_delta_Z": "SDE ∫μ_Z dt (from .grad: no decay)",
+                  "pred_delta_Z_with_optimizer": "SDE ∫(μ_Z + logK_drift_optimizer) dt",
+                  "pathwise_delta_Z": "pathwise (recorded update)"},
+    summary_ylabel="change of log K_net over the run",
+    numbers=_decay_numbers, verdict=_decay_verdict,
+    supported=lambda num: num["delta_Z_trend"] == "decreasing",
+)
+
+
 def batch_size_sweep(out: str | Path, *, config: TrainConfig | None = None,
                      batch_sizes: Sequence[int] = (8, 16, 32, 64, 128),
                      runs: Sequence[str | Path] | None = None, scheduler: Any = "threads",
                      progress: bool = False, echo: bool = True) -> dict[str, Any]:
     """Study 4 (paper Fig. 5): batch size vs the diffusion of log K_net at fixed lr and steps.
     Writes ``batch_size.json``, ``batch_size.png`` and ``batch_size_drift.png``."""
-    t0 = time.perf_counter()
-    out = Path(out)
-    sweep, B = _collect(out, param="batch_size", values=list(batch_sizes),
-                        config=_base(config), runs=runs, scheduler=scheduler, progress=progress,
-                        value_of=lambda p, ds: float(np.median(ds.batch_size.values)))
-    rows = _table(sweep)
-    s2 = _col(rows, "sigma_Z2_mean")
-    rv = _col(rows, "realised_var_rate")
-    num = {"batch_size": B, "per_run": rows,
-           "slope_sigma_Z2_vs_B": _slope(B, s2), "slope_realised_var_vs_B": _slope(B, rv),
-           "B_times_sigma_Z2": [b * s for b, s in zip(B, s2)],
-           "sigma_Z2_trend": _monotone(s2), "realised_var_trend": _monotone(rv)}
-    ref = ("∝ 1/B (through the middle run)",
-           [s2[len(B) // 2] * B[len(B) // 2] / b for b in B])
-    figs = _sweep_figures(out, "batch_size", sweep, rows, B, param="batch size B",
-                          summary_keys={"sigma_Z2_mean": "predicted σ_Z² (time mean)",
-                                        "realised_var_rate": "measured var of ΔZ per unit time"},
-                          summary_ylabel="variance of log K_net per unit time", logx=True,
-                          logy=True, reference=ref)
-    verdict = [
-        f"B = {', '.join(_fmt(b) for b in B)}: time-mean σ_Z² = "
-        f"{', '.join(f'{v:.3g}' for v in s2)} (log-log slope {num['slope_sigma_Z2_vs_B']:.2f}; "
-        f"1/B law: -1); measured step variance of log K_net "
-        f"{', '.join(f'{v:.3g}' for v in rv)} (slope {num['slope_realised_var_vs_B']:.2f})",
-        f"ΔZ = {', '.join(f'{v:+.2f}' for v in _col(rows, 'delta_Z'))}; measured/predicted "
-        f"step variance {', '.join(f'{m / p:.2f}' for m, p in zip(rv, s2))}",
-    ]
-    ok = -1.3 <= num["slope_sigma_Z2_vs_B"] <= -0.7 and num["realised_var_trend"] == "decreasing"
-    return _finish(out, "batch_size", {
-        "study": "batch_size", "title": "batch size vs the variance of K (paper Fig. 5)",
-        "claim": "smaller batches give larger diffusion of K: σ_Z² ∝ 1/B",
-        "supported": ok, "numbers": num, "figures": figs, "verdict": verdict,
-        "criterion": "slope of log σ_Z² vs log B in [-1.3, -0.7] and measured variance "
-                     "decreasing in B",
-    }, t0, echo=echo)
-
-
-def _config_value(param):
-    return lambda p, ds: float(run_config(p).get(param, math.nan))
+    return _run_sweep(_BATCH_SIZE, out, list(batch_sizes), config=config, runs=runs,
+                      scheduler=scheduler, progress=progress, echo=echo)
 
 
 def label_noise_sweep(out: str | Path, *, config: TrainConfig | None = None,
@@ -669,39 +829,8 @@ def label_noise_sweep(out: str | Path, *, config: TrainConfig | None = None,
                       progress: bool = False, echo: bool = True) -> dict[str, Any]:
     """Study 5: label-noise fraction vs gradient noise and Lipschitz growth. Writes
     ``label_noise.json``, ``label_noise.png`` and ``label_noise_drift.png``."""
-    t0 = time.perf_counter()
-    out = Path(out)
-    sweep, f = _collect(out, param="label_noise", values=[float(x) for x in fractions],
-                        config=_base(config), runs=runs, scheduler=scheduler, progress=progress,
-                        value_of=_config_value("label_noise"))
-    rows = _table(sweep)
-    num = {"label_noise": f, "per_run": rows,
-           "sigma_Z2_trend": _monotone(_col(rows, "sigma_Z2_mean")),
-           "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
-           "realised_var_trend": _monotone(_col(rows, "realised_var_rate"))}
-    figs = _sweep_figures(out, "label_noise", sweep, rows, f, param="label-noise fraction",
-                          summary_keys={"sigma_Z2_mean": "predicted σ_Z² (time mean)",
-                                        "realised_var_rate": "measured var of ΔZ per unit time"},
-                          summary_ylabel="variance of log K_net per unit time", logy=True)
-    verdict = [
-        f"label noise {', '.join(_fmt(x) for x in f)}: σ_Z² "
-        f"{', '.join(f'{v:.3g}' for v in _col(rows, 'sigma_Z2_mean'))} "
-        f"({num['sigma_Z2_trend']}); measured step variance "
-        f"{', '.join(f'{v:.3g}' for v in _col(rows, 'realised_var_rate'))} "
-        f"({num['realised_var_trend']})",
-        f"growth ΔZ = log K_net(T)/K_net(0): "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'delta_Z'))} ({num['delta_Z_trend']}); "
-        f"∫κ_Z dt {', '.join(f'{v:.3f}' for v in _col(rows, 'int_kappa'))}; final loss "
-        f"{', '.join(f'{v:.3f}' for v in _col(rows, 'loss_end'))}",
-    ]
-    ok = num["sigma_Z2_trend"] == "increasing" and num["delta_Z_trend"] == "increasing"
-    return _finish(out, "label_noise", {
-        "study": "label_noise", "title": "label-noise fraction",
-        "claim": "more label noise -> larger gradient noise -> larger Lipschitz growth and "
-                 "variance",
-        "supported": ok, "numbers": num, "figures": figs, "verdict": verdict,
-        "criterion": "σ_Z² and ΔZ both increase with the label-noise fraction",
-    }, t0, echo=echo)
+    return _run_sweep(_LABEL_NOISE, out, [float(x) for x in fractions], config=config,
+                      runs=runs, scheduler=scheduler, progress=progress, echo=echo)
 
 
 def init_scale_sweep(out: str | Path, *, config: TrainConfig | None = None,
@@ -710,36 +839,8 @@ def init_scale_sweep(out: str | Path, *, config: TrainConfig | None = None,
                      progress: bool = False, echo: bool = True) -> dict[str, Any]:
     """Study 6: initialisation scale vs the K trajectories and the drift terms. Writes
     ``init_scale.json``, ``init_scale.png`` and ``init_scale_drift.png``."""
-    t0 = time.perf_counter()
-    out = Path(out)
-    sweep, s = _collect(out, param="init_scale", values=[float(x) for x in scales],
-                        config=_base(config), runs=runs, scheduler=scheduler, progress=progress,
-                        value_of=_config_value("init_scale"))
-    rows = _table(sweep)
-    num = {"init_scale": s, "per_run": rows,
-           "K_net_start_trend": _monotone(_col(rows, "K_net_start")),
-           "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
-           "sigma_Z2_trend": _monotone(_col(rows, "sigma_Z2_mean"))}
-    figs = _sweep_figures(out, "init_scale", sweep, rows, s, param="initialisation scale",
-                          summary_keys={"delta_Z": "measured ΔZ", "pred_delta_Z": "SDE ∫μ_Z dt",
-                                        "int_flow": "∫ gradient flow", "int_kappa": "∫ κ_Z"},
-                          summary_ylabel="change of log K_net over the run", logx=True)
-    verdict = [
-        f"init scale {', '.join(_fmt(x) for x in s)}: K_net "
-        + ", ".join(f"{r['K_net_start']:.3g}->{r['K_net_end']:.3g}" for r in rows)
-        + f"; ΔZ {', '.join(f'{v:+.3f}' for v in _col(rows, 'delta_Z'))} "
-          f"({num['delta_Z_trend']})",
-        "integrated flow / κ_Z / Itô: " + "; ".join(
-            f"{r['int_flow']:+.3f} / {r['int_kappa']:+.3f} / {r['int_ito']:+.3f}" for r in rows)
-        + f"; σ_Z² {', '.join(f'{v:.3g}' for v in _col(rows, 'sigma_Z2_mean'))}",
-    ]
-    return _finish(out, "init_scale", {
-        "study": "init_scale", "title": "initialisation scale",
-        "claim": "the initialisation scale sets K(0) and changes the later growth of K and the "
-                 "balance of the drift terms (descriptive: no direction stated)",
-        "supported": None, "numbers": num, "figures": figs, "verdict": verdict,
-        "criterion": "descriptive study",
-    }, t0, echo=echo)
+    return _run_sweep(_INIT_SCALE, out, [float(x) for x in scales], config=config, runs=runs,
+                      scheduler=scheduler, progress=progress, echo=echo)
 
 
 def weight_decay_sweep(out: str | Path, *, config: TrainConfig | None = None,
@@ -757,57 +858,5 @@ def weight_decay_sweep(out: str | Path, *, config: TrainConfig | None = None,
     logK_drift_optimizer) dt (dt = lr) against the measured change of log K_net. Writes
     ``weight_decay.json``, ``weight_decay.png``, ``weight_decay_drift.png``.
     """
-    t0 = time.perf_counter()
-    out = Path(out)
-    sweep, lam = _collect(out, param="weight_decay", values=[float(x) for x in decays],
-                          config=_base(config), runs=runs, scheduler=scheduler,
-                          progress=progress, value_of=_config_value("weight_decay"))
-    rows = _table(sweep)
-    checks = [decay_check(p) for p in sweep.runs]
-    for r, c, wd, ds in zip(rows, checks, lam, sweep.datasets):
-        r.update({f"grad_check_{k}": v for k, v in c.items()})
-        r["int_drift_optimizer"] = _integral(
-            np.asarray(ds.logK_drift_optimizer.values, dtype=np.float64), _dt(ds))
-        r["pred_delta_Z_with_optimizer"] = r["pred_delta_Z"] + r["int_drift_optimizer"]
-        # the finite-step term the SDE leaves out (debiased when the batch gradient is used)
-        r["int_discretization"] = _integral(
-            np.asarray(ds.logK_discretization.values, dtype=np.float64), _dt(ds))
-        # reference only: the L2 decay's exact first-order drift of log K_net, -wd * L * t
-        r["decay_term_reference"] = -wd * ds.sizes["layer"] * r["duration"]
-    num = {"weight_decay": lam, "per_run": rows,
-           "delta_Z_trend": _monotone(_col(rows, "delta_Z")),
-           "grad_excludes_decay": all(abs(c["wd_estimate"] - wd) <= 0.05 * wd + 1e-9
-                                      for c, wd in zip(checks, lam))}
-    figs = _sweep_figures(out, "weight_decay", sweep, rows, lam, param="weight decay λ",
-                          summary_keys={"delta_Z": "measured ΔZ",
-                                        "pred_delta_Z": "SDE ∫μ_Z dt (from .grad: no decay)",
-                                        "pred_delta_Z_with_optimizer":
-                                            "SDE ∫(μ_Z + logK_drift_optimizer) dt",
-                                        "pathwise_delta_Z": "pathwise (recorded update)"},
-                          summary_ylabel="change of log K_net over the run")
-    with_disc = [r["pred_delta_Z_with_optimizer"] + r["int_discretization"] for r in rows]
-    verdict = [
-        f"λ = {', '.join(_fmt(x) for x in lam)}: ΔZ "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'delta_Z'))} "
-        f"({num['delta_Z_trend']}); K_net(T) "
-        f"{', '.join(f'{v:.3g}' for v in _col(rows, 'K_net_end'))}",
-        f"SDE from .grad predicts ΔZ {', '.join(f'{v:+.3f}' for v in _col(rows, 'pred_delta_Z'))};"
-        f" with the optimizer drift ∫logK_drift_optimizer dt "
-        f"({', '.join(f'{v:+.3f}' for v in _col(rows, 'int_drift_optimizer'))}; −λLt = "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'decay_term_reference'))}): "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'pred_delta_Z_with_optimizer'))} "
-        f"(+ discretisation ∫d dt: "
-        f"{', '.join(f'{v:+.3f}' for v in with_disc)}); pathwise "
-        f"{', '.join(f'{v:+.3f}' for v in _col(rows, 'pathwise_delta_Z'))}",
-        "recorded .grad excludes the decay: λ estimated from update vs grad = "
-        + ", ".join(f"{c['wd_estimate']:.2g}" for c in checks)
-        + f" (set: {', '.join(_fmt(x) for x in lam)}); ||update + lr·grad|| / ||update|| = "
-        + ", ".join(f"{c['update_residual']:.2g}" for c in checks),
-    ]
-    ok = num["delta_Z_trend"] == "decreasing"
-    return _finish(out, "weight_decay", {
-        "study": "weight_decay", "title": "weight decay",
-        "claim": "weight decay suppresses the growth of K",
-        "supported": ok, "numbers": num, "figures": figs, "verdict": verdict,
-        "criterion": "ΔZ decreases with λ",
-    }, t0, echo=echo)
+    return _run_sweep(_WEIGHT_DECAY, out, [float(x) for x in decays], config=config, runs=runs,
+                      scheduler=scheduler, progress=progress, echo=echo)

@@ -4,8 +4,9 @@ The studies of :mod:`trajlab.studies.paper` are all "record some runs, analyse e
 This module owns the I/O of that: :func:`record_sweep` records one run store per
 :class:`~trajlab.recipes.TrainConfig` (skipping stores that already hold the same
 configuration), :func:`find_runs` turns user-given paths (run stores or folders of them) into a
-list of run stores, and :func:`analyse_runs` analyses each into ``<out>/analysis/`` (a finished
-analysis of the same run is opened, not recomputed). :func:`run_config` reads back the
+list of run stores, and :func:`analyse_runs` analyses them all into ``<out>/analysis/`` with one
+:func:`trajlab.analyze` call (one Dask graph; a finished analysis of the same run is opened, not
+recomputed). :func:`run_config` reads back the
 configuration a run was recorded with, so a sweep parameter can be read from foreign stores.
 """
 
@@ -123,8 +124,11 @@ def record_sweep(out: str | Path, configs: Mapping[str, TrainConfig], *,
 
 
 # ----------------------------------------------------------------------------- analyses
-def _analysis_path(out: Path, run: Path) -> Path:
-    return out / "analysis" / f"{run.parent.name}-{run.name}"
+def _analysis_path(out: Path, run: Path, options: Mapping[str, Any] | None = None) -> Path:
+    """``<out>/analysis/<folder>-<run>[-<option>-<value>...].zarr``: one store per run and
+    analysis options."""
+    tag = "".join(f"-{k}-{v}" for k, v in sorted((options or {}).items()))
+    return out / "analysis" / f"{run.parent.name}-{run.stem}{tag}{run.suffix}"
 
 
 @contextlib.contextmanager
@@ -136,24 +140,25 @@ def scheduler(name: Any = "threads") -> Iterator[Any]:
 
 
 def analyse_runs(runs: Sequence[Path], out: str | Path, *, labels: Sequence[str] | None = None,
-                 scheduler: Any = "threads", progress: bool = False) -> Sweep:
-    """Analyse each run into ``<out>/analysis/`` (finished analyses are opened, not redone).
+                 scheduler: Any = "threads", progress: bool = False, **options: Any) -> Sweep:
+    """Analyse every run into ``<out>/analysis/``, all in one :func:`trajlab.analyze` graph.
 
-    ``scheduler`` is passed to :func:`trajlab.analyze` for every run: pass one
-    ``distributed.Client`` to reuse a cluster across the sweep.
+    A finished analysis of the same run and options is opened, an interrupted one resumed; an
+    analysis with other settings (e.g. of an older recording of that path) is redone.
+    ``scheduler`` is passed to :func:`trajlab.analyze` (a ``distributed.Client`` or an address
+    runs the whole sweep on that cluster); ``options`` too (``gradient=``, ...).
     """
     out = Path(out)
     (out / "analysis").mkdir(parents=True, exist_ok=True)
-    datasets = []
-    for run in runs:
-        target = _analysis_path(out, Path(run))
-        try:
-            ds = analyze(run, out=target, scheduler=scheduler, progress=progress)
-        except StoreError:  # an analysis with other settings (e.g. of an older run): redo it
-            ds = analyze(run, out=target, scheduler=scheduler, progress=progress, overwrite=True)
-        datasets.append(ds)
-    labels = tuple(labels) if labels is not None else tuple(Path(r).stem for r in runs)
-    return Sweep(labels=labels, runs=tuple(Path(r) for r in runs), datasets=tuple(datasets))
+    runs = [Path(r) for r in runs]
+    targets = [_analysis_path(out, r, options) for r in runs]
+    kw = dict(out=targets, scheduler=scheduler, progress=progress, **options)
+    try:
+        datasets = analyze(runs, **kw)
+    except StoreError:  # some analysis has other settings: redo those (the rest are reused)
+        datasets = analyze(runs, overwrite=True, **kw)
+    labels = tuple(labels) if labels is not None else tuple(r.stem for r in runs)
+    return Sweep(labels=labels, runs=tuple(runs), datasets=tuple(datasets))
 
 
 # ----------------------------------------------------------------------------- JSON

@@ -17,7 +17,8 @@ from the probe). Across runs it compares
 Time is ``t = sum of lr``. Row ``r`` of an analysis holds the weights *before* update ``r``, so
 ``Z`` at row ``R`` is compared with the rates integrated over rows ``0 .. R-1`` (left-point, Itô).
 
-The layout: :func:`record_and_analyse` (I/O), pure statistics on arrays (:func:`mean_check`,
+The layout: :func:`record_runs` and :func:`analyse_runs` (I/O: every run of the study in one
+analysis graph per gradient choice), pure statistics on arrays (:func:`mean_check`,
 :func:`variance_check`, :func:`variance_horizon`), :func:`plot_validation_study`,
 :func:`verdict_lines`, and :func:`run_validation` wiring them together.
 """
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 import xarray as xr
 
-from trajlab.analysis import analyze
 from trajlab.analysis.engine import scheduler_context
 from trajlab.recipes import TrainConfig, record_digits
 from trajlab.sde import integrate
@@ -47,9 +47,10 @@ __all__ = [
     "BAR",
     "SAMPLERS",
     "EnsembleSeries",
+    "analyse_runs",
     "mean_check",
     "plot_validation_study",
-    "record_and_analyse",
+    "record_runs",
     "run_validation",
     "variance_check",
     "variance_horizon",
@@ -327,20 +328,49 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def record_and_analyse(
-    path: str | Path,
-    cfg: TrainConfig,
-    *,
-    scheduler: Any,
-    gradients: Sequence[Literal["batch", "auto"]] = _GRADIENTS,
-) -> dict[str, xr.Dataset]:
-    """Record one digits run to ``path`` (overwritten) and analyse it once per gradient choice.
+def record_runs(out_dir: str | Path, base: TrainConfig, n_runs: int, *,
+                progress: bool = False) -> dict[str, list[Path]]:
+    """Record ``n_runs`` digits runs per sampler into ``<out_dir>/runs/<sampler>-<i>.zarr``
+    (overwritten), differing only in ``sampling_seed`` (0 .. n_runs-1) and the sampler.
 
-    Returns {gradient: in-memory analysis Dataset}.
+    Returns {sampler: run-store paths}.
     """
-    record_digits(path, cfg, overwrite=True, progress=False)
-    return {g: analyze(path, scheduler=scheduler, gradient=g, progress=False).load()
-            for g in gradients}
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed in notebooks
+
+    runs: dict[str, list[Path]] = {s: [] for s in SAMPLERS}
+    bar = tqdm(total=len(SAMPLERS) * n_runs, disable=not progress, desc="recording runs",
+               unit="run")
+    for sampler in SAMPLERS:
+        for i in range(n_runs):
+            path = Path(out_dir) / "runs" / f"{sampler}-{i:03d}.zarr"
+            record_digits(path, base.replace(sampler=sampler, sampling_seed=i), overwrite=True,
+                          progress=False)
+            runs[sampler].append(path)
+            bar.update(1)
+    bar.close()
+    return runs
+
+
+def analyse_runs(runs: dict[str, list[Path]], out_dir: str | Path, *, scheduler: Any,
+                 progress: bool = False,
+                 gradients: Sequence[Literal["batch", "auto"]] = _GRADIENTS,
+                 ) -> dict[str, dict[str, list[xr.Dataset]]]:
+    """Analyse every run of every sampler in one :func:`~trajlab.analysis.analyze` graph per
+    gradient choice, into ``<out_dir>/analysis/`` (finished analyses are reused).
+
+    Returns {sampler: {gradient: in-memory analysis Datasets, in run order}}.
+    """
+    from trajlab.studies.sweep import analyse_runs as analyse_sweep
+
+    paths = [p for s in SAMPLERS for p in runs[s]]
+    out: dict[str, dict[str, list[xr.Dataset]]] = {s: {} for s in SAMPLERS}
+    for g in gradients:
+        sweep = analyse_sweep(paths, out_dir, scheduler=scheduler, progress=progress,
+                              gradient=g)
+        datasets = iter(ds.load() for ds in sweep.datasets)
+        for s in SAMPLERS:
+            out[s][g] = [next(datasets) for _ in runs[s]]
+    return out
 
 
 # ============================================================================ figure
@@ -553,10 +583,12 @@ def run_validation(
     probe_every : full-data gradient every k steps in every run. Keep 1: the flow term of
         ``mu_Z`` must use the full-data gradient at every step for the martingale check (2) to
         mean anything (with the batch gradient it already contains the noise) and for (4).
-    scheduler : where the analyses run, passed to every :func:`~trajlab.analysis.analyze`
-        call: None starts one LocalCluster for the whole study; "threads", "synchronous",
-        "processes", a scheduler address or a ``distributed.Client`` as in ``analyze``.
-    progress : a progress bar over runs.
+    scheduler : where the analyses run: every run is analysed in one
+        :func:`~trajlab.analysis.analyze` graph per gradient choice, into
+        ``<out_dir>/analysis/``. None starts one LocalCluster for the whole study; "threads",
+        "synchronous", "processes", a scheduler address or a ``distributed.Client`` as in
+        ``analyze``.
+    progress : progress bars (recording, analysis).
     init_seed : the one initialisation all runs share.
     bar : agreement factor for the pass/fail flags.
     torch_threads : intra-op torch threads while recording (restored afterwards); 1 is fastest
@@ -588,23 +620,11 @@ def run_validation(
     base = TrainConfig(model=model, hidden=hidden, steps=steps, lr=lr, batch_size=batch_size,
                        dtype=dtype, probe_every=probe_every, init_seed=init_seed,
                        optimizer="sgd")
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    analyses: dict[str, dict[str, list[xr.Dataset]]] = {
-        s: {g: [] for g in _GRADIENTS} for s in SAMPLERS}
-    bar_ = tqdm(total=len(SAMPLERS) * n_runs, disable=not progress, desc="validation runs",
-                unit="run")
-    with _torch_threads(torch_threads), scheduler_context(scheduler) as where:
-        for sampler in SAMPLERS:
-            for i in range(n_runs):
-                cfg = base.replace(sampler=sampler, sampling_seed=i)
-                res = record_and_analyse(out_dir / "runs" / f"{sampler}-{i:03d}.zarr", cfg,
-                                         scheduler=where)
-                for g, ds in res.items():
-                    analyses[sampler][g].append(ds)
-                bar_.update(1)
-    bar_.close()
+    with _torch_threads(torch_threads):
+        runs = record_runs(out_dir, base, n_runs, progress=progress)
+    with scheduler_context(scheduler) as where:  # one cluster for both analyses
+        analyses = analyse_runs(runs, out_dir, scheduler=where, progress=progress)
     t_runs = time.perf_counter() - t0
 
     eps = float(np.finfo(np.float64 if dtype == "float64" else np.float32).eps)
