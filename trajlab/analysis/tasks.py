@@ -23,6 +23,7 @@ from trajlab.errors import StoreError
 from trajlab.sde import network_terms
 from trajlab.sde.resolvent import resolvent_layer_terms
 from trajlab.sketches import sketch_kind
+from trajlab.sketches.diagonal import diagonal_layer_terms
 from trajlab.store import Run, open_run
 from trajlab.store.metadata import LayerMeta
 
@@ -67,6 +68,11 @@ def block_rows(m: int, n: int, samples: int) -> int:
     :data:`KERNEL_BYTES`."""
     per_row = 8 * (12 * m * n + 6 * samples * (m + n))
     return max(1, KERNEL_BYTES // per_row)
+
+
+def _diag(x: torch.Tensor) -> torch.Tensor:
+    """The diagonals (T, d) of stacked diagonal matrices (T, d, d)."""
+    return torch.diagonal(x, dim1=-2, dim2=-1)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -177,11 +183,20 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
         for idx in (g[i:i + block] for g in groups for i in range(0, g.size, block)):
             b, s_ = int(batch[idx[0]]), sel(idx)
             t = c.tensors(s_, b) if kind.per_sample else None
-            terms = resolvent_layer_terms(
-                _t(W[s_]), c.grad(s_, t), _t(U[s_]), _t(out["lr"][idx]),
-                sketch=lm.sketch if with_noise else None, tensors=t if with_noise else None,
-                grad_full=full_of(idx), population=opts.population, gap_tol=opts.gap_tol,
-            )
+            if lm.sketch == "diagonal":  # diag(gamma): closed form, O(T B d) (no spectrum)
+                full = full_of(idx)
+                terms = diagonal_layer_terms(
+                    _diag(_t(W[s_])), _diag(c.grad(s_, t)), _diag(_t(U[s_])),
+                    _t(out["lr"][idx]), ps_diag=t["ps_diag"] if with_noise else None,
+                    grad_full=None if full is None else _diag(full),
+                    population=opts.population, gap_tol=opts.gap_tol)
+            else:
+                terms = resolvent_layer_terms(
+                    _t(W[s_]), c.grad(s_, t), _t(U[s_]), _t(out["lr"][idx]),
+                    sketch=lm.sketch if with_noise else None,
+                    tensors=t if with_noise else None, grad_full=full_of(idx),
+                    population=opts.population, gap_tol=opts.gap_tol,
+                )
             if with_noise:
                 terms["coverage"] = torch.minimum(terms["coverage_u"], terms["coverage_v"])
                 out["noise_proj"][idx, :b] = terms["noise_proj"].numpy()
@@ -192,6 +207,12 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
         out["K_operator"] = (_operator_norms(W, lm.geometry) if lm.geometry is not None
                              else out["K"].copy())
     return out
+
+
+#: Relative residual of the exact operator-norm iterations: only sigma is used, whose error is
+#: about the residual squared (benchmarks/spectral.py: sigma to ~1e-12 at 1e-6, half the cost
+#: of 1e-10).
+SIGMA_TOL = 1e-6
 
 
 def _operator_norms(W: np.ndarray, geometry: Any) -> np.ndarray:
@@ -232,7 +253,7 @@ def _operator_norms(W: np.ndarray, geometry: Any) -> np.ndarray:
     if not geometry.transposed:
         series = conv_opnorm_series(_t(W).reshape(T, *shape), size, stride=stride,
                                     padding=padding, dilation=dilation,
-                                    padding_mode=geometry.padding_mode)
+                                    padding_mode=geometry.padding_mode, tol=SIGMA_TOL)
         return series.sigma.numpy()
     if geometry.padding_mode != "zeros":
         raise ValueError(f"a transposed convolution pads with zeros only, not {what}")
@@ -246,7 +267,7 @@ def _operator_norms(W: np.ndarray, geometry: Any) -> np.ndarray:
         prev = conv_transpose_opnorm(kernels[i].contiguous(), size, stride=stride,
                                      padding=padding, dilation=dilation,
                                      output_padding=tuple(geometry.output_padding) or 0,
-                                     init=prev)
+                                     init=prev, tol=SIGMA_TOL)
         out[i] = float(prev.sigma)
     return out
 
