@@ -29,3 +29,27 @@ def test_golden_v1_store_opens_and_analyses_identically(tmp_path):
     for k, v in expected.items():
         np.testing.assert_allclose(ds[k].values, np.array(v, dtype=float), rtol=1e-10,
                                    atol=1e-300, err_msg=k)
+
+
+def test_golden_v2_store_and_analysis_open_and_analyse_identically(tmp_path):
+    store = tmp_path / "golden.zarr"
+    shutil.copytree(DATA / "golden_v2.zarr", store)
+    analysis = tmp_path / "golden_analysis.zarr"
+    shutil.copytree(DATA / "golden_v2_analysis.zarr", analysis)
+    run = trajlab.open_run(store)
+    assert run.meta.format_version == 2 and run.layout.variant == "v2"
+    assert [run.layer_meta(n).sketch for n in run.layers] == ["subspace", "rank1", "diagonal",
+                                                                "rank1"]
+    assert run.n_steps == 4 and run.meta.probe
+    assert (run.layer_rows("3", ["grad_scale"])["grad_scale"] < 1).all()  # clipped
+    assert run.verify() == []
+    expected = json.loads((DATA / "golden_v2_expected.json").read_text())
+    fresh = trajlab.analyze(run, scheduler="synchronous", progress=False)
+    stored = trajlab.open_analysis(analysis)
+    for k, v in expected.items():
+        np.testing.assert_allclose(fresh[k].values, np.array(v, dtype=float), rtol=1e-10,
+                                   atol=1e-300, err_msg=k)
+        np.testing.assert_array_equal(stored[k].values, np.array(v, dtype=float), err_msg=k)
+    # the stored analysis is of this run: reused, not recomputed
+    again = trajlab.analyze(store, out=analysis, scheduler="synchronous", progress=False)
+    np.testing.assert_array_equal(again.K.values, stored.K.values)

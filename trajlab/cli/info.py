@@ -60,7 +60,9 @@ def info_report(path, *, verify: bool = False, progress: bool = False) -> InfoRe
     run = trajlab.open_run(path)
     meta = run.meta
     lines = [f"run store   {path}",
-             f"format      v{meta.format_version} ({run.layout.variant}), dtype {meta.dtype}"
+             f"format      v{meta.format_version}"
+             + (f" ({run.layout.variant})" if run.layout.variant != f"v{meta.format_version}"
+                else "") + f", dtype {meta.dtype}"
              + (f", per-sample {meta.ps_dtype}" if meta.ps_dtype != meta.dtype else "")
              + f", created {meta.created}, trajlab {meta.trajlab_version}, torch "
              f"{meta.torch_version}"]
