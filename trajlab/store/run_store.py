@@ -257,7 +257,7 @@ class RunStoreWriter:
             # Grow geometrically (whole chunks): O(log T) metadata rewrites for a run of T rows.
             c = self.meta.chunk_steps
             self._resize_steps(math.ceil(max(stop, 2 * self.capacity) / c) * c)
-        writes = []
+        writes, pending = [], []
         for key, arr in self._arrays.items():
             layer, name = key
             if layer == "":
@@ -267,13 +267,37 @@ class RunStoreWriter:
             else:
                 rows = [r.layers[layer].get(name) for r in records]
             block = self._stack(arr, rows, name, self._block(key, arr, len(rows)))
-            if not self._write_whole_chunk(arr, start, block):
+            if self._whole_chunk(arr, start, block):
+                # encoded and written by a small pool: the codecs and file writes release
+                # the GIL, so a flush overlaps the encoding of one array with another's I/O
+                pending.append(self._pool().submit(self._write_whole_chunk, arr, start, block))
+            else:
                 writes.append((arr, slice(start, stop), block))
+        for f in pending:
+            f.result()
         if writes:
             write_many(writes)
         self.committed = stop
         self.group.attrs.update({COMMIT_KEY: stop, SAMPLES_KEY: self.sample_capacity})
         return stop
+
+    def _pool(self):
+        if getattr(self, "_executor", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=2,
+                                                thread_name_prefix="trajlab-encode")
+        return self._executor
+
+    def _whole_chunk(self, arr: zarr.Array, start: int, block: np.ndarray) -> bool:
+        """Whether ``block`` is exactly one whole chunk of ``arr`` in a local store, with
+        codecs :meth:`_write_whole_chunk` knows."""
+        c = arr.chunks[0]
+        known = (zarr.codecs.TransposeCodec, zarr.codecs.BytesCodec, zarr.codecs.BloscCodec,
+                 zarr.codecs.Crc32cCodec)
+        return (self.target.path is not None and not start % c and block.shape[0] == c
+                and tuple(arr.chunks[1:]) == tuple(arr.shape[1:])
+                and all(isinstance(codec, known) for codec in arr.metadata.codecs))
 
     def _write_whole_chunk(self, arr: zarr.Array, start: int, block: np.ndarray) -> bool:
         """Encode and write ``block`` as one whole chunk file of a local store, without Zarr's
@@ -330,10 +354,14 @@ class RunStoreWriter:
         self.capacity = rows
 
     def finalize(self) -> None:
-        """Trim every array to the committed rows (so plain readers see exact lengths)."""
+        """Trim every array to the committed rows (so plain readers see exact lengths) and
+        stop the encoding threads."""
         if self.group is not None and any(a.shape[0] != self.committed
                                           for a in self._arrays.values()):
             self._resize_steps(self.committed)
+        if getattr(self, "_executor", None) is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def _block(self, key: tuple[str, str], arr: zarr.Array, n: int) -> np.ndarray:
         """A reused (n, *row shape) buffer for ``arr``'s rows: no fresh pages per flush (page
