@@ -47,18 +47,18 @@ class AnalysisStore:
         meta = dataclasses.replace(meta, state="layout", variables=tuple(specs))
         group = create_group(target, "analysis", {ATTR_KEY: meta.to_dict()})
         c = meta.chunk_rows
+        arrays: dict[str, dict[str, Any]] = {}
         for name, (dims, dtype, desc) in specs.items():
             shape = tuple(sizes[d] for d in dims)
             chunks = (min(c, max(1, shape[0])), *(max(1, s) for s in shape[1:]))
-            group.create_array(
-                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=_fill(dtype),
-                dimension_names=dims, compressors=compressors_for(np.dtype(dtype)),
-                attributes={"description": desc},
-            )
-        group.create_array(DONE, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                           dimension_names=("chunk",), compressors=compressors_for(
-                               np.dtype("uint8")),
-                           attributes={"description": "1 = this step chunk is written"})
+            arrays[name] = dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=_fill(dtype),
+                                dimension_names=dims, attributes={"description": desc},
+                                compressors=compressors_for(np.dtype(dtype)))
+        arrays[DONE] = dict(shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                            dimension_names=("chunk",), compressors=compressors_for(
+                                np.dtype("uint8")),
+                            attributes={"description": "1 = this step chunk is written"})
+        _create_arrays(group, arrays)
         meta = dataclasses.replace(meta, state="ready")
         group.attrs[ATTR_KEY] = meta.to_dict()
         return cls(group, meta, str(target.store))
@@ -89,18 +89,29 @@ class AnalysisStore:
     def write_chunk(self, ci: int, rows: slice, values: Mapping[str, np.ndarray]) -> None:
         """Write every variable of step chunk ``ci`` (rows relative to the store), then mark it
         done (after the data: a chunk is done only once all of it is written)."""
-        arrays = {n: a.with_config(_CONFIG) for n, a in self.group.arrays() if n in values}
-        write_many([(arrays[n], rows, v) for n, v in values.items()])
-        self.group[DONE].with_config(_CONFIG)[ci] = 1
+        arrays = self._arrays([*values, DONE])
+        write_many([(arrays[n].with_config(_CONFIG), rows, v) for n, v in values.items()])
+        arrays[DONE].with_config(_CONFIG)[ci] = 1
 
     def write_all(self, values: Mapping[str, np.ndarray]) -> None:
         """Write whole variables (the series-wide integrals)."""
-        arrays = {n: a.with_config(_CONFIG) for n, a in self.group.arrays() if n in values}
-        write_many([(arrays[n], slice(None), v) for n, v in values.items()])
+        arrays = self._arrays(list(values))
+        write_many([(arrays[n].with_config(_CONFIG), slice(None), v) for n, v in values.items()])
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        arrays = dict(self.group.arrays())
+        arrays = self._arrays(names)
         return {n: arrays[n][:] for n in names}
+
+    def _arrays(self, names: list[str]) -> dict[str, zarr.Array]:
+        """The named arrays, their metadata read concurrently (not the whole listing)."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        async def _all() -> list[Any]:
+            return await asyncio.gather(*(self.group._async_group.getitem(n) for n in names))
+
+        return {n: zarr.Array(a) for n, a in zip(names, sync(_all()))}
 
     def mark_complete(self) -> None:
         self.meta = dataclasses.replace(self.meta, state="complete")
@@ -111,15 +122,40 @@ class AnalysisStore:
                 variables: list[str] | None = None) -> xr.Dataset:
         """The stored variables as a lazy Dataset (Dask-backed), ``_done`` left out."""
         import dask.array as da
+        from dask.base import tokenize
 
+        # One token per store (its location and metadata, which include its creation time and
+        # state) names every variable's graph: letting Dask tokenize each zarr array instead
+        # costs ~50 ms per store (pickling its metadata), most of opening a sweep's analyses.
+        # Index variables (a name that is also a dimension, e.g. ``step``) are read now: xarray
+        # builds an index from them, which would otherwise compute a Dask graph per store.
+        token = tokenize(self.where, self.meta.to_dict())
         data = {}
         for name, arr in self.group.arrays():
             if name == DONE or (variables is not None and name not in variables):
                 continue
             dims = tuple(arr.metadata.dimension_names)
-            data[name] = xr.Variable(dims, da.from_zarr(arr, chunks=arr.chunks),
-                                     attrs=dict(arr.attrs))
+            if dims == (name,):
+                values: Any = arr[:]
+            else:
+                values = da.from_array(arr, chunks=arr.chunks, name=f"trajlab-{name}-{token}",
+                                       meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+            data[name] = xr.Variable(dims, values, attrs=dict(arr.attrs))
         return xr.Dataset(data)
+
+
+def _create_arrays(group: zarr.Group, arrays: Mapping[str, dict[str, Any]]) -> None:
+    """``group.create_array(name, **kw)`` for every item, concurrently (one analysis store has
+    ~45 arrays; one at a time they cost ~2.5 ms each, most of laying out a short run's store)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def _all() -> None:
+        await asyncio.gather(*(group._async_group.create_array(name, **kw)
+                               for name, kw in arrays.items()))
+
+    sync(_all())
 
 
 def _fill(dtype: str):
