@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import dask.array
+import dask.core
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,25 @@ def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, mon
     assert not (set(calls) & done_before)  # finished chunks were not recomputed
     for k in full.data_vars:
         np.testing.assert_array_equal(resumed[k].values, full[k].values)
+
+
+def test_a_store_reanalysed_in_place_opens_with_its_new_values(mlp_run, tmp_path):
+    """Lazy variables are named per opening, never from the path: a dataset opened before the
+    store was overwritten and one opened after never share a Dask name (or values)."""
+    store = mlp_run[0]
+    out = tmp_path / "an.zarr"
+    old = analyze(store, out=out, steps=(0, 12), scheduler="synchronous", progress=False)
+    old_K = old.K.values.copy()
+    new = analyze(store, out=out, steps=(12, 24), overwrite=True, scheduler="synchronous",
+                  progress=False)
+    assert isinstance(new.K.data, dask.array.Array)  # lazy; the step index is in memory
+    assert not isinstance(new.step.data, dask.array.Array)
+    keys = {str(k) for k in dask.core.flatten(new.K.data.__dask_keys__())}
+    assert not keys & {str(k) for k in dask.core.flatten(old.K.data.__dask_keys__())}
+    np.testing.assert_array_equal(new.step.values, np.arange(12, 24))
+    direct = analyze(store, steps=(12, 24), scheduler="synchronous", progress=False)
+    np.testing.assert_allclose(new.K.values, direct.K.values, rtol=1e-14)
+    assert not np.array_equal(open_analysis(out).K.values, old_K)
 
 
 def test_bad_arguments(mlp_run, tmp_path):

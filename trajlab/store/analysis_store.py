@@ -120,16 +120,19 @@ class AnalysisStore:
     # ------------------------------------------------------------------ reading
     def dataset(self, *, storage_options: dict | None = None,
                 variables: list[str] | None = None) -> xr.Dataset:
-        """The stored variables as a lazy Dataset (Dask-backed), ``_done`` left out."""
-        import dask.array as da
-        from dask.base import tokenize
+        """The stored variables as a lazy Dataset (Dask-backed; index variables such as ``step``
+        read into memory), ``_done`` left out."""
+        import uuid
 
-        # One token per store (its location and metadata, which include its creation time and
-        # state) names every variable's graph: letting Dask tokenize each zarr array instead
-        # costs ~50 ms per store (pickling its metadata), most of opening a sweep's analyses.
-        # Index variables (a name that is also a dimension, e.g. ``step``) are read now: xarray
-        # builds an index from them, which would otherwise compute a Dask graph per store.
-        token = tokenize(self.where, self.meta.to_dict())
+        import dask.array as da
+
+        # One fresh token per opening names every variable's graph (a store rewritten in place
+        # never shares a name with what was opened before): letting Dask tokenize each zarr
+        # array instead costs ~50 ms per store (pickling its metadata), most of opening a
+        # sweep's analyses. Index variables (a name that is also a dimension, e.g. ``step``)
+        # are read now: xarray builds an index from them, which would otherwise compute a Dask
+        # graph per store.
+        token = uuid.uuid4().hex
         data = {}
         for name, arr in self.group.arrays():
             if name == DONE or (variables is not None and name not in variables):
