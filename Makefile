@@ -36,6 +36,7 @@ test-all: test test-slow
 ## Benchmarks print ratios against baselines measured in the same run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/record_overhead.py
+	$(BIN)/python benchmarks/record_layers.py
 	$(BIN)/python benchmarks/spectral.py
 	$(BIN)/python benchmarks/analysis.py
 
