@@ -23,11 +23,11 @@ from trajlab.errors import RecorderError, SelfCheckError
 from trajlab.record import checks, store_policy
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
+from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import Patches, supported_types
 from trajlab.record.step import Assembled, Capture, Micro, assemble, interleaved, probes
 from trajlab.record.summary import Target, mixing_layers, mixing_message, plan
-from trajlab.record.process_writer import make_writer
-from trajlab.record.writer import PendingRecord
+from trajlab.record.writer import BackgroundWriter, PendingRecord
 from trajlab.sketches import SketchKind, sketch_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
@@ -264,7 +264,7 @@ class Recorder:
         self._layer_handles: list[Any] = []
         self._group_of: dict[int, int | None] = {}
         self._lock: StoreLock | None = None
-        self._writer: BackgroundWriter | None = None
+        self._writer: BackgroundWriter | ProcessWriter | None = None
         self._store_writer: RunStoreWriter | None = None
         self._step = 0
         self._n_recorded = 0

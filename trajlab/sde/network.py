@@ -91,7 +91,8 @@ def network_terms(
                                                           device=K.device)
         eta_layer = eta[..., None].expand(K.shape) if eta.dim() else eta.expand(K.shape)
     safe_ref = torch.where(ref == 0, torch.ones_like(ref), ref)
-    w = torch.where(ref[..., None] == 0, torch.ones_like(eta_layer), eta_layer / safe_ref[..., None])
+    w = torch.where(ref[..., None] == 0, torch.ones_like(eta_layer),
+                    eta_layer / safe_ref[..., None])
     K2 = K * K
     logK = torch.log(K).sum(-1)
     out = {

@@ -13,7 +13,7 @@ from trajlab.sketches.base import SketchKind, Var, _require
 
 
 class Rank1(SketchKind):
-    """``ps_grad_out`` (B, m) and ``ps_input`` (B, n) with ``G_i = outer(ps_grad_out_i, ps_input_i)``.
+    """``ps_grad_out`` (B, m), ``ps_input`` (B, n): ``G_i = outer(ps_grad_out_i, ps_input_i)``.
 
     Exact and independent of any SVD: B(m + n) numbers per step instead of B m n. The batch
     mean ``mean_i outer(delta_i, a_i)`` is the batch gradient, so ``grad`` is not stored.

@@ -65,8 +65,8 @@ Method = Literal["auto", "fft", "lobpcg", "dense", "power"]
 
 #: ``min(m, n)`` up to which ``method="auto"`` builds the dense matrix (with ``m n <= 2**22``).
 DENSE_MAX = 128
-#: Default block size of ``"lobpcg"`` (measured: 2 is fastest in total on a small ResNet's 3x3 layers;
-#: the top pair of a real zero-padded convolution is nearly degenerate, so never 1).
+#: Default block size of ``"lobpcg"`` (measured: 2 is fastest in total on a small ResNet's
+#: 3x3 layers; the top pair of a real zero-padded convolution is nearly degenerate, so never 1).
 DEFAULT_BLOCK = 2
 
 

@@ -227,7 +227,7 @@ class Run:
 
     @cached_property
     def root(self) -> xr.Dataset:
-        """Step-level variables (lr, batch_size, loss, indices, probe) with a ``step`` coordinate."""
+        """Step-level variables (lr, batch_size, loss, indices, probe), ``step`` coordinate."""
         ds = self._dataset(None)
         return ds.assign_coords({STEP: np.asarray(ds[STEP].values)})
 

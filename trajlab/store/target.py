@@ -130,8 +130,8 @@ def check_writable(target: Target, kind: Literal["run", "analysis"], *, overwrit
             + ", or choose another path"
         )
     raise StoreExistsError(
-        f"{show(target.store)} holds {target.describe()}, not a trajlab {kind} store; trajlab never "
-        "overwrites or writes into it (with or without overwrite): choose another path"
+        f"{show(target.store)} holds {target.describe()}, not a trajlab {kind} store; trajlab "
+        "never overwrites or writes into it (with or without overwrite): choose another path"
     )
 
 

@@ -43,7 +43,8 @@ class Conv1dRule(LayerRule):
         positions = (length + before + after - d * (k - 1) - 1) // s + 1
         geometry = ConvGeometry(
             kernel_shape=tuple(module.weight.shape), stride=(s,),
-            padding=(before,) if before == after else (before, after),  # (before, after): asymmetric
+            # (before, after): asymmetric
+            padding=(before,) if before == after else (before, after),
             dilation=(d,), padding_mode=module.padding_mode, input_size=(length,))
         return Description("subspace", int(positions), geometry)
 
