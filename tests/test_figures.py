@@ -31,7 +31,7 @@ def mlp(n_layers: int) -> nn.Module:
     return nn.Sequential(*mods[:-1]).double()
 
 
-def record_and_analyse(path, *, n_layers=2, momentum=0.0, every=1, steps=12):
+def record_and_analyse(path, *, n_layers=2, momentum=0.0, every=1, steps=12, per_sample=True):
     """A short recorded run (SGD, optionally with momentum) and its in-memory analysis."""
     torch.manual_seed(1)
     X = torch.randn(64, 6, dtype=torch.float64)
@@ -40,6 +40,7 @@ def record_and_analyse(path, *, n_layers=2, momentum=0.0, every=1, steps=12):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
     g = torch.Generator().manual_seed(0)
     with trajlab.Recorder(model, path, optimizer=opt, loss_fn=F.cross_entropy, every=every,
+                          per_sample=per_sample,
                           metadata={"optimizer": "momentum" if momentum else "sgd"}) as rec:
         for _ in range(steps):
             idx = torch.randint(0, len(X), (8,), generator=g)
@@ -58,6 +59,7 @@ def runs(tmp_path_factory):
         "sgd": record_and_analyse(base / "sgd.zarr"),
         "momentum": record_and_analyse(base / "momentum.zarr", momentum=0.9),
         "every2": record_and_analyse(base / "every2.zarr", every=2),
+        "weights_only": record_and_analyse(base / "w.zarr", momentum=0.9, per_sample=False),
     }
 
 
@@ -226,3 +228,35 @@ def test_figures_read_only_their_needed_variables(runs, figure):
         finally:
             plt.close(full)
             plt.close(sub)
+
+
+def test_weights_only_run_draws_no_prediction_and_says_why(runs):
+    """Without per-sample information the predictions are NaN: no SDE curve or band is drawn or
+    listed, the title says why, the noise figure is refused, and the drift figure keeps the
+    flow and the optimizer's drift (momentum is detected from it, not from the predictions)."""
+    ds = runs["weights_only"]
+    assert np.isnan(ds.logK_pred_mean.values[1:]).all()
+    fig = ds.lipschitz.plot_validation()
+    try:
+        labels = legend_labels(fig)
+        assert "measured σ1(W)" in labels and "pathwise 2nd order" in labels
+        assert not any(lab.startswith("SDE") for lab in labels), labels
+        assert "no SDE prediction" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+    with pytest.raises(ValueError, match="per_sample=False"):
+        ds.lipschitz.plot_noise_split()
+    assert figures.optimizer_aware(ds)
+    fig = ds.lipschitz.plot_drift()
+    try:
+        labels = legend_labels(fig)
+        assert any(lab.startswith("gradient flow") for lab in labels)
+        assert any(lab.startswith("optimizer μ_opt") for lab in labels)
+        assert not any("κ_Z" in lab or "Itô" in lab or lab.startswith("SDE") for lab in labels)
+    finally:
+        plt.close(fig)
+    fig = ds.lipschitz.plot_band()
+    try:
+        assert not any("predicted" in lab for lab in legend_labels(fig))
+    finally:
+        plt.close(fig)

@@ -4,6 +4,7 @@ skipped steps, clipping, param groups, momentum/Adam, BatchNorm, DataLoader, res
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -149,6 +150,77 @@ def test_autocast_per_sample_within_the_precision(tmp_path, dtype, tol):
     from trajlab.cli import format_info
 
     assert "integrity   ok" in format_info(tmp_path / "r.zarr")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_autocast_transformer_layers_within_the_precision(tmp_path, dtype, tol):
+    """Inside attention and over sequences the layers see float32 inputs and low-precision
+    output gradients: every matrix is captured (none flagged), within the autocast precision."""
+    torch.manual_seed(22)
+    model = _Encoder(dropout=0.0)
+    X = torch.randn(5, 6, 8)  # 5 positions, 6 samples
+    Y = torch.randint(0, 3, (6,))
+    ref_model = copy.deepcopy(model)
+    params = {k: v.detach().clone() for k, v in ref_model.named_parameters()}
+
+    def loss_one(p, xi, yi):  # the same autocast arithmetic, one sample at a time
+        with torch.autocast("cpu", dtype=dtype):
+            out = functional_call(ref_model, p, (xi[:, None],))
+        return F.cross_entropy(out.float(), yi[None])
+
+    ref = vmap(grad(loss_one), in_dims=(None, 1, 0))(params, X, Y)
+    q, k, v = ref["enc.self_attn.in_proj_weight"].chunk(3, dim=1)
+    want = {"enc.self_attn:q": q, "enc.self_attn:k": k, "enc.self_attn:v": v,
+            "enc.self_attn:out": ref["enc.self_attn.out_proj.weight"],
+            **{n: ref[f"{n}.weight"] for n in ("enc.linear1", "enc.linear2", "head")}}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no capture may fail
+        with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, rank=8,
+                              loss_fn=F.cross_entropy) as rec:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(model(X), Y)
+            loss.backward()
+            rec.log(loss=loss, inputs=X, targets=Y)
+            opt.step()
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    for name, w in want.items():
+        assert not run.layer_rows(name, ["nonfinite"])["nonfinite"].any(), name
+        got = trajlab.per_sample_gradients(run, name, 0).grads
+        w = w.numpy()
+        assert np.abs(got - w).max() / np.abs(w).max() < tol, name  # measured 8e-3 / 8e-4
+
+
+def test_a_failed_capture_is_flagged_in_the_store(tmp_path, monkeypatch):
+    """A capture that raises (here: forced) leaves its row NaN and flagged ``nonfinite``."""
+    from trajlab.sketches.rank1 import Rank1
+
+    def broken(self, act, delta, **kw):
+        raise RuntimeError("forced capture failure")
+
+    model = mlp64(5)
+    X, Y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        for s in range(3):
+            if s == 1:
+                monkeypatch.setattr(Rank1, "capture", broken)
+            if s == 2:
+                monkeypatch.undo()
+            idx = torch.arange(8 * s, 8 * s + 8)
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                rec.log(indices=idx)
+                opt.step()
+            if s == 1:
+                assert any("forced capture failure" in str(w.message) for w in seen)
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    for name in run.layers:
+        np.testing.assert_array_equal(run.layer_rows(name, ["nonfinite"])["nonfinite"],
+                                      [False, True, False])
 
 
 def test_grad_scaler_divides_out_the_scale_and_skipped_steps_are_not_recorded(tmp_path):
@@ -452,6 +524,10 @@ def test_batchnorm_is_refused_up_front_and_weights_only_mode_analyses(tmp_path):
     assert np.isnan(ds.drift_noise.values).all() and np.isnan(ds.logK_diffusion2.values).all()
     assert "per_sample=False" in ds.attrs["noise"]
     assert np.isfinite(ds.K_pathwise.values).all()
+    # no prediction without the noise terms: NaN after the start, as the attrs say (a NaN rate
+    # counted as 0 drew a flat prediction, silently)
+    for k in ("K_pred_mean", "logK_pred_mean", "logK_pred_var", "K_net_pred_upper"):
+        assert np.isnan(ds[k].values[1:]).all(), k
 
 
 # --------------------------------------------------------------------------- DataLoader
@@ -534,6 +610,30 @@ def test_k_net_attrs_name_the_covered_layers_and_when_it_is_not_a_bound(tmp_path
     text = ds.attrs["k_net"]
     assert "NOT a Lipschitz bound" in text and "normalisation" in text
     assert all(f"{n}" in text for n in ("0", "3"))
+
+
+def test_transformer_coverage_counts_each_weight_once(tmp_path):
+    """Attention's out_proj counts with its module, normalisation scales are not weight
+    matrices: the summary and K_net's attrs say 100%, never more."""
+    torch.manual_seed(17)
+    model = _Encoder(dropout=0.0).double()
+    X = torch.randn(5, 16, 8, dtype=F64)
+    Y = torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        for s in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(X[:, 8 * s:8 * s + 8]), Y[8 * s:8 * s + 8]).backward()
+            opt.step()
+    for e in rec.summary["modules"]:
+        assert e.get("recorded_parameters", 0) <= e["parameters"], e
+    attn = next(e for e in rec.summary["modules"] if e["name"] == "enc.self_attn")
+    mha = model.enc.self_attn
+    assert attn["parameters"] == sum(p.numel() for p in mha.parameters())
+    ds = trajlab.analyze(tmp_path / "r.zarr", scheduler="synchronous", progress=False)
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    assert f"{total} of the model's {total} weight-matrix parameters (100%)" in ds.attrs["k_net"]
+    assert "and 2 normalisation scales" in ds.attrs["k_net"]
 
 
 def test_mixed_precision_layers_and_frozen_layers_pass_the_self_check(tmp_path):

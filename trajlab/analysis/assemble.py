@@ -25,10 +25,12 @@ INTEGRAL_INPUTS = ("K", "dt", "pathwise_increment", "drift", "drift_optimizer", 
 
 
 def _int(rate: np.ndarray, dt: np.ndarray) -> np.ndarray:
-    """Left-point integral at the start of each row (first 0), undefined steps counted as 0."""
+    """Left-point integral at the start of each row (first 0). A step whose rate is undefined
+    (NaN: no per-sample information, a capture that failed, non-finite weights) makes the
+    integral undefined from the next row on: counting it as 0 would predict silently wrong
+    (a flat prediction for a run recorded with per_sample=False)."""
     return integrate(torch.from_numpy(np.asarray(rate, dtype=np.float64)),
-                     torch.from_numpy(np.asarray(dt, dtype=np.float64)),
-                     at="start", skip_nan=True).numpy()
+                     torch.from_numpy(np.asarray(dt, dtype=np.float64)), at="start").numpy()
 
 
 def integrals(v: Mapping[str, np.ndarray], *, every: int) -> dict[str, np.ndarray]:
@@ -87,7 +89,9 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
             "the paper's SGD drift + drift_optimizer (0 for plain SGD; for momentum or Adam it "
             "is the realised first-order change of the update, so the prediction then tests the "
             "second-order noise terms only). logK_pred_mean_sgd / K_pred_mean_sgd: the paper's "
-            "SGD SDE alone. Noise terms model SGD's batch-gradient noise with step lr."
+            "SGD SDE alone. Noise terms model SGD's batch-gradient noise with step lr. A step "
+            "whose terms are undefined (no per-sample information, a capture flagged nonfinite) "
+            "makes the predictions NaN from the next step on."
         ),
     }
     if run is None:
@@ -117,14 +121,19 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def k_net_statement(meta, layers) -> str:
     """What K_net covers and whether it bounds the network (from the run's model summary)."""
+    from trajlab.sketches.diagonal import DIAGONAL_MODULES
+
     model = getattr(meta, "model", None) or {}
     covered = [lm for lm in meta.layers if lm.name in layers]
-    params = sum(lm.shape[0] * lm.shape[1] for lm in covered)
+    diagonal = [lm for lm in covered if lm.sketch == "diagonal" or lm.module in DIAGONAL_MODULES]
+    params = sum(lm.shape[0] * lm.shape[1] for lm in covered if lm not in diagonal)
     text = f"product of sigma_1 over {len(covered)} matrices ({', '.join(layers)})"
     total = model.get("weight_parameters")
     if total:
         text += f": {params} of the model's {total} weight-matrix parameters"
         text += f" ({100 * params / total:.0f}%)"
+        if diagonal:
+            text += f" and {len(diagonal)} normalisation scales"
     reasons = list(model.get("not_a_bound", []))
     if total and params < total:
         reasons.append("it leaves out weight matrices that were not analysed")

@@ -35,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
         fn = PLOTS[kind]
         sub = ds[needed_variables(fn, ds)].compute()  # only what the figure draws
         path = out / f"{name}_{kind}.png"
-        save_figure(getattr(sub.lipschitz, fn)(), path)
+        try:
+            fig = getattr(sub.lipschitz, fn)()
+        except ValueError as e:  # nothing of this kind to draw (e.g. no noise terms)
+            print(f"{kind}: not drawn: {e}")
+            continue
+        save_figure(fig, path)
         print(f"{kind} -> {path}")
     return 0

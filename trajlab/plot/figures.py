@@ -27,14 +27,14 @@ def _plt():
 NEEDS: dict[str, tuple[str, ...]] = {
     "plot_validation": ("K", "K_pred_mean", "K_pred_mean_sgd", "K_pathwise", "degenerate",
                         "K_net", "K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean",
-                        "logK_pred_mean_sgd", "K_net_pathwise"),
+                        "logK_pred_mean_sgd", "K_net_pathwise", "drift_optimizer", "dt"),
     "plot_drift": ("K", "dt", "net_dt", "drift_flow", "diffusion2", "logK_noise_curvature",
                    "logK_drift", "logK_drift_optimizer", "logK_discretization", "logK",
-                   "logK_pred_mean", "logK_pred_mean_sgd"),
+                   "logK_pred_mean", "logK_pred_mean_sgd", "drift_optimizer"),
     "plot_noise_split": ("drift_noise", "drift_noise_var", "drift_noise_cov", "diffusion2",
                          "diffusion2_var", "diffusion2_cov"),
     "plot_band": ("K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean", "logK_pred_mean_sgd",
-                  "K_net"),
+                  "K_net", "K", "drift_optimizer", "dt"),
 }
 
 #: Relative difference above which the optimizer-aware prediction (``K_pred_mean``,
@@ -64,8 +64,16 @@ def optimizer_aware(ds: xr.Dataset) -> bool:
 
     Compares ``K_pred_mean`` with ``K_pred_mean_sgd`` (relative) and ``logK_pred_mean`` with
     ``logK_pred_mean_sgd`` (absolute in log K = relative in K), over every step and layer
-    present. False for plain SGD (the optimizer's drift is 0) and when a pair is missing.
+    present, and the optimizer's own drift integrated over time relative to K (which stays
+    defined when the noise terms, and with them the predictions, are not). False for plain SGD
+    (the optimizer's drift is 0 up to rounding) and when nothing to compare is present.
     """
+    if all(k in ds.data_vars for k in ("drift_optimizer", "dt", "K")):
+        inc = np.nan_to_num(np.asarray(ds.drift_optimizer.values * ds.dt.values, np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.abs(np.cumsum(inc, axis=0)) / np.abs(np.asarray(ds.K.values, np.float64))
+        if np.nan_to_num(rel, nan=0.0, posinf=0.0).max(initial=0.0) > SGD_RTOL:
+            return True
     for name, log in (("K_pred_mean", False), ("logK_pred_mean", True)):
         if name not in ds.data_vars or f"{name}_sgd" not in ds.data_vars:
             continue
@@ -79,9 +87,20 @@ def optimizer_aware(ds: xr.Dataset) -> bool:
 
 
 def _drawn(ds: xr.Dataset, name: str) -> bool:
-    """Whether ``name`` is present with a finite value (all-NaN curves are neither drawn nor
-    listed, e.g. the pathwise reconstruction of runs recorded with every > 1)."""
-    return name in ds.data_vars and bool(np.isfinite(ds[name].values).any())
+    """Whether ``name`` is present with a curve to draw: two finite values along the steps of
+    some layer. Others are neither drawn nor listed (the pathwise reconstruction of runs recorded
+    with every > 1; predictions without noise terms, defined at their first step only)."""
+    if name not in ds.data_vars:
+        return False
+    values = np.asarray(ds[name].values)
+    return bool((np.isfinite(values).sum(axis=0) >= 2).any()) if values.ndim else False
+
+
+def _no_prediction_note(ds: xr.Dataset) -> str:
+    """A line for figures whose SDE prediction is undefined (no per-sample information)."""
+    if _drawn(ds, "logK_pred_mean") or "logK_pred_mean" not in ds.data_vars:
+        return ""
+    return "\n(no SDE prediction: its noise terms are undefined; see the dataset's attrs['noise'])"
 
 
 def network_title(ds: xr.Dataset) -> str:
@@ -177,12 +196,11 @@ def plot_validation(
     for ax, name in zip(axes.flat, layers):
         d = ds.sel(layer=name)
         meas = d.K.values
-        series = [
-            (meas, {"color": "k", "lw": 1.6, "label": "measured σ1(W)"}),
-            (d.K_pred_mean.values, {"color": "C0", "lw": 1.2,
-                                    "label": SDE_OPT_LABEL if aware else SDE_LABEL}),
-        ]
-        if aware and "K_pred_mean_sgd" in d.data_vars:
+        series = [(meas, {"color": "k", "lw": 1.6, "label": "measured σ1(W)"})]
+        if _drawn(d, "K_pred_mean"):
+            series.append((d.K_pred_mean.values, {"color": "C0", "lw": 1.2,
+                                                  "label": SDE_OPT_LABEL if aware else SDE_LABEL}))
+        if aware and _drawn(d, "K_pred_mean_sgd"):
             series.append((d.K_pred_mean_sgd.values, {**_SGD_STYLE, "label": SDE_SGD_LABEL}))
         if _drawn(d, "K_pathwise"):
             series.append((d.K_pathwise.values, {"color": "C1", "lw": 1.2, "ls": "--",
@@ -197,14 +215,14 @@ def plot_validation(
         ax.set_ylabel("K = σ1(W)")
         _inset(ax, x, series, steps=inset_steps)
     ax = axes.flat[len(layers)]
-    band = (ds.K_net_pred_lower.values, ds.K_net_pred_upper.values)
-    ax.fill_between(x, *band, color="C0", alpha=0.25, label="SDE 95% band")
-    series = [
-        (ds.K_net.values, {"color": "k", "lw": 1.6, "label": "measured Π K"}),
-        (np.exp(ds.logK_pred_mean.values), {"color": "C0", "lw": 1.2,
-                                            "label": NET_OPT_LABEL if aware else NET_LABEL}),
-    ]
-    if aware and "logK_pred_mean_sgd" in ds.data_vars:
+    if _drawn(ds, "K_net_pred_lower"):
+        band = (ds.K_net_pred_lower.values, ds.K_net_pred_upper.values)
+        ax.fill_between(x, *band, color="C0", alpha=0.25, label="SDE 95% band")
+    series = [(ds.K_net.values, {"color": "k", "lw": 1.6, "label": "measured Π K"})]
+    if _drawn(ds, "logK_pred_mean"):
+        series.append((np.exp(ds.logK_pred_mean.values),
+                       {"color": "C0", "lw": 1.2, "label": NET_OPT_LABEL if aware else NET_LABEL}))
+    if aware and _drawn(ds, "logK_pred_mean_sgd"):
         series.append((np.exp(ds.logK_pred_mean_sgd.values),
                        {**_SGD_STYLE, "label": NET_SGD_LABEL}))
     if _drawn(ds, "K_net_pathwise"):
@@ -219,7 +237,8 @@ def plot_validation(
     _inset(ax, x, series, steps=inset_steps)
     for extra in list(axes.flat)[n:]:
         extra.set_visible(False)
-    fig.suptitle(_title(ds, "Lipschitz constant: SDE theory vs measurement"), fontsize=11)
+    fig.suptitle(_title(ds, "Lipschitz constant: SDE theory vs measurement"
+                        + _no_prediction_note(ds)), fontsize=11)
     _legend(fig, list(axes.flat)[:n])
     return fig
 
@@ -236,9 +255,9 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     x = ds.step.values
     K = ds.K
     w = ds.dt / ds.net_dt  # layer time per unit of network time (1 with a single lr)
-    flow = (w * ds.drift_flow / K).sum("layer").values
+    flow = (w * ds.drift_flow / K).sum("layer", skipna=False).values
     kappa = ds.logK_noise_curvature.values
-    ito = -0.5 * (w * ds.diffusion2 / K**2).sum("layer").values
+    ito = -0.5 * (w * ds.diffusion2 / K**2).sum("layer", skipna=False).values
     aware = optimizer_aware(ds) and "logK_drift_optimizer" in ds.data_vars
     parts = [
         ("gradient flow Σ μ_flow/K", flow, "C0"),
@@ -249,8 +268,13 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     ]
     if aware:
         parts.append(("optimizer μ_opt = Σ μ_opt,ℓ/K_ℓ", ds.logK_drift_optimizer.values, "C5"))
+    # a part that is undefined throughout (no per-sample information: the noise terms and the
+    # total) is neither drawn nor listed, and no SDE sum is drawn without it
+    have_total = bool(np.isfinite(parts[3][1]).any())
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for label, y, c in parts:
+        if not np.isfinite(y).any():
+            continue
         a.plot(x, y, color=c, alpha=0.15, lw=0.8)
         a.plot(x, moving_average(y, window), color=c, lw=1.5, label=label)
     a.axhline(0, color="0.6", lw=0.6)
@@ -260,12 +284,17 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     a.legend(fontsize=7)
     dt = ds.net_dt.values
     for label, y, c in parts[:3] + parts[4:]:
-        b.plot(x, np.cumsum(np.nan_to_num(y) * dt), color=c, lw=1.5, label=label)
+        if np.isfinite(y).any():
+            b.plot(x, np.cumsum(np.nan_to_num(y) * dt), color=c, lw=1.5, label=label)
     sgd = np.nan_to_num(parts[3][1]) + np.nan_to_num(parts[4][1])
-    b.plot(x, np.cumsum(sgd * dt), color="C1", lw=1.2, ls="--",
-           label="SDE (paper, SGD) μ_Z + discretisation" if aware
-           else "SDE μ_Z + discretisation")
-    if aware:
+    if have_total:
+        b.plot(x, np.cumsum(sgd * dt), color="C1", lw=1.2, ls="--",
+               label="SDE (paper, SGD) μ_Z + discretisation" if aware
+               else "SDE μ_Z + discretisation")
+    else:
+        fig.suptitle(_no_prediction_note(ds).strip() or "no SDE drift: noise terms undefined",
+                     fontsize=9)
+    if aware and have_total:
         opt = sgd + np.nan_to_num(ds.logK_drift_optimizer.values)
         b.plot(x, np.cumsum(opt * dt), color="C0", lw=1.2, ls="-.",
                label="SDE (optimizer-aware) μ_Z + μ_opt + discretisation")
@@ -281,6 +310,9 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
 def plot_noise_split(ds: xr.Dataset, *, window: int = 25):
     """Variance vs covariance contributions of the gradient noise, per layer (paper Fig. 3):
     noise-curvature drift and squared diffusion split into their var and cov parts."""
+    if not _drawn(ds, "drift_noise"):
+        raise ValueError("no noise terms to draw: " + str(ds.attrs.get(
+            "noise", "the run holds no per-sample information")))
     plt = _plt()
     layers = list(ds.layer.values)
     fig, axes = plt.subplots(2, len(layers), figsize=(3.4 * len(layers), 5.6), squeeze=False)
@@ -317,11 +349,13 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
     x = ds.step.values
     aware = optimizer_aware(ds)
     which = "SDE (optimizer-aware)" if aware else "SDE"
-    ax.fill_between(x, ds.K_net_pred_lower.values, ds.K_net_pred_upper.values, color="C0",
-                    alpha=0.25, label=f"{which}: predicted 95% band")
-    ax.plot(x, np.exp(ds.logK_pred_mean.values), color="C0", lw=1.3,
-            label=f"{which}: predicted median")
-    if aware and "logK_pred_mean_sgd" in ds.data_vars:
+    if _drawn(ds, "K_net_pred_lower"):
+        ax.fill_between(x, ds.K_net_pred_lower.values, ds.K_net_pred_upper.values, color="C0",
+                        alpha=0.25, label=f"{which}: predicted 95% band")
+    if _drawn(ds, "logK_pred_mean"):
+        ax.plot(x, np.exp(ds.logK_pred_mean.values), color="C0", lw=1.3,
+                label=f"{which}: predicted median")
+    if aware and _drawn(ds, "logK_pred_mean_sgd"):
         ax.plot(x, np.exp(ds.logK_pred_mean_sgd.values), **_SGD_STYLE,
                 label="SDE (paper, SGD): predicted median")
     ax.plot(x, ds.K_net.values, color="k", lw=1.4, label=f"measured ({label})")
@@ -331,7 +365,8 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
     ax.set_xlabel("step")
     ax.set_ylabel("K_net = Π K_ℓ")
     optimizer = ds.attrs.get("optimizer")
-    if optimizer:
-        ax.set_title(f"optimizer: {optimizer}", fontsize=9)
+    title = (f"optimizer: {optimizer}" if optimizer else "") + _no_prediction_note(ds)
+    if title:
+        ax.set_title(title.strip(), fontsize=9)
     ax.legend(fontsize=8)
     return fig

@@ -249,14 +249,22 @@ class Recorder:
             _int_option("batch_dim", batch_dim, 0)
         targets, self._summary = plan(self.model, optimizer, layers, batch_dim=batch_dim)
         self._layers = [_Layer(t) for t in targets]
+        self._mixing = [] if not self.per_sample else mixing_layers(self.model)
+        if self._mixing:  # refused before any other notice about the model
+            raise RecorderError(mixing_message(self._mixing))
         skipped = [m for m in self._summary["modules"] if not m["recorded"]
                    and m.get("why") != "not selected (layers=)"]
         if skipped and layers is None:
+            groups: dict[tuple[str, str], list[str]] = {}  # one line per (type, reason)
+            for m in skipped:
+                groups.setdefault((m["type"], m["why"]), []).append(m["name"] or "<model>")
+
+            def names(ns: list[str]) -> str:
+                return ", ".join(ns[:4]) + (f" and {len(ns) - 4} more" if len(ns) > 4 else "")
+
             warnings.warn(
                 "trajlab: these modules with parameters are not recorded: "
-                + "; ".join(f"{m['name'] or '<model>'} ({m['type']}: {m['why']})"
-                            for m in skipped[:6])
-                + (f"; and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+                + "; ".join(f"{names(ns)} ({t}: {why})" for (t, why), ns in groups.items())
                 + " (rec.summary and `trajlab info` list every module)", UserWarning,
                 stacklevel=2)
         self._tracker = SubspaceTracker(rank)
@@ -280,9 +288,6 @@ class Recorder:
         self._run_meta = None  # the metadata this recording writes (set when the store is made)
         self._failure: BaseException | None = None
         self._device_types = sorted({layer.target.param.device.type for layer in self._layers})
-        self._mixing = [] if not self.per_sample else mixing_layers(self.model)
-        if self._mixing:
-            raise RecorderError(mixing_message(self._mixing))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -830,7 +835,9 @@ class Recorder:
                 out["grad"] = (torch.full_like(W, float("nan")) if grad is None
                                else grad.detach().clone())
             if self.per_sample:
-                if asm is not None:
+                if asm is None:  # the capture failed (warned): its row holds NaN, flagged
+                    out["nonfinite"] = True
+                else:
                     b = asm.n
                     if batch is not None and b != batch:
                         raise RecorderError(

@@ -115,6 +115,11 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
             continue
         rule = rule_for(m)
         n_params = sum(p.numel() for p in own)
+        if rule is not None:  # children a rule records as part of its module (attention's
+            for c in rule.claims(m):  # out_proj) count with it
+                child = modules.get(f"{mname}.{c}" if mname else c)
+                if child is not None:
+                    n_params += sum(p.numel() for p in child.parameters())
         if mname in inside:
             entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
                             "recorded": False, "why": f"its weight is used directly by "

@@ -12,6 +12,12 @@ from trajlab.dims import OUT, SAMPLE
 from trajlab.sketches.base import SketchKind, Var, _require
 
 
+#: Module types recorded as ``diag(weight)`` by the built-in rules (normalisation scales):
+#: their matrices are not weight-matrix parameters (coverage counts), also in stores recorded
+#: with ``per_sample=False``, whose layers carry the sketch kind ``"none"``.
+DIAGONAL_MODULES = frozenset({"LayerNorm", "GroupNorm", "RMSNorm"})
+
+
 class DiagonalSketch(SketchKind):
     """``ps_diag`` (B, d): the diagonal of each per-sample gradient of ``W = diag(gamma)``.
 

@@ -113,7 +113,11 @@ class Patches(PerSample):
         return int(self.act.shape[0])
 
     def capture(self, kind, *, basis, rank, want_per_sample):
-        return kind.capture(self.act, self.delta, basis=basis, want_per_sample=want_per_sample)
+        act, delta = self.act, self.delta
+        if act.dtype != delta.dtype:  # autocast: float32 inputs, low-precision output grads
+            dtype = torch.promote_types(act.dtype, delta.dtype)
+            act, delta = act.to(dtype), delta.to(dtype)
+        return kind.capture(act, delta, basis=basis, want_per_sample=want_per_sample)
 
 
 @dataclass
