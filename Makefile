@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Record, analyse and plot a short run on the embedded digits data (about a minute on 2 cores).
+## Record, analyse and plot a short run on the embedded digits data (about 30 s on 2 cores after the install).
 demo: $(STAMP)
 	$(BIN)/trajlab demo --out trajlab-demo --overwrite
 
