@@ -99,6 +99,12 @@ def test_open_analyses_aligns_runs_with_different_layers_and_lengths(runs, tmp_p
     assert np.isnan(ds.degenerate.isel(run=0).sel(layer="conv").values).all()
     assert set(np.unique(ds.degenerate.isel(run=0).sel(layer="0", step=range(10)))) <= {0, 1}
     assert "NaN" in open_analyses.__doc__
+    # attributes that differ between runs stay per run (what K_net covers, where each run is)
+    assert ds.run_k_net.dims == ("run",)
+    for i, single in enumerate(singles):
+        assert str(ds.run_k_net.values[i]) == single.attrs["k_net"]
+        assert str(ds.run_store.values[i]) == single.attrs["run"]
+    assert "trajlab" in ds.attrs and "k_net" not in ds.attrs
 
 
 def test_open_analyses_of_aligned_runs_keeps_dtypes(runs, tmp_path):

@@ -443,7 +443,9 @@ def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = 
         the per-step ``lr`` and ``batch_size`` variables stay as they are). A key that some runs
         lack is NaN (numbers) or "None" (text) for them; integers stay integers when every
         run has one. ``time`` becomes a (run, step)
-        coordinate: each run has its own clock.
+        coordinate: each run has its own clock. Dataset attributes that differ between the
+        analyses become ``run_<attr>`` text coordinates (``run_k_net``, ``run_noise``;
+        ``run_store`` for each analysed run store's path); equal ones stay attributes.
 
         Runs with different layers, lengths or batch sizes are aligned: ``step`` is the sorted
         union of the runs' steps, ``layer`` the union of their layers in order of first
@@ -483,6 +485,13 @@ def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = 
         if arr is not None:
             name = f"{dim}_{k}" if k in taken else k  # never replace an analysis variable
             combined = combined.assign_coords({name: (dim, arr)})
+    for k in sorted({k for ds in parts for k in ds.attrs}):  # what differs stays per run
+        values = [ds.attrs.get(k) for ds in parts]
+        name = f"{dim}_store" if k == dim else f"{dim}_{k}"
+        if (k in combined.attrs or (k != dim and k in combined.coords)
+                or name in combined.variables or all(v == values[0] for v in values)):
+            continue
+        combined = combined.assign_coords({name: (dim, np.array([str(v) for v in values]))})
     return combined
 
 
