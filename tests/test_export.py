@@ -90,6 +90,7 @@ def test_event_files_hold_the_analysis(analysis, tmp_path):
 
     acc = EventAccumulator(str(out))
     acc.Reload()
+    assert acc.SummaryMetadata("trajlab/K/2").plugin_data.plugin_name == "scalars"
     assert acc.SummaryMetadata("trajlab/K/2").summary_description.startswith("measured")
     assert acc.SummaryMetadata("trajlab/K/2").summary_description.endswith("(layer 2)")
 

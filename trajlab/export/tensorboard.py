@@ -180,8 +180,9 @@ def to_tensorboard(
             summary = summary_pb2.Summary()
             for tag, value in values:
                 entry = summary.value.add(tag=tag, simple_value=value)
-                if tag in undescribed:
+                if tag in undescribed:  # metadata names its plugin (readers warn otherwise)
                     entry.metadata.summary_description = undescribed.pop(tag)
+                    entry.metadata.plugin_data.plugin_name = "scalars"
             writer.add_event(event_pb2.Event(wall_time=wall, step=step, summary=summary))
     finally:
         writer.close()
