@@ -185,3 +185,32 @@ def test_killed_many_run_analysis_resumes_only_unfinished_chunks(runs, tmp_path,
         assert calls.count(key) == n_layers[key[0]]
     for a, b in zip(resumed, full):
         assert_identical(a, b, rtol=0)
+
+
+def test_figures_of_a_sweep(runs, tmp_path):
+    """A sweep dataset: the band figure draws every run; one-run figures and simulate_paths
+    say how to pick a run (they raised matplotlib/numpy errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outs = [tmp_path / f"{i}.analysis.zarr" for i in range(3)]
+    trajlab.analyze(runs, out=outs, scheduler="threads", progress=False)
+    ds = open_analyses([str(o) for o in outs])
+    fig = ds.lipschitz.plot_band()
+    try:
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert labels[:3] == ["0.analysis", "1.analysis", "2.analysis"]
+        assert len(fig.axes[0].get_lines()) >= 3
+    finally:
+        plt.close(fig)
+    for draw in (ds.lipschitz.plot_validation, ds.lipschitz.plot_drift,
+                 ds.lipschitz.plot_noise_split):
+        with pytest.raises(ValueError, match=r"holds 3 along 'run'.*isel\(run=i\)"):
+            draw()
+    with pytest.raises(ValueError, match="simulate_paths takes one run"):
+        trajlab.analysis.simulate_paths(ds)
+    one = ds.isel(run=[1])  # a run dimension of size 1 draws as that run
+    plt.close(ds.isel(run=1).lipschitz.plot_validation())
+    plt.close(one.lipschitz.plot_drift())

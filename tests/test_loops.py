@@ -581,12 +581,39 @@ def test_resume_with_weights_not_restored_warns(tmp_path):
             steps(2, rec)
     with torch.no_grad():
         model[0].weight.add_(0.1)  # "restored" from the wrong checkpoint
-    with pytest.warns(RuntimeWarning, match="not restored from the checkpoint"):
+    with pytest.warns(RuntimeWarning, match=r"step 4\).*start_step=") as seen:
         with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, mode="a") as rec:
             steps(1, rec)
+    assert seen[0].filename == __file__  # attributed to the user's line, not to torch's hook
     with pytest.raises(trajlab.RecorderError, match="every=1.*every=2"):
         with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, mode="a", every=2):
             pass
+
+
+def test_a_gap_in_the_steps_is_not_integrated_across(tmp_path):
+    """Resumed from a later checkpoint with start_step: the analysis refuses the gap and names
+    the parts, each of which analyses."""
+    X, Y = _data()
+    model = mlp64(18)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for start, mode in ((None, "w-"), (10, "a")):
+        with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, mode=mode,
+                              start_step=start) as rec:
+            for s in range(3):
+                idx = torch.arange(8 * s, 8 * s + 8)
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), Y[idx]).backward()
+                rec.log(indices=idx)
+                opt.step()
+    np.testing.assert_array_equal(trajlab.open_run(tmp_path / "r.zarr").steps,
+                                  [0, 1, 2, 10, 11, 12])
+    with pytest.raises(ValueError, match=r"step 2 is followed by step 10.*steps=\(0, 3\) and "
+                                         r"steps=\(10, 13\)"):
+        trajlab.analyze(tmp_path / "r.zarr", scheduler="synchronous", progress=False)
+    for part in ((0, 3), (10, 13)):
+        ds = trajlab.analyze(tmp_path / "r.zarr", steps=part, scheduler="synchronous",
+                             progress=False)
+        np.testing.assert_array_equal(ds.step.values, np.arange(*part))
 
 
 # --------------------------------------------------------------------------- misc

@@ -46,3 +46,20 @@ __all__ = [
     "StoreLockedError",
     "TrajlabError",
 ]
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` call made in the caller's frame that attributes
+    the warning to the first frame outside trajlab and torch (the user's line that called
+    ``optimizer.step()`` or ``backward()``), however deep in hooks it is raised."""
+    import sys
+
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == "trajlab" or module.startswith(("trajlab.", "torch"))):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1

@@ -554,9 +554,15 @@ def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.D
 
     from trajlab.sde import euler_maruyama
 
-    mu = np.nan_to_num(np.asarray(ds["logK_drift"].values, dtype=np.float64))
+    if "run" in ds.dims:
+        raise ValueError(f"simulate_paths takes one run; this dataset holds {ds.sizes['run']} "
+                         "along 'run' (trajlab.open_analyses): pick one with ds.isel(run=i) "
+                         "or ds.sel(run=...)")
+    # like logK_pred_mean: an undefined rate (no per-sample information) makes the paths NaN
+    # from there on, never a silently noise-free simulation
+    mu = np.asarray(ds["logK_drift"].values, dtype=np.float64)
     mu = mu + np.nan_to_num(np.asarray(ds["logK_drift_optimizer"].values, dtype=np.float64))
-    s2 = np.nan_to_num(np.asarray(ds["logK_diffusion2"].values, dtype=np.float64))
+    s2 = np.asarray(ds["logK_diffusion2"].values, dtype=np.float64)
     dt = np.asarray(ds["net_dt"].values, dtype=np.float64)
     z0 = float(ds["logK"].values[0])
     paths = euler_maruyama(z0, torch.from_numpy(mu[:-1]), torch.from_numpy(s2[:-1]),

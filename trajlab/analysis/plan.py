@@ -126,6 +126,7 @@ def make_plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> 
             )
         rows = (int(sel[0]), int(sel[-1]) + 1)
     n = rows[1] - rows[0]
+    _check_consecutive(all_steps[rows[0]:rows[1]], run.meta.every)
     bs = run.root_rows(["batch_size"], rows)["batch_size"]
     if (bs < 2).all() and any(_per_sample(lm) for lm in metas):
         raise ValueError(
@@ -147,6 +148,22 @@ def _per_sample(lm: LayerMeta) -> bool:
     from trajlab.sketches import sketch_kind
 
     return sketch_kind(lm.sketch).per_sample
+
+
+def _check_consecutive(steps: np.ndarray, every: int) -> None:
+    """The SDE is integrated over consecutive recorded steps: a gap (a recording resumed with
+    ``start_step``, e.g. from a later checkpoint) would be integrated as one step and the
+    measured K would jump, so it is refused with the ranges to analyse instead."""
+    jumps = np.flatnonzero(np.diff(steps) != every)
+    if jumps.size:
+        i = int(jumps[0])
+        a, b = int(steps[i]), int(steps[i + 1])
+        more = f" (and {jumps.size - 1} more)" if jumps.size > 1 else ""
+        raise ValueError(
+            f"the recorded steps are not consecutive: step {a} is followed by step {b} "
+            f"(every={every}){more}, e.g. a recording resumed with start_step; the SDE cannot be "
+            f"integrated across the gap. Analyse each part on its own: steps=({int(steps[0])}, "
+            f"{a + 1}) and steps=({b}, {int(steps[-1]) + 1})")
 
 
 def _default_chunk_rows(run: Run, metas, n: int) -> int:

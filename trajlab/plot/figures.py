@@ -96,6 +96,18 @@ def _drawn(ds: xr.Dataset, name: str) -> bool:
     return bool((np.isfinite(values).sum(axis=0) >= 2).any()) if values.ndim else False
 
 
+def _one_run(ds: xr.Dataset, figure: str) -> xr.Dataset:
+    """``ds`` without a ``run`` dimension (of size 1), or a clear error for a sweep."""
+    if "run" not in ds.dims:
+        return ds
+    if ds.sizes["run"] == 1:
+        return ds.isel(run=0)
+    raise ValueError(
+        f"{figure} draws one run; this dataset holds {ds.sizes['run']} along 'run' "
+        "(trajlab.open_analyses): pick one with ds.isel(run=i) or ds.sel(run=...), or draw them "
+        "together with ds.lipschitz.plot_band(label=<a run coordinate>)")
+
+
 def _no_prediction_note(ds: xr.Dataset) -> str:
     """A line for figures whose SDE prediction is undefined (no per-sample information)."""
     if _drawn(ds, "logK_pred_mean") or "logK_pred_mean" not in ds.data_vars:
@@ -184,6 +196,7 @@ def plot_validation(
     drawn as a fainter dotted line. The network panel's title says when ``K_net`` is not a
     Lipschitz bound of the network (``attrs['k_net']``) and what it covers.
     """
+    ds = _one_run(ds, "plot_validation")
     plt = _plt()
     layers = list(ds.layer.values if layers is None else layers)
     n = len(layers) + 1
@@ -251,6 +264,7 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     For an optimizer other than plain SGD (:func:`optimizer_aware`) the optimizer's drift
     ``logK_drift_optimizer`` is shown as a further part, ``total μ_Z`` is labelled as the
     paper's SGD drift, and the integrated panel adds the optimizer-aware SDE."""
+    ds = _one_run(ds, "plot_drift")
     plt = _plt()
     x = ds.step.values
     K = ds.K
@@ -310,6 +324,7 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
 def plot_noise_split(ds: xr.Dataset, *, window: int = 25):
     """Variance vs covariance contributions of the gradient noise, per layer (paper Fig. 3):
     noise-curvature drift and squared diffusion split into their var and cov parts."""
+    ds = _one_run(ds, "plot_noise_split")
     if not _drawn(ds, "drift_noise"):
         raise ValueError("no noise terms to draw: " + str(ds.attrs.get(
             "noise", "the run holds no per-sample information")))
@@ -342,8 +357,13 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
     ``measured``: analysis Datasets of other runs (e.g. other sampling orders) whose ``K_net``
     is drawn over the band. For an optimizer other than plain SGD (:func:`optimizer_aware`) the
     band and median are the optimizer-aware prediction and the paper's SGD median is drawn as a
-    fainter dotted line.
+    fainter dotted line. A sweep (a ``run`` dimension, :func:`trajlab.open_analyses`) draws each
+    run's measured K_net, median and band in its own colour, named by the run coordinate
+    ``label`` (e.g. ``"run_batch_size"``).
     """
+    if "run" in ds.dims and ds.sizes["run"] > 1:
+        return _plot_band_runs(ds, label)
+    ds = _one_run(ds, "plot_band")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
     x = ds.step.values
@@ -369,4 +389,36 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
     if title:
         ax.set_title(title.strip(), fontsize=9)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_band_runs(ds: xr.Dataset, label: str):
+    """Each run of a sweep (``run`` dimension, :func:`trajlab.open_analyses`) in its own colour:
+    measured K_net, the SDE's predicted median and 95% band. ``label``: the run coordinate that
+    names the runs in the legend (e.g. ``"run_batch_size"``; default: the store names)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    n = ds.sizes["run"]
+    coord = (ds[label] if label != "run" and label in ds.coords and ds[label].dims == ("run",)
+             else None)
+    for i in range(n):
+        d = ds.isel(run=i)
+        ok = np.isfinite(np.asarray(d.K_net.values, dtype=np.float64))
+        x = d.step.values[ok]
+        color = cmap(0.85 * i / max(1, n - 1))
+        name = (f"{label.removeprefix('run_')}={coord.values[i]}" if coord is not None
+                else str(d.run.values).rstrip("/").split("/")[-1].removesuffix(".zarr"))
+        ax.plot(x, d.K_net.values[ok], color=color, lw=1.4, label=name)
+        if _drawn(d, "logK_pred_mean"):
+            ax.plot(x, np.exp(d.logK_pred_mean.values[ok]), color=color, lw=1.0, ls="--")
+        if _drawn(d, "K_net_pred_lower"):
+            ax.fill_between(x, d.K_net_pred_lower.values[ok], d.K_net_pred_upper.values[ok],
+                            color=color, alpha=0.12)
+    ax.plot([], [], color="0.4", ls="--", label="SDE: predicted median")
+    ax.fill_between([], [], [], color="0.4", alpha=0.12, label="SDE: 95% band")
+    ax.set_xlabel("step")
+    ax.set_ylabel("K_net = Π K_ℓ")
+    ax.set_title(f"K_net of {n} runs: measured and predicted", fontsize=9)
+    ax.legend(fontsize=7)
     return fig

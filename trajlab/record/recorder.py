@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trajlab.errors import RecorderError, SelfCheckError
+from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
 from trajlab.record import checks, store_policy
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
@@ -421,7 +421,8 @@ class Recorder:
             else:
                 why = "optimizer.step() was not called while recording"
             warnings.warn(f"trajlab: no step was recorded ({why}); nothing was written to "
-                          f"{show(self.store)}", RuntimeWarning, stacklevel=3)
+                          f"{show(self.store)}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
@@ -625,9 +626,10 @@ class Recorder:
     def _check_continuity(self) -> None:
         expected, self._resume_check = self._resume_check, None
         for layer in self._layers:
-            msg = store_policy.continuity(layer.name, expected[layer.name], layer.weight())
+            msg = store_policy.continuity(layer.name, expected[layer.name], layer.weight(),
+                                          last_step=self._step - 1)
             if msg:
-                warnings.warn(f"trajlab: {msg}", RuntimeWarning, stacklevel=4)
+                warnings.warn(f"trajlab: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
                 break
 
     def _assemble_step(self) -> None:
@@ -717,7 +719,8 @@ class Recorder:
             self._warned.add(key)
             warnings.warn(f"trajlab: layer {layer.name!r} at step {self._step}: {why}; the row "
                           "is recorded with NaN per-sample information and flagged "
-                          "('nonfinite'), recording continues", RuntimeWarning, stacklevel=5)
+                          "('nonfinite'), recording continues", RuntimeWarning,
+                          stacklevel=user_stacklevel())
 
     def _first_step_checks(self) -> None:
         for layer in self._layers:
@@ -967,7 +970,8 @@ class Recorder:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"trajlab: {message}", RuntimeWarning, stacklevel=5)
+            warnings.warn(f"trajlab: {message}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
 
     def _raise_if_writer_failed(self) -> None:
         w = self._writer
@@ -990,7 +994,7 @@ class Recorder:
         warnings.warn(
             f"trajlab: recording into {show(self.store)} stopped at step {self._step} ({reason}); "
             "training continues. Steps committed before are kept; the store is marked "
-            "truncated.", RuntimeWarning, stacklevel=4)
+            "truncated.", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _emit_nonfinite_warning(self) -> None:
         if self._nonfinite_seen and "nonfinite" not in self._warned:
@@ -999,7 +1003,7 @@ class Recorder:
             warnings.warn(
                 f"trajlab: NaN or Inf in the gradient of layer {n!r} at step {s}; recorded and "
                 "flagged (variable 'nonfinite'), recording continues", RuntimeWarning,
-                stacklevel=4)
+                stacklevel=user_stacklevel())
 
 
 # ----------------------------------------------------------------------------- validation

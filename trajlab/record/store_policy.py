@@ -94,7 +94,8 @@ def check_append(old: RunMeta, metas: Sequence[LayerMeta], *, dtype: str, every:
                             + "; ".join(problems) + ". Record into a new store instead")
 
 
-def continuity(name: str, stored_after: np.ndarray, now: torch.Tensor) -> str | None:
+def continuity(name: str, stored_after: np.ndarray, now: torch.Tensor, *,
+               last_step: int | None = None) -> str | None:
     """A message when the weights at the first resumed step are not where the stored run left
     them (weights not restored from the checkpoint of that step), else None."""
     now_np = now.detach().to("cpu", torch.float64).numpy()
@@ -104,10 +105,14 @@ def continuity(name: str, stored_after: np.ndarray, now: torch.Tensor) -> str | 
     diff = float(np.linalg.norm(now_np - ref) / max(np.linalg.norm(ref), 1e-300))
     if diff == 0.0:
         return None
+    at = f" (step {last_step})" if last_step is not None else ""
     return (f"layer {name!r}: the weights at the first resumed step differ from where the "
             f"stored run left them by {diff:.2e} (relative): the model was not restored from "
-            "the checkpoint of the last recorded step, so K will jump at this step. Restore the "
-            "model and optimizer state of that step, or record into a new store")
+            f"the checkpoint of the last recorded step{at}, so K will jump at this step. "
+            "Restore the model and optimizer state of that step; if you restored a later "
+            "checkpoint, pass Recorder(..., start_step=<its step>) so that steps keep their "
+            "numbers (the analysis then refuses to integrate across the gap); or record into a "
+            "new store")
 
 
 def jsonable(d: dict[str, Any]) -> dict[str, Any]:
