@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 
 from trajlab.cli import format_info
-from trajlab.recipes import add_config_arguments, config_from_arguments, record_cifar
+from trajlab.recipes import add_config_arguments, config_from_arguments, record_cifar, run_script
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("out", help="run store to create (path or fsspec URL)")
     p.add_argument("--root", required=True, help="folder holding cifar-10-batches-bin/ or "
@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_arguments(p)
-    args = p.parse_args(argv)
+    add_config_arguments(p, exclude=("model", "hidden", "channels"))  # the ConvNet is fixed
+    return p
+
+
+def record(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     cfg = config_from_arguments(args)
     path = record_cifar(args.root, args.out, cfg, dataset=args.dataset, limit=args.limit,
                         overwrite=args.overwrite, progress=not args.quiet)
@@ -36,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), record)

@@ -121,6 +121,16 @@ def catalogue(tmp: Path) -> list[tuple[str, str, str, str]]:
     case(S, "indices=a float tensor", lambda: r.log(indices=torch.ones(4)))
     case(S, "indices=a 2-D tensor", lambda: r.log(indices=torch.ones(2, 2, dtype=torch.long)))
     case(S, "inputs without targets", lambda: r.log(inputs=X))
+    case(S, "log() outside the `with` block", lambda: r.log(indices=torch.arange(4)))
+
+    def beyond_dataset() -> None:
+        m = mlp64()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with trajlab.Recorder(m, tmp / "ds.zarr", optimizer=opt, dataset_size=10) as rr:
+            F.cross_entropy(m(X[:16]), Y[:16]).backward()
+            rr.log(indices=torch.arange(16))
+
+    case(S, "indices beyond dataset_size", beyond_dataset)
     S = "Training loops"
     case(S, "a sum-reduced loss (first step)", lambda: loop(tmp / "s.zarr", edit="sum",
                                                          loss_fn=F.cross_entropy))
@@ -174,6 +184,9 @@ def catalogue(tmp: Path) -> list[tuple[str, str, str, str]]:
          lambda: trajlab.open_run(tmp / "flip.zarr").layer("0").weight.values)
     S = "Analysis"
     run = tmp / "r.zarr"
+    gap = tmp / "gap.zarr"
+    train(mlp64(), X, Y, steps=2, store=gap)
+    train(mlp64(), X, Y, steps=2, store=gap, recorder_kwargs={"mode": "a", "start_step": 10})
     case(S, "layers=['nope']", lambda: trajlab.analyze(run, layers=["nope"], progress=False))
     case(S, "steps=(1000, 2000)", lambda: trajlab.analyze(run, steps=(1000, 2000),
                                                          progress=False))
@@ -185,6 +198,8 @@ def catalogue(tmp: Path) -> list[tuple[str, str, str, str]]:
                                                                 progress=False))
     case(S, "out=a run store", lambda: trajlab.analyze(run, out=run, progress=False))
     trajlab.analyze(run, out=tmp / "an.zarr", progress=False)
+    case(S, "steps not consecutive (resumed with start_step)", lambda: trajlab.analyze(
+        gap, progress=False))
     case(S, "out=an analysis of other steps", lambda: trajlab.analyze(
         run, out=tmp / "an.zarr", steps=(0, 2), progress=False))
     S = "Command line"
@@ -201,6 +216,9 @@ def catalogue(tmp: Path) -> list[tuple[str, str, str, str]]:
     cli(S, "analyze --out an ordinary directory", ["analyze", "<tmp>/r.zarr", "--out",
                                                    "<tmp>/dir", "--quiet"])
     cli(S, "plot of a run store", ["plot", "<tmp>/r.zarr"])
+    cli(S, "info of an analysis store", ["info", "<tmp>/an.zarr"])
+    cli(S, "analyze of several runs --out X.zarr", ["analyze", "<tmp>/r.zarr", "<tmp>/q.zarr",
+                                                    "--out", "<tmp>/two.zarr"])
     cli(S, "export of a missing analysis", ["export", "<tmp>/none.zarr", "--tensorboard",
                                             "<tmp>/tb"])
     return rows

@@ -801,3 +801,37 @@ def test_training_is_bit_identical_with_the_recorder(tmp_path, kind):
     for a, b in zip(plain.parameters(), model.parameters()):
         assert torch.equal(a, b), kind
     assert trajlab.open_run(tmp_path / "r.zarr").n_steps == 4
+
+
+def test_small_misuses_are_named(tmp_path, capsys):
+    """log() outside the with block, indices beyond dataset_size, a layer name given as a string,
+    numpy scalars in metadata, and --out X.zarr for several runs."""
+    X, Y = _data()
+    model = mlp64(19)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = trajlab.Recorder(model, tmp_path / "n.zarr", optimizer=opt)
+    with pytest.raises(trajlab.RecorderError, match="outside the recorder's `with` block"):
+        rec.log(indices=torch.arange(8))
+    with pytest.raises(ValueError, match=r"indices 0..15 but dataset_size=10"):
+        with trajlab.Recorder(model, tmp_path / "d.zarr", optimizer=opt, dataset_size=10) as rec:
+            F.cross_entropy(model(X[:16]), Y[:16]).backward()
+            rec.log(indices=torch.arange(16))
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, layers="2",
+                          metadata={"lr": np.float32(0.5), "seed": np.int64(3),
+                                    "scale": torch.tensor(2.0)}) as rec:
+        for s in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(X[8 * s:8 * s + 8]), Y[8 * s:8 * s + 8]).backward()
+            rec.log(indices=torch.arange(8 * s, 8 * s + 8))
+            opt.step()
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    assert list(run.layers) == ["2"]
+    assert run.meta.user == {"lr": 0.5, "seed": 3, "scale": 2.0}
+    ds = trajlab.analyze(run, layers="2", scheduler="synchronous", progress=False)
+    assert list(ds.layer.values) == ["2"]
+    from trajlab.cli import main as cli_main
+
+    assert cli_main(["analyze", str(tmp_path / "r.zarr"), str(tmp_path / "b.zarr"), "--out",
+                     str(tmp_path / "two.zarr"), "--quiet"]) == 2
+    assert "looks like one store's name" in capsys.readouterr().err
+    assert not (tmp_path / "two.zarr").exists()

@@ -49,6 +49,44 @@ def test_cifar_recorder_on_tiny_binary_dataset(tmp_path, monkeypatch, dataset):
     assert run.root.indices.values.max() < n
 
 
+@pytest.mark.parametrize("argv,expect", [
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--label-noise", "1.5"], "label_noise must be in [0, 1)"),
+    (["--every", "0"], "every must be an integer >= 1"),
+    (["--hidden", "0"], "hidden must be an integer >= 1"),
+])
+def test_recorder_scripts_refuse_bad_options_in_one_line(tmp_path, monkeypatch, capsys, argv,
+                                                         expect):
+    with pytest.raises(SystemExit) as stop:
+        run_script("recorders/digits.py", [str(tmp_path / "d.zarr"), *argv, "--quiet"],
+                   monkeypatch)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_cifar_script_errors_are_one_line_and_its_model_is_fixed(tmp_path, monkeypatch,
+                                                                 capsys):
+    with pytest.raises(SystemExit) as stop:  # no such option: the architecture is fixed
+        run_script("recorders/cifar.py", [str(tmp_path / "c.zarr"), "--root", str(tmp_path),
+                                          "--hidden", "7"], monkeypatch)
+    assert stop.value.code == 2 and "unrecognized arguments: --hidden" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # no data there
+        run_script("recorders/cifar.py", [str(tmp_path / "c.zarr"), "--root", str(tmp_path),
+                                          "--quiet"], monkeypatch)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    from trajlab.recipes import TrainConfig, record_cifar
+
+    with pytest.raises(ValueError, match="fixed five-layer ConvNet: model, hidden"):
+        record_cifar(tmp_path, tmp_path / "c.zarr", TrainConfig(model="mlp", hidden=7))
+
+
 def test_cli_info_and_errors(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "missing.zarr")]) == 2
     assert "no run store" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
+import trajlab.export  # noqa: F401  (trajlab.export.to_tensorboard; tensorboard loads lazily)
 import trajlab.plot.accessor  # noqa: F401  (registers ds.lipschitz)
 from trajlab.analysis import analyze, open_analyses, open_analysis
 from trajlab.errors import (

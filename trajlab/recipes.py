@@ -7,6 +7,7 @@ training loop itself is an ordinary PyTorch loop with a :class:`trajlab.Recorder
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,8 +58,38 @@ class TrainConfig:
     probe_every: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
+        for name, lo in (("hidden", 1), ("steps", 1), ("batch_size", 2), ("every", 1),
+                         ("rank", 1), ("probe_every", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}"
+                                 + (" (the noise terms need at least 2 samples per batch)"
+                                    if name == "batch_size" else ""))
+        if len(self.channels) != 2 or any(int(c) < 1 for c in self.channels):
+            raise ValueError(f"channels must be two integers >= 1, got {self.channels!r}")
+        for name, ok, what in (("lr", self.lr > 0, "> 0"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("label_noise", 0 <= self.label_noise < 1, "in [0, 1)"),
+                               ("init_scale", self.init_scale > 0, "> 0")):
+            if not ok or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: Allowed values of the TrainConfig fields that name a choice (argparse ``choices`` too).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model": ("mlp", "convnet"),
+    "optimizer": ("sgd", "momentum", "adam", "adamw"),
+    "sampler": ("with_replacement", "reshuffle"),
+    "dtype": ("float32", "float64"),
+}
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -168,7 +199,16 @@ def record_cifar(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Record the five-layer ConvNet on CIFAR-10/100 read from the official binary files."""
+    """Record the five-layer ConvNet on CIFAR-10/100 read from the official binary files.
+
+    The architecture is fixed (:func:`trajlab.models.cifar_convnet`): ``cfg.model``,
+    ``cfg.hidden`` and ``cfg.channels`` must keep their defaults (ValueError otherwise), and
+    the run's metadata records the architecture."""
+    changed = [k for k in ("model", "hidden", "channels")
+               if getattr(cfg, k) != getattr(TrainConfig(), k)]
+    if changed:
+        raise ValueError(f"record_cifar trains the fixed five-layer ConvNet: {', '.join(changed)} "
+                         "do not apply (leave them at their defaults)")
     X, Y = load_cifar(root, dataset=dataset, train=True)
     if limit is not None:
         X, Y = X[:limit], Y[:limit]
@@ -180,7 +220,8 @@ def record_cifar(
         scale_init(model, cfg.init_scale)
     return record_training(
         model, X, Y, out, cfg, overwrite=overwrite, progress=progress,
-        extra_metadata={"dataset": dataset, "n_train": len(X)},
+        extra_metadata={"dataset": dataset, "n_train": len(X),
+                        "architecture": "cifar_convnet (3 conv + 2 linear)"},
     )
 
 
@@ -190,22 +231,46 @@ def _progress(total: int, enabled: bool, *, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", leave=False)
 
 
-def add_config_arguments(parser) -> None:
-    """Add one ``--option`` per :class:`TrainConfig` field to an argparse parser."""
+def add_config_arguments(parser, *, exclude: tuple[str, ...] = ()) -> None:
+    """Add one ``--option`` per :class:`TrainConfig` field to an argparse parser (fields in
+    ``exclude`` keep their defaults); choices are listed in ``--help``."""
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, tuple):
             parser.add_argument(flag, type=int, nargs=len(default), default=default,
                                 help=f"(default: {' '.join(map(str, default))})")
+        elif f.name in _CHOICES:
+            parser.add_argument(flag, choices=_CHOICES[f.name], default=default,
+                                help="(default: %(default)s)")
         else:
             parser.add_argument(flag, type=type(default), default=default,
                                 help="(default: %(default)s)")
 
 
 def config_from_arguments(args) -> TrainConfig:
-    """The :class:`TrainConfig` described by parsed arguments (see add_config_arguments)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    values["channels"] = tuple(values["channels"])
+    """The :class:`TrainConfig` described by parsed arguments (see add_config_arguments);
+    ValueError names an invalid value."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if hasattr(args, f.name)}
+    if "channels" in values:
+        values["channels"] = tuple(values["channels"])
     return TrainConfig(**values)
+
+
+def run_script(parser, body) -> None:
+    """Run a recorder script's ``body(args)``: bad options are argparse errors (usage, exit 2),
+    and trajlab's own errors and bad data one line each (exit 2), never a traceback."""
+    import sys
+
+    from trajlab.errors import TrajlabError
+
+    args = parser.parse_args()
+    try:
+        body(args)
+    except (TrajlabError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

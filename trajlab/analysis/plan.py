@@ -105,6 +105,8 @@ def make_plan(run: Run, layers, steps, chunk_rows, options: AnalysisOptions) -> 
     """Check the request against the run and fix what will be computed."""
     if run.n_steps == 0:
         raise ValueError(f"{run.store!r} has no committed steps to analyse")
+    if isinstance(layers, str):
+        layers = [layers]  # one layer's name, not its characters
     names = tuple(run.layers if layers is None else layers)
     if not names:
         raise ValueError("layers=[] selects nothing; pass None to analyse every recorded layer")

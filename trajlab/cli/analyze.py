@@ -46,6 +46,10 @@ def outputs(runs: list[str], out: str) -> list[str]:
     if dupes:
         raise ValueError(f"several runs are named {dupes[0]!r}; give each run store a distinct "
                          "name or analyse them one at a time")
+    if out.rstrip("/").endswith(".zarr"):
+        raise ValueError(f"with several runs --out is a folder that gets one analysis store per "
+                         f"run ({names[0]}.zarr, ...); {out!r} looks like one store's name: "
+                         "give a folder (e.g. --out analyses/)")
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
     return [f"{out.rstrip('/')}/{n}.zarr" for n in names]

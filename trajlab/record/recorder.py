@@ -587,10 +587,22 @@ class Recorder:
             _int_option("batch_size", batch_size, 1)
         if (inputs is None) != (targets is None):
             raise ValueError("log(): pass inputs and targets together (or neither)")
+        if not self._active:
+            raise RecorderError(
+                "Recorder.log() outside the recorder's `with` block: nothing is recorded there. "
+                "Train inside `with trajlab.Recorder(model, store, optimizer=opt) as rec:` (or "
+                "call rec.__enter__() first and rec.close() at the end)")
         if not self.recording:
             return  # no .item() or device-to-host copy on unrecorded steps
         loss_v = _check_loss(loss)
         idx = _check_indices(indices)
+        if idx is not None and self.dataset_size is not None and idx.numel() and (
+                int(idx.max()) >= self.dataset_size or int(idx.min()) < 0):
+            raise ValueError(
+                f"log(indices=...) at step {self._step}: indices {int(idx.min())}.."
+                f"{int(idx.max())} but dataset_size={self.dataset_size} (indices are positions "
+                "in the dataset, 0..dataset_size-1); pass the dataset's size as dataset_size "
+                "(the analysis's finite-population factor depends on it)")
         if not self._micro:
             self._micro.append(Micro())
         m = self._micro[-1]

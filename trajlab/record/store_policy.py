@@ -116,4 +116,13 @@ def continuity(name: str, stored_after: np.ndarray, now: torch.Tensor, *,
 
 
 def jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=str))
+    """``d`` as JSON types: numpy and 0-d torch scalars become numbers (not their text), other
+    objects their ``str``."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, (np.ndarray, torch.Tensor)) and o.ndim == 0:
+            return o.item()
+        return str(o)
+
+    return json.loads(json.dumps(d, default=default))

@@ -155,7 +155,7 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
                         "how": f"{rule.how(m)}: "
                         + ", ".join(_name(mx.part, mname) for mx in matrices)})
     if names is not None:
-        names = list(names)
+        names = [names] if isinstance(names, str) else list(names)  # a name, not its letters
         if not names:
             raise ValueError("layers=[] selects nothing; pass None to record every layer")
         by_name = {t.name: t for t in candidates}

@@ -222,7 +222,9 @@ class RunMeta:
             raise StoreCorruptError(f"{where}: the 'trajlab' attribute is not a mapping ({d!r})")
         kind = d.get("kind", "run")
         if kind != "run":
-            raise StoreError(f"{where} is a trajlab {kind} store, not a run store")
+            hint = ("; open it with trajlab.open_analysis, draw it with `trajlab plot`"
+                    if kind == "analysis" else "")
+            raise StoreError(f"{where} is a trajlab {kind} store, not a run store{hint}")
         version = d.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise StoreCorruptError(f"{where} has an invalid format version {version!r}")
