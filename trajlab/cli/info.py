@@ -105,9 +105,13 @@ def info_report(path, *, verify: bool = False, progress: bool = False) -> InfoRe
         damaged += [p for p in _verify(run, progress) if p not in damaged]
     problems = integrity(run) + damaged
     lines.append(f"stored      {human(run.nbytes_stored())} compressed")
-    lines.append("integrity   " + ("ok" + (" (every committed chunk read and checked)"
-                                           if verify else "")
-                                   if not problems else "; ".join(problems)))
+    checked = " (every committed chunk read and checked)" if verify else ""
+    if not problems:
+        lines.append("integrity   ok" + checked)
+    elif not damaged:  # notes only (truncation, gaps, rows past the commit marker)
+        lines.append("integrity   committed data ok" + checked + "; " + "; ".join(problems))
+    else:
+        lines.append("integrity   " + "; ".join(problems))
     return InfoReport("\n".join(lines), problems, damaged)
 
 
@@ -148,8 +152,8 @@ def integrity(run) -> list[str]:
                             f"{steps[gaps[0]]})")
     extra = run.uncommitted_rows()
     if extra:
-        problems.append(f"{extra} row(s) past the commit marker ignored (still recording, or "
-                        "an interrupted write)")
+        problems.append(f"space for {extra} row(s) past the commit marker, ignored (a live "
+                        "recording's next rows, or what a killed one wrote or had reserved)")
     return problems
 
 
