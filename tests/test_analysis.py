@@ -145,7 +145,8 @@ def test_two_process_cluster_equals_threads(mlp_run, tmp_path):
     assert list(b.layer.values) == ["0", "2"]
 
 
-def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, monkeypatch):
+def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, monkeypatch,
+                                                          capsys):
     store = mlp_run[0]
     full = analyze(store, scheduler="synchronous", chunk_rows=4, progress=False)
     out = tmp_path / "an.zarr"
@@ -169,7 +170,10 @@ def test_interrupted_analysis_resumes_without_recomputing(mlp_run, tmp_path, mon
     monkeypatch.setattr("trajlab.analysis.pipeline.layer_chunk", real)
     monkeypatch.setattr("trajlab.analysis.pipeline.layer_chunk",
                         lambda *a: calls.append(a[2]) or real(*a))
-    resumed = analyze(store, out=out, scheduler="synchronous", chunk_rows=4, progress=False)
+    capsys.readouterr()
+    resumed = analyze(store, out=out, scheduler="synchronous", chunk_rows=4, progress=True)
+    left = len({r[1] for r in calls})
+    assert f"resuming {out}: {left} of 6 chunks left" in capsys.readouterr().err
     assert not (set(calls) & done_before)  # finished chunks were not recomputed
     for k in full.data_vars:
         np.testing.assert_array_equal(resumed[k].values, full[k].values)
@@ -266,3 +270,15 @@ def test_simulated_paths_match_the_lognormal_prediction(mlp_run):
     assert abs(z.var() / var - 1) < 0.15
     again = simulate_paths(ds, n_paths=4000, seed=1)
     np.testing.assert_array_equal(again.values, paths.values)  # seeded, no global RNG
+
+
+def test_analysing_a_run_that_is_being_recorded_says_so(mlp_run):
+    from trajlab.store.lock import StoreLock
+
+    lock = StoreLock(mlp_run[0], what="recorder")
+    lock.acquire()  # as a live recorder would hold it
+    try:
+        with pytest.warns(UserWarning, match="still being recorded.*24 committed steps"):
+            analyze(mlp_run[0], scheduler="synchronous", progress=False)
+    finally:
+        lock.release()

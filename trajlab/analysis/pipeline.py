@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as _dt
 import glob as _glob
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +205,10 @@ def analyze(
         opts = AnalysisOptions(gradient=gradient, population=pop, gap_tol=gap_tol,
                                conv_definition=conv_definition)
         jobs.append(_Job(r, make_plan(r, layers, steps, chunk_rows, opts), o, storage_options))
+        if StoreLock(r.store, what="recorder").live_writer():
+            warnings.warn(f"trajlab: {r.store!r} is still being recorded (a live recorder holds "
+                          f"its lock): analysing its {r.n_steps} committed steps; analyse again "
+                          "once the recording ends for the rest", UserWarning, stacklevel=2)
     if not (isinstance(torch_threads, int) and torch_threads >= 1):
         raise ValueError(f"torch_threads must be an integer >= 1, got {torch_threads!r}")
     locks = [StoreLock(j.out, what="analysis") for j in jobs if j.out is not None]
@@ -216,6 +222,9 @@ def analyze(
                 j.create = j.store is None
                 if j.store is not None:
                     j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
+                    if progress and j.pending and not j.store.meta.complete:
+                        print(f"resuming {j.out}: {len(j.pending)} of {len(j.plan.chunks)} "
+                              "chunks left", file=sys.stderr)
         opened: dict[int, xr.Dataset] = {}
         results = _compute(jobs, scheduler, workers, progress, torch_threads, on_schedule,
                            opened)

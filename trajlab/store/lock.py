@@ -72,6 +72,10 @@ class StoreLock:
             json.dump(info, f)
         return True
 
+    def live_writer(self) -> bool:
+        """Whether a live writer holds the lock now (False for unlocked kinds of store)."""
+        return self.path is not None and self.path.exists() and self._stale_reason() is None
+
     def _stale_reason(self) -> str | None:
         assert self.path is not None
         try:
