@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trajlab.record.writer import BackgroundWriter, PendingRecord, RowSink
+from trajlab.record.writer import BackgroundWriter, PendingRecord, QueuedProducer, RowSink
 from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
 
@@ -70,7 +70,7 @@ def record_bytes(record: PendingRecord) -> int:
     return n
 
 
-class ProcessWriter:
+class ProcessWriter(QueuedProducer):
     """Owns a child process that writes the run store; same interface as
     :class:`~trajlab.record.writer.BackgroundWriter`.
 
@@ -116,18 +116,6 @@ class ProcessWriter:
     def create(self, meta: RunMeta, sample_capacity: int) -> None:
         self.writer.meta = meta  # the recorder's checks read it (dtype of the run)
         self._put(("create", meta, sample_capacity))
-
-    def put(self, record: PendingRecord) -> None:
-        """Enqueue a record; blocks while the queue is full."""
-        self._put(("record", record))
-
-    def _put(self, item: Any) -> None:
-        while self.error is None:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
 
     def close(self, *, truncated: str | None = None) -> None:
         """Flush everything, stop the child and the threads, mark the store truncated if asked."""

@@ -160,7 +160,27 @@ class RowSink:
         return rows
 
 
-class BackgroundWriter:
+class QueuedProducer:
+    """The training-thread side of a writer: a bounded queue (backpressure) that stops
+    accepting once the consumer has failed (``error`` set)."""
+
+    _queue: queue.Queue
+    error: BaseException | None
+
+    def put(self, record: PendingRecord) -> None:
+        """Enqueue a record; blocks while the queue is full."""
+        self._put(("record", record))
+
+    def _put(self, item: Any) -> None:
+        while self.error is None:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+
+class BackgroundWriter(QueuedProducer):
     """Owns a :class:`RunStoreWriter` and a thread that feeds it.
 
     Parameters
@@ -195,18 +215,6 @@ class BackgroundWriter:
     # --------------------------------------------------------------- producer side
     def create(self, meta: RunMeta, sample_capacity: int) -> None:
         self._put(("create", meta, sample_capacity))
-
-    def put(self, record: PendingRecord) -> None:
-        """Enqueue a record; blocks while the queue is full."""
-        self._put(("record", record))
-
-    def _put(self, item: Any) -> None:
-        while self.error is None:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
 
     def close(self, *, truncated: str | None = None) -> None:
         """Flush everything, stop the thread, and mark the store truncated if asked."""
