@@ -138,8 +138,8 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
                                on_error=on_error)
         with rec:
             for step in range(20):
-                if step == 9:
-                    time.sleep(0.3)  # let the writer commit what it has
+                if step == 9:  # let the writer commit what it has (no fixed sleep: loaded CI)
+                    _wait(lambda: trajlab.open_run(tmp_path / "full.zarr").n_steps >= 1)
                     DiskFullStore.fail = True
                 idx = torch.randint(0, len(X), (8,), generator=g)
                 opt.zero_grad()
@@ -151,8 +151,8 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
                 except trajlab.RecorderError as e:
                     raised = e
                     opt.step()  # the user's training goes on after handling it
-                if step == 10:
-                    time.sleep(0.3)
+                if step == 10:  # the writer meets the full disk before training goes on
+                    _wait(lambda: rec._writer is None or rec._writer.error is not None)
     DiskFullStore.fail = False
     if on_error == "raise":
         assert raised is not None and "No space left" in str(raised)
@@ -163,6 +163,15 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
     assert 1 <= run.n_steps <= 12
     assert "No space left" in (run.meta.truncated or "")
     _assert_rows_equal(run, trajlab.open_run(ref), run.n_steps)
+
+
+def _wait(condition, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true (the writer works in the background); fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the background writer did not get there in time"
+        time.sleep(0.01)
 
 
 class _nullcontext:
