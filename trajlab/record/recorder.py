@@ -404,6 +404,7 @@ class Recorder:
         self._remove(self._layer_handles)
         self._remove(self._step_handles)
         self._reset_step()
+        self._tracker.close()
         if self._writer is not None:
             self._writer.close(truncated=self._stopped_reason)
             err = self._writer.error
@@ -499,7 +500,7 @@ class Recorder:
         return on_forward
 
     def _prepare_layer(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
-        """Describe the layer on its first input and compute this step's basis."""
+        """Describe the layer on its first input."""
         t = layer.target
         if layer.meta is None:
             desc = t.rule.describe(t.module, t.matrix, args, kwargs)
@@ -516,16 +517,6 @@ class Recorder:
                 stored_grad=not kind.implies_grad or self.store_grad or not self.self_check,
                 param=t.matrix.label,
             )
-        if layer.meta.sketch == "subspace" and layer.basis is None:
-            W = layer.weight().detach()
-            if bool(torch.isfinite(W).all()):
-                layer.basis = self._tracker.basis(layer.name, W)
-            else:
-                k = layer.meta.rank
-                nan = float("nan")
-                layer.basis = (torch.full((W.shape[0], k), nan, dtype=W.dtype, device=W.device),
-                               torch.full((W.shape[1], k), nan, dtype=W.dtype, device=W.device),
-                               torch.tensor(nan, dtype=torch.float64))
 
     def _capture(self, layer: _Layer, micro: int, args: tuple, kwargs: dict,
                  grad_out: Tensor, eps: float) -> None:
@@ -539,6 +530,10 @@ class Recorder:
             finally:
                 self._suspended = False
             want = self.self_check and not self._checked
+            if layer.meta.sketch == "subspace" and layer.basis is None:
+                # this step's basis, taken at the layer's first backward: the tracker's helper
+                # thread has had the whole forward pass to compute it (see _prefetch_bases)
+                layer.basis = self._tracker.basis(layer.name, layer.weight().detach())
             basis = None if layer.basis is None else layer.basis[:2]
             if (layer.meta.sketch == "rank1" and isinstance(ps, Patches)
                     and ps.act.shape[-1] != 1):
@@ -799,8 +794,21 @@ class Recorder:
             self._step += 1
             if self._active and self.recording:
                 self._arm()
+                self._prefetch_bases()
             elif not self.recording:
                 self._disarm()
+
+    def _prefetch_bases(self) -> None:
+        """Start the coming recorded step's subspace bases on the tracker's helper thread:
+        they overlap the forward pass (the tracker checks that the weights did not change)."""
+        if not self.per_sample or self._stopped_reason is not None:
+            return
+        try:
+            for layer in self._layers:
+                if layer.meta is not None and layer.meta.sketch == "subspace":
+                    self._tracker.prefetch(layer.name, layer.weight().detach())
+        except Exception:  # noqa: BLE001 - an optimisation only: computed in place instead
+            self._tracker.discard()
 
     def _reset_step(self) -> None:
         for layer in self._layers:

@@ -153,6 +153,7 @@ def top_singular(
     max_iter: int = 100,
     gap_tol: float = 1e-3,
     seed: int = 0,
+    warn: bool = True,
 ) -> TopSingular:
     """Top-k singular values and vectors of ``W`` (..., m, n), with gap and residual.
 
@@ -181,6 +182,9 @@ def top_singular(
         ``degenerate = gap < gap_tol``.
     seed : int
         Seed of the local generator that fills the starting block's random columns.
+    warn : bool
+        Whether a non-converged ``"iterative"`` result warns (callers that record the residual
+        pass False; ``warnings.catch_warnings`` is not thread-safe).
 
     Returns
     -------
@@ -203,11 +207,11 @@ def top_singular(
     fallback = method == "auto"
     if method == "auto":
         method = "svd" if (r <= AUTO_SVD_MAX or init is None) else "iterative"
-    return _top_singular(W, k, init, method, tol, max_iter, gap_tol, seed, fallback)
+    return _top_singular(W, k, init, method, tol, max_iter, gap_tol, seed, fallback, warn)
 
 
 def _top_singular(W: Tensor, k: int, init, method: str, tol: float | None, max_iter: int,
-                  gap_tol: float, seed: int, fallback: bool) -> TopSingular:
+                  gap_tol: float, seed: int, fallback: bool, warn: bool = True) -> TopSingular:
     m, n = W.shape[-2:]
     r = min(m, n)
 
@@ -244,7 +248,7 @@ def _top_singular(W: Tensor, k: int, init, method: str, tol: float | None, max_i
             V = torch.where(sel[..., None, None], exact.V, V)
             gap = torch.where(sel, exact.gap, gap)
             res = torch.where(sel, exact.residual, res)
-        else:
+        elif warn:
             warnings.warn(
                 f"top_singular: iterative method did not reach tol={tol:.3g} in {max_iter} "
                 f"iterations (max residual {float(res.max()):.3g}); see result.residual",

@@ -22,7 +22,7 @@ import zarr
 import zarr.codecs
 
 from trajlab.errors import StoreError
-from trajlab.store.codecs import Profile, codecs_for, fill_value
+from trajlab.store.codecs import Profile, codecs_for, crc32c_of, fill_value
 from trajlab.store.layout import RunLayout
 from trajlab.store.metadata import RunMeta
 from trajlab.store.names import (
@@ -108,6 +108,7 @@ class RunStoreWriter:
         self.sample_capacity = 0  # committed sample capacity
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._scratch: dict[tuple[str, str], np.ndarray] = {}  # reused row blocks (append)
+        self._transposed: dict[str, np.ndarray] = {}  # reused transposed chunks (one per array)
         self.target: Target = inspect(store, storage_options=storage_options)
         check_writable(self.target, "run", overwrite=mode == "w", resume=mode == "a")
         if self.target.state == "run" and mode == "a":
@@ -181,6 +182,7 @@ class RunStoreWriter:
         self.group, self.meta, self.layout, self.committed = group, meta, layout, 0
         self.capacity = 0
         self._scratch = {}
+        self._transposed = {}
         self.sample_capacity = sample_capacity
         self._bind_arrays()
 
@@ -313,7 +315,12 @@ class RunStoreWriter:
         data: Any = block
         for codec in arr.metadata.codecs:
             if isinstance(codec, zarr.codecs.TransposeCodec):
-                data = np.ascontiguousarray(data.transpose(codec.order))
+                moved = data.transpose(codec.order)
+                out = self._transposed.get(arr.path)
+                if out is None or out.shape != moved.shape or out.dtype != moved.dtype:
+                    out = self._transposed[arr.path] = np.empty(moved.shape, moved.dtype)
+                np.copyto(out, moved)  # into a reused buffer: fresh pages cost a fault each
+                data = out
             elif isinstance(codec, zarr.codecs.BytesCodec):
                 order = "<" if codec.endian is None or codec.endian.value == "little" else ">"
                 data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder(order)
@@ -322,9 +329,7 @@ class RunStoreWriter:
             elif isinstance(codec, zarr.codecs.BloscCodec):
                 data = np.frombuffer(codec._blosc_codec.encode(data), dtype=np.uint8)
             elif isinstance(codec, zarr.codecs.Crc32cCodec):
-                import google_crc32c
-
-                crc = np.array([google_crc32c.value(data)], dtype="<u4").view(np.uint8)
+                crc = np.array([crc32c_of(data)], dtype="<u4").view(np.uint8)
                 data = (data, crc)
             else:
                 return False
