@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,20 +96,29 @@ def probes(n: int, dtype: torch.dtype, device: torch.device, k: int = 2) -> Tens
     return torch.randn(n, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def scale_of(y: Tensor, S: Tensor) -> tuple[float, float]:
+def _float64(t: Tensor | np.ndarray) -> np.ndarray:
+    """A small tensor as a float64 numpy array (the fits below are a few dozen numbers: numpy's
+    per-call cost is a fraction of torch's)."""
+    if isinstance(t, Tensor):
+        return t.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def scale_of(y: Tensor | np.ndarray, S: Tensor | np.ndarray) -> tuple[float, float]:
     """``(c, residual)`` of the least-squares fit ``y ~= c S`` (relative residual)."""
-    y, S = y.to(torch.float64), S.to(torch.float64)
-    ny = float(torch.linalg.vector_norm(y))
-    ns2 = float((S * S).sum())
+    y, S = _float64(y).ravel(), _float64(S).ravel()
+    ny = float(np.linalg.norm(y))
+    ns2 = float(S @ S)
     if ny == 0.0:
         return (0.0, 0.0) if ns2 else (1.0, 0.0)
     if ns2 == 0.0:
         return 1.0, 1.0
-    c = float((y * S).sum()) / ns2
-    return c, float(torch.linalg.vector_norm(y - c * S)) / ny
+    c = float(y @ S) / ns2
+    return c, float(np.linalg.norm(y - c * S)) / ny
 
 
-def fit_scale(y: Tensor, parts: Sequence[Tensor]) -> tuple[int, float, float]:
+def fit_scale(y: Tensor | np.ndarray,
+              parts: Sequence[Tensor | np.ndarray]) -> tuple[int, float, float]:
     """Which suffix of micro-batches ``.grad`` holds, and at what scale.
 
     Parameters
@@ -122,10 +132,11 @@ def fit_scale(y: Tensor, parts: Sequence[Tensor]) -> tuple[int, float, float]:
         residual ``||y - c S|| / ||y||`` (ties: the longest suffix).
     """
     best = (0, 1.0, math.inf)
-    total = torch.zeros_like(y, dtype=torch.float64)
+    y = _float64(y)
+    total = np.zeros_like(y)
     suffix = []
     for z in reversed(parts):
-        total = total + z.to(torch.float64)
+        total = total + _float64(z)
         suffix.append(total)
     suffix.reverse()  # suffix[j] = sum_{k >= j}
     for j, S in enumerate(suffix):
@@ -168,7 +179,7 @@ def assemble(kind: SketchKind, captures: list[Capture], grad: Tensor, positions:
         j, c, res = fit_scale(y, parts)
     else:
         j = order.index(first) if first in order else 0
-        c, res = scale_of(y, sum(p.to(torch.float64) for p in parts[j:]))
+        c, res = scale_of(y, sum(_float64(p) for p in parts[j:]))
     chosen = caps[j:]
     n = sum(cp.batch for cp in chosen)
     eps = max(cp.eps for cp in chosen)
