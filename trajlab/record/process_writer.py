@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trajlab.priority import background_thread
 from trajlab.record.writer import BackgroundWriter, PendingRecord, QueuedProducer, RowSink
 from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
@@ -130,6 +131,7 @@ class ProcessWriter(QueuedProducer):
 
     # --------------------------------------------------------------- feeder thread
     def _feed(self) -> None:
+        background_thread()  # (and the child forked from it) yields to training
         try:
             while True:
                 item = self._queue.get()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trajlab.priority import background_thread
 from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
 
@@ -225,6 +226,7 @@ class BackgroundWriter(QueuedProducer):
 
     # --------------------------------------------------------------- writer thread
     def _run(self) -> None:
+        background_thread()  # training runs first when both are ready (trajlab.priority)
         sink = self._sink
         try:
             while True:
