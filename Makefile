@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/record_layers.py
 	$(BIN)/python benchmarks/spectral.py
 	$(BIN)/python benchmarks/analysis.py
+	$(BIN)/python benchmarks/writer_contention.py
 
 clean:
 	rm -rf $(VENV) trajlab-demo .pytest_cache

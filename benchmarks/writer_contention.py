@@ -1,6 +1,6 @@
 """What a busy writer costs the training thread: GIL hold times and step times beside a flush.
 
-Usage: ``python benchmarks/writer_contention.py [--seconds S] [--threads N]``.
+Usage: ``python benchmarks/writer_contention.py [--quick] [--seconds S] [--threads N]``.
 
 Records 9 steps of the MLP 784-512-512-10 (B=128) of ``record_overhead.py`` to get real rows,
 then, against a baseline measured in the same run:
@@ -113,9 +113,12 @@ def gil_probe(work, seconds: float) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (0.5 s per measurement)")
     p.add_argument("--seconds", type=float, default=2.0, help="per measurement (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args()
+    if args.quick:
+        args.seconds = 0.5
     torch.set_num_threads(args.threads)
     print(f"trajlab {trajlab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"torch thread(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "

@@ -868,10 +868,9 @@ class Recorder:
                             f"{batch}; all recorded layers must see the same batch")
                     batch = b
                     micro_batches = asm.micro_batches
-                    for k in layer.kind.variables(layer.meta.rank):
+                    for k, per in layer.kind.variables(layer.meta.rank).items():
                         if k in asm.tensors:
                             v = asm.tensors[k]
-                            per = layer.kind.variables(layer.meta.rank)[k]
                             if per.dtype == "ps" and ps_dtype is not None:
                                 v = v.to(ps_dtype)
                             elif per.dtype in ("ps", "param") and v.dtype == torch.bfloat16:
