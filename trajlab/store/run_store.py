@@ -59,31 +59,28 @@ class StepRecord:
     layers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def write_many(items) -> None:
-    """``arr[sel] = value`` for every item, written concurrently."""
+def _concurrently(coroutines) -> None:
+    """Run Zarr's async operations together on Zarr's event loop (one round trip)."""
     import asyncio
 
     from zarr.core.sync import sync
 
     async def _all() -> None:
-        await asyncio.gather(*(a._async_array.setitem(sel, v) for a, sel, v in items))
+        await asyncio.gather(*coroutines)
 
     sync(_all())
+
+
+def write_many(items) -> None:
+    """``arr[sel] = value`` for every item, written concurrently."""
+    _concurrently([a._async_array.setitem(sel, v) for a, sel, v in items])
 
 
 def resize_many(items) -> None:
     """``arr.resize(shape)`` for every item, the metadata writes concurrent (one by one, a
     resize of the ~30 arrays of an MLP store took ~90 ms of the writer thread's time)."""
-    if not items:
-        return
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    async def _all() -> None:
-        await asyncio.gather(*(a._async_array.resize(shape) for a, shape in items))
-
-    sync(_all())
+    if items:
+        _concurrently([a._async_array.resize(shape) for a, shape in items])
 
 
 #: Rows allocated along ``step`` at the first append (whole chunks): growing costs a metadata
