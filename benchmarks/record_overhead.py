@@ -1,7 +1,12 @@
 """Benchmark of trajlab.Recorder: step overhead, the I/O floor of recorded steps, bytes per step.
 
 Usage: ``python benchmarks/record_overhead.py [--quick] [--threads N] [--writer W] [--errors]
-[--bandwidth-gb G] [--dir DIR] [--capture] [--only mlp|convnet]``.
+[--bandwidth-gb G] [--dir DIR] [--capture] [--models mlp,convnet,cifar] [--device cpu|cuda]``.
+
+Models: ``mlp`` (784-512-512-10, B=128), ``convnet`` (the digits demo ConvNet, B=64) and
+``cifar`` (the paper-style ConvNet :func:`trajlab.models.cifar_convnet`: 3 conv + 2 linear,
+3x32x32 inputs, B=128, random data). The default is ``mlp,convnet`` on the CPU and all three
+with ``--device cuda`` (timed blocks then end with ``torch.cuda.synchronize()``).
 
 Three tables, every figure a ratio against a baseline measured in the same run:
 
@@ -46,12 +51,13 @@ from torch.func import functional_call, grad, vmap
 import trajlab
 import trajlab.record.recorder as recorder_module
 from trajlab.data import load_digits
+from trajlab.models import cifar_convnet
 from trajlab.recipes import TrainConfig, digits_model
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.process_writer import ProcessWriter
 from trajlab.record.rules import rule_for
-from trajlab.record.rules.base import rank1_sketch, subspace_sketch
 from trajlab.record.writer import BackgroundWriter
+from trajlab.sketches import sketch_kind
 from trajlab.store.run_store import RunStoreWriter
 
 TARGET_EVERY = {1: None, 10: 1.15, 100: 1.03}
@@ -64,12 +70,23 @@ def load() -> str:
 
 
 # ----------------------------------------------------------------------------- workloads
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for the device (timed blocks end here, so that they include queued kernels)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 class Workload:
-    """A model, its optimizer and a stream of random batches drawn from fixed data."""
+    """A model, its optimizer and a stream of random batches drawn from fixed data, all on
+    ``DEVICE`` (batch indices are drawn on the CPU and moved)."""
 
     def __init__(self, name: str, model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch: int):
-        self.name, self.model, self.X, self.Y, self.batch = name, model, X, Y, batch
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        self.name, self.batch = name, batch
+        self.model, self.X, self.Y = model.to(DEVICE), X.to(DEVICE), Y.to(DEVICE)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.gen = torch.Generator().manual_seed(0)
 
     def copy(self) -> Workload:
@@ -81,17 +98,17 @@ class Workload:
     def steps(self, n: int, rec: trajlab.Recorder | None = None) -> None:
         for _ in range(n):
             idx = torch.randint(0, len(self.X), (self.batch,), generator=self.gen)
-            x, y = self.X[idx], self.Y[idx]
+            x, y = self.X[idx.to(DEVICE)], self.Y[idx.to(DEVICE)]
             self.opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(x), y)
             loss.backward()
             if rec is not None:
                 rec.log(loss=loss, indices=idx)
             self.opt.step()
+        sync()
 
     def batch_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(self.batch)
-        return self.X[idx], self.Y[idx]
+        return self.X[: self.batch], self.Y[: self.batch]
 
 
 def mlp_workload() -> Workload:
@@ -107,6 +124,20 @@ def mlp_workload() -> Workload:
 def convnet_workload() -> Workload:
     X, Y = load_digits(split="train")
     return Workload("convnet", digits_model(TrainConfig()), X, Y, batch=64)
+
+
+def cifar_workload() -> Workload:
+    """The paper-style ConvNet (3 conv + 2 linear) on CIFAR-shaped random data, B=128."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 3, 32, 32, generator=g)
+    Y = torch.randint(0, 10, (2048,), generator=g)
+    return Workload("cifar", cifar_convnet(10, seed=0), X, Y, batch=128)
+
+
+WORKLOADS = {"mlp": mlp_workload, "convnet": convnet_workload, "cifar": cifar_workload}
+#: (every=1 steps per block, every=10 and every=100 blocks) per model: full / --quick.
+SIZES = {"mlp": ((50, 10), (16, 3)), "convnet": ((200, 10), (50, 3)),
+         "cifar": ((20, 3), (8, 1))}
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -207,12 +238,13 @@ def opacus_step(w: Workload):
 
     def steps(n):
         for _ in range(n):
-            idx = torch.randint(0, len(w.X), (w.batch,), generator=g)
+            idx = torch.randint(0, len(w.X), (w.batch,), generator=g).to(DEVICE)
             model.zero_grad(set_to_none=True)  # also drops grad_sample (else it accumulates)
             F.cross_entropy(model(w.X[idx]), w.Y[idx]).backward()  # fills p.grad_sample
             opt.step()
         for p in model.parameters():
             p.grad_sample = None
+        sync()
 
     return steps
 
@@ -230,11 +262,12 @@ def backpack_step(w: Workload):
 
     def steps(n):
         for _ in range(n):
-            idx = torch.randint(0, len(w.X), (w.batch,), generator=g)
+            idx = torch.randint(0, len(w.X), (w.batch,), generator=g).to(DEVICE)
             opt.zero_grad(set_to_none=True)
             with backpack(BatchGrad()):
                 loss_fn(model(w.X[idx]), w.Y[idx]).backward()  # fills p.grad_batch
             opt.step()
+        sync()
 
     return steps
 
@@ -369,20 +402,24 @@ def layer_inputs_and_grads(w: Workload):
 
 
 def capture_fn(w: Workload):
-    """The recorder's per-sample work for one batch (rule patches + sketch kernels + basis)."""
+    """The recorder's per-sample work for one batch (each rule's per-sample form, the sketch
+    kernels, the basis of weight-shared layers), as the recorder runs it at rank 2."""
     seen = layer_inputs_and_grads(w)
-    tracker = SubspaceTracker(4)
+    tracker = SubspaceTracker(2)
     rules = {n: rule_for(m) for n, (m, _, _) in seen.items()}
 
     def run():
         out = {}
         for n, (m, inp, g) in seen.items():
-            act, delta = rules[n].patches(m, inp, g)
-            if inp.dim() == 2:
-                out[n] = rank1_sketch(act[..., 0], delta[..., 0])
-            else:
-                U, V, _ = tracker.basis(n, rules[n].weight_matrix(m).detach())
-                out[n] = subspace_sketch(act, delta, U, V)[0]
+            rule = rules[n]
+            matrix = rule.matrices(m)[0]
+            ps = rule.per_sample(m, matrix, (inp,), {}, g)
+            kind = sketch_kind(rule.describe(m, matrix, (inp,), {}).sketch)
+            basis = None
+            if kind.name == "subspace":
+                basis = tracker.basis(n, rule.weight_matrix(m, matrix).detach())[:2]
+            out[n] = ps.capture(kind, basis=basis, rank=2, want_per_sample=False)[0]
+        sync()
         return out
 
     return run
@@ -400,7 +437,13 @@ def torch_func_fn(w: Workload):
         return F.cross_entropy(out, yi.unsqueeze(0))
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    return lambda: per_sample(wp, x, y)
+
+    def run():
+        out = per_sample(wp, x, y)
+        sync()
+        return out
+
+    return run
 
 
 def bench_capture(w: Workload, repeats: int) -> list[float]:
@@ -427,23 +470,38 @@ def main() -> None:
                    help="GB written to measure the disk's sustained bandwidth (default 3; "
                         "quick 1)")
     p.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir)")
-    p.add_argument("--only", choices=("mlp", "convnet"), default=None)
+    p.add_argument("--models", default=None,
+                   help="comma-separated models from mlp, convnet, cifar (default mlp,convnet; "
+                        "all three with --device cuda)")
+    p.add_argument("--only", choices=tuple(WORKLOADS), default=None,
+                   help="one model (same as --models NAME)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--errors", action="store_true",
                    help="analysis-term errors of float16 / rank-2 stores (slow)")
     p.add_argument("--capture", action="store_true", help="capture cost vs torch.func")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     q = args.quick
-    steps1 = {"mlp": 16, "convnet": 50} if q else {"mlp": 50, "convnet": 200}
+    names = (args.only or args.models
+             or ("mlp,convnet,cifar" if DEVICE.type == "cuda" else "mlp,convnet")).split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    steps1 = {n: SIZES[n][q][0] for n in names}
+    blocks_for = {n: SIZES[n][q][1] for n in names}
     repeats = 3 if q else 7
-    blocks = 3 if q else 10
     writers = ["thread", "process"] if args.writer == "both" else [args.writer]
-    makers = [mlp_workload, convnet_workload]
-    if args.only:
-        makers = [m for m in makers if m.__name__.startswith(args.only)]
-    print(f"trajlab {trajlab.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch thread(s), OMP_WAIT_POLICY={OMP or '(unset)'}, "
-          f"{os.cpu_count()} CPUs; every=1 blocks {steps1} steps, {repeats} interleaved repeats")
+    makers = [WORKLOADS[n] for n in names]
+    where = (f"{torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda"
+             else f"{os.cpu_count()} CPUs")
+    print(f"trajlab {trajlab.__version__}, torch {torch.__version__}, device {DEVICE} "
+          f"({where}), {torch.get_num_threads()} torch thread(s), "
+          f"OMP_WAIT_POLICY={OMP or '(unset)'}; every=1 blocks {steps1} steps, {repeats} "
+          "interleaved repeats")
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
         gb = args.bandwidth_gb if args.bandwidth_gb is not None else (1.0 if q else 3.0)
@@ -466,7 +524,8 @@ def main() -> None:
                       f"{spread(r['total']):>26} {'-':>7} {r['load']:5.2f}", flush=True)
             for every in (10, 100):
                 for writer in writers:
-                    r = bench_every(w, every, blocks, max(3, repeats // 2), tmp, writer)
+                    r = bench_every(w, every, blocks_for[w.name], max(3, repeats // 2), tmp,
+                                    writer)
                     print(f"{w.name:8} {f'every={every} ' + writer:20} {r['base_ms']:8.2f} "
                           f"{spread(r['ratio']):>26} {TARGET_EVERY[every]:6.2f}x "
                           f"{r['load']:5.2f}", flush=True)
@@ -498,7 +557,8 @@ def main() -> None:
               f"{'vs dense':>9}")
         bytes_rows = {}
         for make in makers:
-            rows = bench_bytes(make, 24 if q else 64, tmp)
+            rows = bench_bytes(make, (8 if q else 24) if make is cifar_workload
+                               else (24 if q else 64), tmp)
             bytes_rows[make.__name__] = rows
             old = rows[0]["stored"]
             for r in rows:

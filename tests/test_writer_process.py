@@ -115,13 +115,13 @@ def test_device_copies_are_awaited_before_the_slot_is_written(tmp_path, monkeypa
     original = ProcessWriter._start
 
     def start(self, first):
-        seen.append(first.event.synchronized)  # the event was awaited before the first copy
+        seen.append(first.events[0].synchronized)  # the event was awaited before the first copy
         return original(self, first)
 
     monkeypatch.setattr(ProcessWriter, "_start", start)
     w = RunStoreWriter(tmp_path / "r.zarr")
     pw = ProcessWriter(w, flush_seconds=3600.0)
-    rec = PendingRecord({"x": torch.arange(3)}, {"l": {"y": torch.ones(2, 2)}}, _Event())
+    rec = PendingRecord({"x": torch.arange(3)}, {"l": {"y": torch.ones(2, 2)}}, [_Event()])
     assert record_bytes(rec) == 128
     pw.put(rec)
     pw.close()  # no store was created: the child had nothing to write

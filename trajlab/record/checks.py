@@ -44,7 +44,7 @@ def unexplained_grad(layer: str, step: int, residual: float, tol: float, scale: 
 def check_mean(layer: str, mean: Tensor, grad: Tensor, tol: float) -> None:
     """First recorded step: the assembled batch mean must equal ``.grad``."""
     scale = torch.linalg.vector_norm(grad.double()).clamp_min(1e-300)
-    err = float(torch.linalg.vector_norm((mean.double() - grad.double())) / scale)
+    err = float(torch.linalg.vector_norm(mean.double() - grad.double()) / scale)
     if not err <= tol and bool(torch.isfinite(grad).all()):
         raise SelfCheckError(
             f"self-check failed for layer {layer!r}: the batch mean of the recorded per-sample "

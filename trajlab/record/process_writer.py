@@ -190,8 +190,7 @@ class ProcessWriter(QueuedProducer):
     def _send_record(self, record: PendingRecord) -> None:
         if self.error is not None:
             return
-        if record.event is not None:
-            record.event.synchronize()  # device-to-host copies done
+        record.wait()  # device-to-host copies done
         if self._proc is None:
             self._start(record)
         if record_bytes(record) > self.slot_bytes:

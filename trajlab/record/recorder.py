@@ -25,9 +25,10 @@ from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import Patches, supported_types
+from trajlab.record.staging import PendingRecord, stage
 from trajlab.record.step import Assembled, Capture, Micro, assemble, interleaved, probes
 from trajlab.record.summary import Target, mixing_layers, mixing_message, plan
-from trajlab.record.writer import BackgroundWriter, PendingRecord
+from trajlab.record.writer import BackgroundWriter
 from trajlab.sketches import SketchKind, sketch_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
@@ -756,7 +757,7 @@ class Recorder:
             if g0 is None and asm.per_sample is not None:
                 g0 = asm.per_sample[0]
             entries.append((layer.name, g0, asm.scale))
-        tol = max(getattr(layer, "assembled").tol for layer in self._layers
+        tol = max(layer.assembled.tol for layer in self._layers
                   if getattr(layer, "assembled", None) is not None)
         micro_batches = len(asm0.micro_batches)
 
@@ -929,33 +930,9 @@ class Recorder:
         self._writer.create(meta, batch_size)
 
     def _to_host(self, root: dict[str, Any], layers: dict[str, dict[str, Any]]) -> PendingRecord:
-        device = self._layers[0].target.param.device
-        wide = torch.float32 if self._layers[0].target.param.dtype == torch.bfloat16 else None
-
-        def prep(v: Any) -> Any:
-            if not isinstance(v, Tensor):
-                return v
-            v = v.detach()
-            if wide is not None and v.dtype == torch.bfloat16:
-                v = v.to(wide)
-            return v
-
-        if device.type == "cuda":
-            def move(t: Tensor) -> Tensor:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                return host
-
-            host_layers = {n: {k: move(prep(v)) if isinstance(v, Tensor) else v
-                               for k, v in d.items()} for n, d in layers.items()}
-            if isinstance(root["indices"], Tensor):
-                root["indices"] = root["indices"].cpu()
-            event = torch.cuda.Event()
-            event.record()
-            return PendingRecord(root, host_layers, event)
-        host_layers = {n: {k: prep(v).cpu() if isinstance(v, Tensor) else v
-                           for k, v in d.items()} for n, d in layers.items()}
-        return PendingRecord(root, host_layers)
+        """Start the record's device-to-host copies (see :mod:`trajlab.record.staging`)."""
+        return stage(root, layers,
+                     widen_bfloat16=self._layers[0].target.param.dtype == torch.bfloat16)
 
     def _probe_gradients(self) -> dict[str, Tensor] | None:
         if self.probe is None or self._step % self.probe.every != 0:

@@ -16,13 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from trajlab.priority import background_thread
+from trajlab.record.staging import PendingRecord
 from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
 
@@ -30,26 +29,6 @@ _STOP = object()
 #: Variables that are not gradient information (NaN there is not a non-finite gradient).
 _NOT_CHECKED = frozenset({"weight", "weight_after", "probe_grad", "lr", "basis_residual",
                           "grad_scale", "basis_u", "basis_v"})
-
-
-@dataclass
-class PendingRecord:
-    """A step record whose tensors may still be in flight from the device."""
-
-    root: dict[str, Any]
-    layers: dict[str, dict[str, torch.Tensor]]
-    event: Any = None  # torch.cuda.Event recorded after the non-blocking copies
-
-    def materialize(self) -> StepRecord:
-        if self.event is not None:
-            self.event.synchronize()
-        root = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.root.items()}
-        layers = {
-            name: {k: (v.numpy() if isinstance(v, torch.Tensor) else v)
-                   for k, v in tensors.items()}
-            for name, tensors in self.layers.items()
-        }
-        return StepRecord(root=root, layers=layers)
 
 
 class RowSink:
