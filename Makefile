@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/spectral.py
 	$(BIN)/python benchmarks/analysis.py
 	$(BIN)/python benchmarks/writer_contention.py
+	$(BIN)/python benchmarks/conv_per_sample.py
 
 clean:
 	rm -rf $(VENV) trajlab-demo .pytest_cache

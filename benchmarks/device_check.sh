@@ -10,7 +10,9 @@
 # 2. the CUDA tests (pytest -m cuda: tests/test_devices.py, tests/test_staging.py,
 #    tests/test_recorder.py);
 # 3. benchmarks/record_overhead.py --device cuda --quick on the paper-style ConvNet, the MLP
-#    and the digits ConvNet, thread writer.
+#    and the digits ConvNet, thread writer;
+# 4. benchmarks/conv_per_sample.py --device cuda --quick (which way of forming a conv layer's
+#    per-sample gradients is faster on the GPU: trajlab uses im2col there until measured).
 # Logs go to $OUT (the device tool's folder that comes back) or out/device. On a machine
 # without a GPU, `DEVICE=cpu MODELS=convnet bash benchmarks/device_check.sh` runs the same
 # steps (the CUDA tests are then skipped).
@@ -39,3 +41,5 @@ timeout "${TESTS_S:-200}" "$py" -m pytest -q -m cuda -p no:cacheprovider \
 timeout "${BENCH_S:-300}" "$py" benchmarks/record_overhead.py --device "${DEVICE:-cuda}" \
     --quick --writer thread --bandwidth-gb 1 ${MODELS:+--models "$MODELS"} 2>&1 \
     | tee "$out/record_overhead.log"
+timeout "${CONV_S:-60}" "$py" benchmarks/conv_per_sample.py --device "${DEVICE:-cuda}" --quick \
+    --batch 128 2>&1 | tee "$out/conv_per_sample.log"
