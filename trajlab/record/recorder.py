@@ -908,7 +908,7 @@ class Recorder:
             "step": np.int64(self._step),
             "lr": np.float64(layers[self._layers[0].name]["lr"]),
             "batch_size": np.int32(batch),
-            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "loss": math.fsum(losses) / len(losses) if losses else float("nan"),
             "indices": indices,
             "probe": np.bool_(self._probe_grads is not None),
         }

@@ -175,7 +175,12 @@ def assemble(kind: SketchKind, captures: list[Capture], grad: Tensor, positions:
     parts = [kind.mean_gradient_times(c.tensors, r) for c in caps]
     if any(p is None for p in parts):
         raise ValueError(f"sketch kind {kind.name!r} cannot check the gradient")
-    if first is None:
+    if len(parts) == 1 and (first is None or first == order[0]):
+        # one micro-batch (the common case): one conversion for both sides of the fit
+        wide = torch.promote_types(y.dtype, parts[0].dtype)  # exact for both
+        yp = _float64(torch.stack((y.to(wide), parts[0].to(wide))))
+        j, (c, res) = 0, scale_of(yp[0], yp[1])
+    elif first is None:
         j, c, res = fit_scale(y, parts)
     else:
         j = order.index(first) if first in order else 0

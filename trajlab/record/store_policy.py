@@ -4,6 +4,7 @@ that a resumed recording continues the stored run."""
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from trajlab.errors import RecorderError
 from trajlab.store.metadata import FORMAT_VERSION, LayerMeta, RunMeta, new_run_id
 
 
+@functools.cache
 def numpy_dtype(dtype: torch.dtype) -> str:
     """Storage dtype of a torch float dtype (bfloat16, which numpy lacks, is stored widened)."""
     if dtype == torch.bfloat16:

@@ -220,7 +220,8 @@ class LayerRule:
 
     def parameter(self, module: nn.Module, matrix: Matrix) -> Tensor:
         """The parameter tensor itself (for optimizer look-ups and dtype checks)."""
-        return module.get_parameter(matrix.param)
+        p = module._parameters.get(matrix.param)  # the common case, without get_parameter's
+        return p if p is not None else module.get_parameter(matrix.param)  # ~5 us of checks
 
     def matrix_of(self, module: nn.Module, matrix: Matrix, tensor: Tensor) -> Tensor:
         """``tensor`` (shaped like the parameter: its value, ``.grad`` or any gradient of it)
