@@ -6,7 +6,7 @@ numbers up to float rounding:
 * im2col patches and a batched matmul (:class:`Patches`; the sketch forms ``G_i`` itself);
 * one weight-gradient convolution with ``groups = B`` (:class:`Dense`): no patch matrix is
   formed, which is 3-10x faster on the CPU for layers with many positions or channels and
-  up to 10x slower for wide layers on few positions (measured over 144 shapes,
+  up to 10x slower for wide layers on few positions (measured over 138 shapes,
   benchmarks/conv_per_sample.py). :func:`grouped_is_faster` picks from the shape; on other
   devices the patches are used until measured there.
 """
