@@ -524,7 +524,7 @@ def main() -> None:
                       f"{spread(r['total']):>26} {'-':>7} {r['load']:5.2f}", flush=True)
             for every in (10, 100):
                 for writer in writers:
-                    r = bench_every(w, every, blocks_for[w.name], max(3, repeats // 2), tmp,
+                    r = bench_every(w, every, blocks_for[w.name], repeats, tmp,
                                     writer)
                     print(f"{w.name:8} {f'every={every} ' + writer:20} {r['base_ms']:8.2f} "
                           f"{spread(r['ratio']):>26} {TARGET_EVERY[every]:6.2f}x "

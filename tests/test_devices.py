@@ -29,8 +29,8 @@ def _conv_data(n=64, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv_recording_on_device_matches_cpu(tmp_path, device):
-    """Conv layers (subspace sketches, bases computed ahead on the helper thread) and linear
-    layers recorded on the GPU give the CPU run's weights, gradients and per-sample gradients."""
+    """Conv layers (subspace sketches) and linear layers recorded on the device give the CPU
+    run's weights, gradients and per-sample gradients."""
     X, Y = _conv_data()
     model = digits_convnet(seed=0).double()
     train(copy.deepcopy(model), X, Y, steps=4, batch_size=16, store=tmp_path / "cpu.zarr")
@@ -95,8 +95,8 @@ def test_bf16_autocast_records_and_checks(tmp_path, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_edit_through_data_never_stores_a_stale_basis(tmp_path, device):
-    """An in-place edit of a conv weight between steps (bypassing autograd) makes the basis
-    computed ahead stale; the stored basis must still be the stored weight's."""
+    """An in-place edit of a conv weight between steps (bypassing autograd): the stored basis
+    must still be the stored weight's."""
     X, Y = _conv_data()
     model = digits_convnet(seed=0).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -109,10 +109,8 @@ class _Calls:
 #: What an unrecorded step may run: the optimizer step hooks counting steps.
 STEP_COUNTER = {"pre_hook", "post_hook", "_before_step", "_after_step", "recording",
                 "_reset_step", "_disarm", "_remove"}
-#: ... and, on the step before a recorded one, installing the hooks for it and starting the
-#: subspace bases of its weight-shared layers on the tracker's helper thread.
-ARMING = {"_arm", "forward_callback", "install", "_forward_callback", "_prefetch_bases",
-          "prefetch", "discard", "weight", "weight_matrix", "matrix_of", "parameter", "name"}
+#: ... and, on the step before a recorded one, installing the hooks for it.
+ARMING = {"_arm", "forward_callback", "install", "_forward_callback"}
 #: The user's own call of ``Recorder.log`` validates its arguments on every step.
 USER_CALL = {"log", "_check_loss_type", "_check_indices_type"}  # argument checks only
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-
 import torch
 from torch import Tensor
 
@@ -22,11 +20,12 @@ class SubspaceTracker:
 
     A weight holding NaN or Inf gets a NaN basis (its row is then flagged non-finite).
 
-    :meth:`prefetch` starts a basis on a helper thread as soon as the weight is known (the
-    recorder calls it right after the optimizer step that precedes a recorded step, so the SVD
-    overlaps the next forward pass instead of adding to it); :meth:`basis` then takes that result
-    if the weight it is given still equals the snapshot the helper worked on, bit for bit, and
-    computes afresh otherwise (a weight edited between the optimizer step and the forward).
+    Bases are computed on the training thread at the layer's first backward of a recorded
+    step, from the weight as it is then. (Computing them ahead on a helper thread, overlapping
+    the forward pass, was tried and removed: no gain in steady state with
+    ``OMP_WAIT_POLICY=PASSIVE``, and +4 ms per recorded step of the demo ConvNet under
+    OpenMP's default wait policy, whose spinning threads took the training thread's core;
+    benchmarks/README.md.)
     """
 
     def __init__(self, k: int, *, exact_max: int = 256, tol: float = 1e-5,
@@ -36,51 +35,13 @@ class SubspaceTracker:
         self.tol = tol
         self.max_iter = max_iter
         self._prev: dict[str, object] = {}
-        self._pending: dict[str, tuple[Tensor, Future]] = {}
-        self._executor: ThreadPoolExecutor | None = None
 
     def rank_for(self, shape: tuple[int, int]) -> int:
         return max(1, min(self.k, shape[0], shape[1]))
 
-    def prefetch(self, name: str, W: Tensor) -> None:
-        """Start ``name``'s basis for the weight ``W`` (a snapshot is taken now) on a helper
-        thread; :meth:`basis` collects it."""
-        self.discard(name)
-        snapshot = W.detach().clone()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajlab-basis")
-        self._pending[name] = (snapshot, self._executor.submit(self._compute, name, snapshot))
-
+    @torch.no_grad()
     def basis(self, name: str, W: Tensor) -> Basis:
         """(U (m, k), V (n, k), residual ()) for the current weight matrix ``W``."""
-        pending = self._pending.pop(name, None)
-        if pending is not None:
-            snapshot, future = pending
-            try:
-                result = future.result()
-            except Exception:  # noqa: BLE001 - computed again below, where it raises
-                result = None
-            if result is not None and torch.equal(snapshot, W):
-                return result
-        return self._compute(name, W)
-
-    def discard(self, name: str | None = None) -> None:
-        """Forget the prefetched basis of ``name`` (of every layer when None)."""
-        names = list(self._pending) if name is None else [name]
-        for n in names:
-            pending = self._pending.pop(n, None)
-            if pending is not None:
-                pending[1].cancel()
-
-    def close(self) -> None:
-        """Drop prefetched bases and stop the helper thread."""
-        self.discard()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    @torch.no_grad()
-    def _compute(self, name: str, W: Tensor) -> Basis:
         k = self.rank_for(tuple(W.shape))
         if not bool(torch.isfinite(W).all()):
             nan = float("nan")

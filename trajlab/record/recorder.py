@@ -405,7 +405,6 @@ class Recorder:
         self._remove(self._layer_handles)
         self._remove(self._step_handles)
         self._reset_step()
-        self._tracker.close()
         if self._writer is not None:
             self._writer.close(truncated=self._stopped_reason)
             err = self._writer.error
@@ -532,8 +531,7 @@ class Recorder:
                 self._suspended = False
             want = self.self_check and not self._checked
             if layer.meta.sketch == "subspace" and layer.basis is None:
-                # this step's basis, taken at the layer's first backward: the tracker's helper
-                # thread has had the whole forward pass to compute it (see _prefetch_bases)
+                # this step's basis, from the weight at the layer's first backward
                 layer.basis = self._tracker.basis(layer.name, layer.weight().detach())
             basis = None if layer.basis is None else layer.basis[:2]
             if (layer.meta.sketch == "rank1" and isinstance(ps, Patches)
@@ -795,21 +793,8 @@ class Recorder:
             self._step += 1
             if self._active and self.recording:
                 self._arm()
-                self._prefetch_bases()
             elif not self.recording:
                 self._disarm()
-
-    def _prefetch_bases(self) -> None:
-        """Start the coming recorded step's subspace bases on the tracker's helper thread:
-        they overlap the forward pass (the tracker checks that the weights did not change)."""
-        if not self.per_sample or self._stopped_reason is not None:
-            return
-        try:
-            for layer in self._layers:
-                if layer.meta is not None and layer.meta.sketch == "subspace":
-                    self._tracker.prefetch(layer.name, layer.weight().detach())
-        except Exception:  # noqa: BLE001 - an optimisation only: computed in place instead
-            self._tracker.discard()
 
     def _reset_step(self) -> None:
         for layer in self._layers:
