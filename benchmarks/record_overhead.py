@@ -13,7 +13,9 @@ Three tables, every figure a ratio against a baseline measured in the same run:
 1. training step with a Recorder at ``every`` = 1, 10, 100 / without (plus per-sample gradients
    with Opacus ``GradSampleModule`` and BackPACK ``BatchGrad`` where those are installed);
 2. every=1 against the I/O floor: recorder time / max(plain step, stored bytes per step /
-   sustained write bandwidth), the bandwidth measured here into the stores' directory;
+   sustained write bandwidth), the bandwidth measured here into the stores' directory, beside
+   the CPU time a recorded step costs the whole process (all threads, a writer process
+   included): divided by the CPUs it is the shortest wall time the work allows on few cores;
 3. bytes per recorded step against the old layout (trajlab 0.1 codecs, rank 4, float32).
 
 ``--errors`` adds the error of every analysis term of float16 and rank-2 stores against the
@@ -34,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 import argparse
 import contextlib
 import copy
+import resource
 import shutil
 import statistics
 import tempfile
@@ -63,6 +66,10 @@ from trajlab.store.run_store import RunStoreWriter
 TARGET_EVERY = {1: None, 10: 1.15, 100: 1.03}
 TARGET_FLOOR = 1.25
 OMP = os.environ.get("OMP_WAIT_POLICY", "")
+
+
+#: CPUs this process may run on (the wall-time bound of CPU work is CPU seconds / NCPU).
+NCPU = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def load() -> str:
@@ -180,27 +187,42 @@ def spread(xs: list[float]) -> str:
 
 
 # ----------------------------------------------------------------------------- table 1
+def cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process and its joined children (a writer process
+    is a forked child, joined by ``Recorder.close``)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + kids.ru_utime, me.ru_stime + kids.ru_stime
+
+
 def bench_every1(w: Workload, n: int, repeats: int, tmp: Path, writer: str) -> dict:
-    """Fresh recorder per block (so each block pays its own final flush)."""
+    """Fresh recorder per block (so each block pays its own final flush). Also the CPU time
+    each block used, all threads and the writer process included: on a machine with few cores
+    it bounds the wall time from below (CPU seconds / cores) whatever the bytes cost."""
     with writer_setup(writer):
         record(w, tmp / f"{w.name}-warm.zarr", 5, mode="w")  # zarr, writer, imports
-        base, hot, total, loads = [], [], [], []
+        base, hot, total, loads, cpu, sys_ = [], [], [], [], [], []
         store = None
         for r in range(repeats):
             t0 = time.perf_counter()
             w.steps(n)
             base.append(time.perf_counter() - t0)
             store = tmp / f"{w.name}-{writer}-{r}.zarr"
+            u0, s0 = cpu_seconds()
             h, t = record(w, store, n)
+            u1, s1 = cpu_seconds()
             hot.append(h)
             total.append(t)
+            cpu.append((u1 - u0 + s1 - s0) / n)
+            sys_.append((s1 - s0) / n)
             loads.append(os.getloadavg()[0])
             if r < repeats - 1:
                 shutil.rmtree(store)
     run = trajlab.open_run(store)
     return {"base_ms": statistics.median(base) / n * 1e3, "hot": paired(base, hot),
             "total": paired(base, total), "rec_ms": statistics.median(total) / n * 1e3,
-            "bytes": run.nbytes_stored() / run.n_steps, "load": statistics.median(loads)}
+            "bytes": run.nbytes_stored() / run.n_steps, "load": statistics.median(loads),
+            "cpu_ms": statistics.median(cpu) * 1e3, "sys_ms": statistics.median(sys_) * 1e3}
 
 
 def bench_every(w: Workload, every: int, blocks_of: int, repeats: int, tmp: Path,
@@ -544,14 +566,20 @@ def main() -> None:
               f"max(plain ms/step, stored bytes per step / {bw / 1e6:.0f} MB/s); "
               f"OMP_WAIT_POLICY={OMP or '(unset)'}")
         print(f"{'model':8} {'writer':8} {'plain ms':>8} {'KB/step':>8} {'I/O ms':>7} "
-              f"{'rec. ms':>8} {'/ floor':>8} {'/ plain':>8} {'target':>7} {'load':>5}")
+              f"{'rec. ms':>8} {'/ floor':>8} {'/ plain':>8} {'target':>7} {'CPU ms':>7} "
+              f"{'sys ms':>7} {'CPU/' + str(NCPU):>7} {'load':>5}")
         for (name, writer), r in every1.items():
             io_ms = r["bytes"] / bw * 1e3
             floor = max(r["base_ms"], io_ms)
             print(f"{name:8} {writer:8} {r['base_ms']:8.2f} {r['bytes'] / 1e3:8.1f} "
                   f"{io_ms:7.2f} {r['rec_ms']:8.2f} {r['rec_ms'] / floor:7.2f}x "
                   f"{statistics.median(r['total']):7.2f}x {TARGET_FLOOR:6.2f}x "
+                  f"{r['cpu_ms']:7.2f} {r['sys_ms']:7.2f} {r['cpu_ms'] / NCPU:7.2f} "
                   f"{r['load']:5.2f}")
+        print(f"CPU ms: CPU time per recorded step of the whole process (all threads, the "
+              f"writer process included), sys ms its system part (page faults, the writes "
+              f"into the page cache); CPU/{NCPU}: the shortest wall time that CPU work allows "
+              f"on this machine's {NCPU} CPUs")
 
         print("\n3. Bytes per recorded step (stored; raw = uncompressed) vs the old layout "
               "and vs dense float32 per-sample gradients (B x params x 4)")

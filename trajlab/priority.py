@@ -6,7 +6,8 @@ thread computes. On a machine with few cores they compete for the same cores: me
 writer thread flushing without pause with two encoding threads, and 1.09-1.13x with one encoding
 thread at nice +10. So the encoding pool keeps one core for training, and background threads
 run at a lower priority, so that the scheduler runs the training thread first whenever both are
-ready; a writer that falls behind still slows training only through its bounded queue.
+ready; a writer that falls behind still slows training only through its bounded queue (and
+then gets one more encoding thread while training waits, :mod:`trajlab.store.encode_pool`).
 """
 
 from __future__ import annotations

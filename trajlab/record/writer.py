@@ -152,12 +152,30 @@ class QueuedProducer:
         self._put(("record", record))
 
     def _put(self, item: Any) -> None:
-        while self.error is None:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        if self.error is not None:
+            return  # the consumer is gone; the recorder reports its error
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._set_behind(True)
+            while self.error is None:
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+        # behind: three quarters of the queue wait (at this pace training soon blocks on it)
+        self._set_behind(4 * self._queue.qsize() >= 3 * self._queue.maxsize)
+
+    def _set_behind(self, on: bool) -> None:
+        if on != getattr(self, "_behind", False):
+            self._behind = on
+            self._writer_behind(on)
+
+    def _writer_behind(self, on: bool) -> None:
+        """Called when the writer falls behind (three quarters of its queue full, or ``put``
+        waiting on the full queue) and when it has caught up again; subclasses may add encoders
+        meanwhile."""
 
 
 class BackgroundWriter(QueuedProducer):
@@ -195,6 +213,11 @@ class BackgroundWriter(QueuedProducer):
     # --------------------------------------------------------------- producer side
     def create(self, meta: RunMeta, sample_capacity: int) -> None:
         self._put(("create", meta, sample_capacity))
+
+    def _writer_behind(self, on: bool) -> None:
+        # training is about to wait on this writer: its core may encode meanwhile
+        # (trajlab.store.encode_pool)
+        self.writer.assist(on)
 
     def close(self, *, truncated: str | None = None) -> None:
         """Flush everything, stop the thread, and mark the store truncated if asked."""

@@ -23,6 +23,7 @@ import zarr.codecs
 
 from trajlab.errors import StoreError
 from trajlab.store.codecs import Profile, codecs_for, crc32c_of, fill_value
+from trajlab.store.encode_pool import EncodePool
 from trajlab.store.layout import RunLayout
 from trajlab.store.metadata import RunMeta
 from trajlab.store.names import (
@@ -127,6 +128,8 @@ class RunStoreWriter:
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._scratch: dict[tuple[str, str], np.ndarray] = {}  # reused row blocks (append)
         self._transposed: dict[str, np.ndarray] = {}  # reused transposed chunks (one per array)
+        self._executor: EncodePool | None = None  # created at the first whole-chunk write
+        self._assisting = False
         self.target: Target = inspect(store, storage_options=storage_options)
         check_writable(self.target, "run", overwrite=mode == "w", resume=mode == "a")
         if self.target.state == "run" and mode == "a":
@@ -302,18 +305,24 @@ class RunStoreWriter:
         self.group.attrs.update({COMMIT_KEY: stop, SAMPLES_KEY: self.sample_capacity})
         return stop
 
-    def _pool(self):
-        if getattr(self, "_executor", None) is None:
-            from concurrent.futures import ThreadPoolExecutor
-
+    def _pool(self) -> EncodePool:
+        if self._executor is None:
             from trajlab.priority import background_thread, spare_cpus
 
             # one core stays with training (two encoders on a 2-core machine slowed a training
-            # step 1.9x during flushes), and the encoders yield to it (trajlab.priority)
-            self._executor = ThreadPoolExecutor(max_workers=spare_cpus(),
-                                                thread_name_prefix="trajlab-encode",
-                                                initializer=background_thread)
+            # step 1.25-1.9x during flushes), and the encoders yield to it (trajlab.priority);
+            # one more encodes only while the producer waits on the full queue (assist)
+            self._executor = EncodePool(spare_cpus(), 1, initializer=background_thread)
+            self._executor.assist(self._assisting)
         return self._executor
+
+    def assist(self, on: bool) -> None:
+        """Encode with one more thread while ``on`` (the producer waits on the writer: its
+        core is idle; see :mod:`trajlab.store.encode_pool`). Callable from any thread."""
+        self._assisting = bool(on)
+        pool = self._executor
+        if pool is not None:
+            pool.assist(on)
 
     def _whole_chunk(self, arr: zarr.Array, start: int, block: np.ndarray) -> bool:
         """Whether ``block`` is exactly one whole chunk of ``arr`` in a local store, with
@@ -387,8 +396,8 @@ class RunStoreWriter:
         if self.group is not None and any(a.shape[0] != self.committed
                                           for a in self._arrays.values()):
             self._resize_steps(self.committed)
-        if getattr(self, "_executor", None) is not None:
-            self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown()
             self._executor = None
 
     def _block(self, key: tuple[str, str], arr: zarr.Array, n: int) -> np.ndarray:
