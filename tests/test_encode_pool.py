@@ -12,8 +12,10 @@ from torch import nn
 
 import trajlab
 import trajlab.store.run_store as run_store_module
+from trajlab.record.process_writer import ProcessWriter
 from trajlab.record.writer import BackgroundWriter
 from trajlab.store.encode_pool import EncodePool
+from trajlab.store.run_store import RunStoreWriter
 
 WAIT = 10.0  # seconds: generous bounds on waits that should end at once
 
@@ -67,6 +69,35 @@ def test_standby_threads_take_tasks_only_while_assisting():
     pool.assist(False)
     gate.set()
     pool.shutdown()
+
+
+def test_standby_threads_follow_an_assist_source():
+    """The writer process's signal: a flag set elsewhere, polled while tasks wait."""
+    flag = [False]
+    pool = EncodePool(1, 1, assist_source=lambda: flag[0])
+    gate, started = threading.Event(), threading.Event()
+    busy = pool.submit(gate.wait, WAIT)
+    pool.submit(started.set)
+    assert not started.wait(0.3)
+    assert not pool.assisting
+    flag[0] = True  # no assist() call: the standby thread notices by itself
+    assert started.wait(WAIT)
+    assert pool.assisting and not busy.done()
+    gate.set()
+    pool.shutdown()
+
+
+def test_process_writer_raises_its_flag_while_behind(tmp_path):
+    pw = ProcessWriter(RunStoreWriter(tmp_path / "s.zarr"), queue_size=4)
+    try:
+        assert pw._behind_flag.value == 0
+        pw._set_behind(True)
+        assert pw._behind_flag.value == 1
+        pw._set_behind(False)
+        assert pw._behind_flag.value == 0
+    finally:
+        pw.close()
+    assert pw.error is None
 
 
 class _SlowStore:

@@ -109,6 +109,9 @@ class ProcessWriter(QueuedProducer):
         self._pending_create: tuple | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._closed = threading.Event()
+        # set while this process waits on the writer (QueuedProducer._writer_behind); the child
+        # then encodes with one more thread (trajlab.store.encode_pool)
+        self._behind_flag = multiprocessing.get_context("fork").RawValue("b", 0)
         self._feeder = threading.Thread(target=self._feed, name="trajlab-feeder", daemon=True)
         self._listener: threading.Thread | None = None
         self._feeder.start()
@@ -117,6 +120,9 @@ class ProcessWriter(QueuedProducer):
     def create(self, meta: RunMeta, sample_capacity: int) -> None:
         self.writer.meta = meta  # the recorder's checks read it (dtype of the run)
         self._put(("create", meta, sample_capacity))
+
+    def _writer_behind(self, on: bool) -> None:
+        self._behind_flag.value = int(on)
 
     def close(self, *, truncated: str | None = None) -> None:
         """Flush everything, stop the child and the threads, mark the store truncated if asked."""
@@ -170,7 +176,8 @@ class ProcessWriter(QueuedProducer):
         self._proc = ctx.Process(
             target=_child_main, name="trajlab-writer",
             args=(self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
-                  self._free, self.flush_seconds, os.getpid(), (self._to_child, reports)),
+                  self._free, self.flush_seconds, os.getpid(), (self._to_child, reports),
+                  self._behind_flag),
             daemon=True)
         gc.freeze()  # the child never collects (and finalizes) the training process's objects
         try:
@@ -279,7 +286,8 @@ def _child_main(*args: Any) -> None:
 
 
 def _child_loop(writer: RunStoreWriter, inbox, reports, ring: mmap.mmap, slot_bytes: int,
-                free, flush_seconds: float, parent: int, parent_ends: tuple) -> None:
+                free, flush_seconds: float, parent: int, parent_ends: tuple,
+                behind=None) -> None:
     """Rows from the ring into a :class:`RowSink` until told to stop."""
     for conn in parent_ends:  # so that the pipe closes when the training process is gone
         conn.close()
@@ -295,6 +303,8 @@ def _child_loop(writer: RunStoreWriter, inbox, reports, ring: mmap.mmap, slot_by
     sink = RowSink(writer, flush_seconds=flush_seconds,
                    on_nonfinite=lambda s, n: reports.send(("nonfinite", s, n)),
                    on_tick=on_tick)
+    if behind is not None:  # one more encoder while the training process waits on us
+        writer.assist_when(lambda: behind.value != 0)
     failed = False
     while True:
         try:

@@ -8,9 +8,11 @@ slowed a plain MLP step 1.25x during flushes on a 2-core VM (1.07x with one,
 ``benchmarks/writer_contention.py``). But when the writer falls behind (recording every step of
 a model that stores megabytes per step), the training thread waits on the writer's full queue
 and its core idles. The ``standby`` workers take tasks only while :meth:`EncodePool.assist` is
-on, which the producer turns on for exactly as long as it is blocked on the full queue, so that
-core encodes then and only then (at most one task of each standby worker can still be running
-once training resumes).
+on, which the producer turns on while it is behind (three quarters of its queue waiting, or
+blocked on the full queue: :class:`trajlab.record.writer.QueuedProducer`), so that the core
+training is about to leave idle encodes then and only then (at most one task of each standby
+worker can still be running once training resumes). A writer process learns it from a flag in
+shared memory (``assist_source``), which the standby threads poll while chunks wait.
 
 Pure threading (no trajlab imports besides what callers pass): tested on its own in
 ``tests/test_encode_pool.py``.
@@ -35,15 +37,20 @@ class EncodePool:
     standby : threads that take tasks only while :meth:`assist` is on.
     initializer : called first in every thread (e.g. lowering its priority).
     name : thread name prefix.
+    assist_source : also assisting while this returns True (a flag another process sets; the
+        standby threads poll it every :attr:`POLL_SECONDS` while tasks are queued).
 
     Tasks run in submission order; :meth:`submit` returns a :class:`concurrent.futures.Future`
     that carries the task's result or exception. :meth:`shutdown` runs every task already
     submitted, then stops the threads.
     """
 
+    POLL_SECONDS = 0.002
+
     def __init__(self, regular: int, standby: int = 0, *,
                  initializer: Callable[[], None] | None = None,
-                 name: str = "trajlab-encode") -> None:
+                 name: str = "trajlab-encode",
+                 assist_source: Callable[[], bool] | None = None) -> None:
         if regular < 1 or standby < 0:
             raise ValueError(f"EncodePool needs regular >= 1 and standby >= 0, got {regular}, "
                              f"{standby}")
@@ -52,6 +59,7 @@ class EncodePool:
         self._assist = False
         self._closed = False
         self._initializer = initializer
+        self._source = assist_source
         self._threads = [
             threading.Thread(target=self._loop, args=(i >= regular,), daemon=True,
                              name=f"{name}-{'standby' if i >= regular else 'worker'}-{i}")
@@ -80,7 +88,7 @@ class EncodePool:
 
     @property
     def assisting(self) -> bool:
-        return self._assist
+        return self._assist or (self._source is not None and bool(self._source()))
 
     def shutdown(self) -> None:
         """Run the tasks already submitted, then stop every thread (idempotent)."""
@@ -98,12 +106,15 @@ class EncodePool:
         while True:
             with self._cv:
                 while True:
-                    if self._tasks and (not standby or self._assist):
+                    if self._tasks and (not standby or self.assisting):
                         fut, fn, args = self._tasks.popleft()
                         break
                     if self._closed and (standby or not self._tasks):
                         return  # regular threads drain the queue; standby ones just stop
-                    self._cv.wait()
+                    if standby and self._tasks and self._source is not None:
+                        self._cv.wait(self.POLL_SECONDS)  # the signal may come from elsewhere
+                    else:
+                        self._cv.wait()
             if not fut.set_running_or_notify_cancel():
                 continue
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,6 +131,7 @@ class RunStoreWriter:
         self._transposed: dict[str, np.ndarray] = {}  # reused transposed chunks (one per array)
         self._executor: EncodePool | None = None  # created at the first whole-chunk write
         self._assisting = False
+        self._assist_source: Callable[[], bool] | None = None
         self.target: Target = inspect(store, storage_options=storage_options)
         check_writable(self.target, "run", overwrite=mode == "w", resume=mode == "a")
         if self.target.state == "run" and mode == "a":
@@ -312,9 +314,15 @@ class RunStoreWriter:
             # one core stays with training (two encoders on a 2-core machine slowed a training
             # step 1.25-1.9x during flushes), and the encoders yield to it (trajlab.priority);
             # one more encodes only while the producer waits on the full queue (assist)
-            self._executor = EncodePool(spare_cpus(), 1, initializer=background_thread)
+            self._executor = EncodePool(spare_cpus(), 1, initializer=background_thread,
+                                        assist_source=self._assist_source)
             self._executor.assist(self._assisting)
         return self._executor
+
+    def assist_when(self, source: Callable[[], bool]) -> None:
+        """Also encode with one more thread while ``source()`` is true (a flag set by another
+        process: the training process of a writer process); before the first write."""
+        self._assist_source = source
 
     def assist(self, on: bool) -> None:
         """Encode with one more thread while ``on`` (the producer waits on the writer: its
