@@ -146,6 +146,7 @@ class QueuedProducer:
 
     _queue: queue.Queue
     error: BaseException | None
+    _behind: bool = False  # see _set_behind
 
     def put(self, record: PendingRecord) -> None:
         """Enqueue a record; blocks while the queue is full."""
@@ -168,7 +169,7 @@ class QueuedProducer:
         self._set_behind(4 * self._queue.qsize() >= 3 * self._queue.maxsize)
 
     def _set_behind(self, on: bool) -> None:
-        if on != getattr(self, "_behind", False):
+        if on != self._behind:
             self._behind = on
             self._writer_behind(on)
 

@@ -313,7 +313,7 @@ class RunStoreWriter:
 
             # one core stays with training (two encoders on a 2-core machine slowed a training
             # step 1.25-1.9x during flushes), and the encoders yield to it (trajlab.priority);
-            # one more encodes only while the producer waits on the full queue (assist)
+            # one more encodes only while the producer is behind (assist, assist_when)
             self._executor = EncodePool(spare_cpus(), 1, initializer=background_thread,
                                         assist_source=self._assist_source)
             self._executor.assist(self._assisting)
