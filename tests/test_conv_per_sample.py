@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -96,16 +97,8 @@ def test_recordings_by_either_method_agree(tmp_path, monkeypatch):
     stores = {}
     for grouped in (True, False):
         monkeypatch.setattr(conv2d_rule, "grouped_is_faster", lambda *a, g=grouped: g)
-        m = copy.deepcopy(model)
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
         stores[grouped] = tmp_path / f"{grouped}.zarr"
-        with trajlab.Recorder(m, stores[grouped], optimizer=opt) as rec:
-            for i in range(3):
-                opt.zero_grad()
-                loss = F.cross_entropy(m(X[i * 8:(i + 1) * 8]), Y[i * 8:(i + 1) * 8])
-                loss.backward()
-                rec.log(loss=loss)
-                opt.step()
+        train(copy.deepcopy(model), X, Y, steps=3, lr=0.1, store=stores[grouped])
     a, b = trajlab.open_run(stores[True]), trajlab.open_run(stores[False])
     for name in ("0", "2"):
         la, lb = a.layer(name).compute(), b.layer(name).compute()
