@@ -1038,7 +1038,7 @@ def _check_loss(loss: Any) -> float | None:
             raise ValueError(f"log(loss=...) needs the batch's mean loss as a scalar; got a "
                              f"tensor of shape {tuple(loss.shape)} (pass loss.mean() or "
                              "loss.item())")
-        return float(loss.detach().float().item())
+        return float(loss.detach().double().item())  # a float64 loss stays exact
     if isinstance(loss, numbers.Real):
         return float(loss)
     raise TypeError(f"log(loss=...) needs a number or a one-element tensor, got "
