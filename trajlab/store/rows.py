@@ -8,7 +8,7 @@ Both the lazy xarray view (:class:`trajlab.Run`) and the analysis tasks read thr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,15 @@ class StoredArray:
     arr : the Zarr array.  name : its path in the store (for messages).
     rows : committed rows.  samples : committed sample capacity (None: the array's own).
     strict : missing chunks are errors.  where : the store, for messages.
-    batch : returns the batch size of each committed row (lets a strict reader accept chunks
-        that hold only sample padding, which are legitimately absent after the sample axis
-        grew); called only when such a chunk is missing.
+    batch : coroutine function returning the batch size of each committed row (lets a strict
+        reader accept chunks that hold only sample padding, which are legitimately absent after
+        the sample axis grew); awaited only when such a chunk is missing (inside the read's own
+        event loop: a synchronous read there would fail with zarr's ``SyncError``).
     """
 
     def __init__(self, arr: zarr.Array, name: str, *, rows: int, samples: int | None,
                  strict: bool, where: str,
-                 batch: Callable[[], np.ndarray] | None = None) -> None:
+                 batch: Callable[[], Awaitable[np.ndarray]] | None = None) -> None:
         self.arr = arr
         self.name = name
         self.where = where
@@ -99,7 +100,7 @@ class StoredArray:
             coords = [c + (i,) for c in coords for i in r]
         return coords
 
-    def _required(self, coords: tuple[int, ...]) -> bool:
+    async def _required(self, coords: tuple[int, ...]) -> bool:
         """Whether a chunk must exist (it holds at least one real, committed value)."""
         if SAMPLE not in self.dims or self.batch is None:
             return True
@@ -108,7 +109,7 @@ class StoredArray:
         if coords[ax] == 0:
             return True
         r0 = coords[0] * self.chunks[0]
-        rows = self.batch()[r0:r0 + self.chunks[0]]
+        rows = (await self.batch())[r0:r0 + self.chunks[0]]
         return bool(rows.size) and int(rows.max()) > coords[ax] * cs
 
     def _describe_chunk(self, coords: tuple[int, ...]) -> str:
@@ -150,7 +151,7 @@ class StoredArray:
         coords = self._chunks_of(sel)
         found = await asyncio.gather(*(
             sp.store.exists(prefix + self.arr.metadata.encode_chunk_key(c)) for c in coords))
-        missing = [c for c, ok in zip(coords, found) if not ok and self._required(c)]
+        missing = [c for c, ok in zip(coords, found) if not ok and await self._required(c)]
         if missing:
             raise StoreCorruptError(
                 f"{self.where}: array {self.name!r} is missing {self._describe_chunk(missing[0])}"
@@ -235,8 +236,15 @@ class RowReader:
 
     # ------------------------------------------------------------------ arrays
     def batch_sizes(self) -> np.ndarray:
+        """The batch size of every committed row."""
         if self._batch is None:
-            self._batch = (self.array("batch_size")[:] if self.committed
+            self._batch = sync(self.abatch_sizes())
+        return self._batch
+
+    async def abatch_sizes(self) -> np.ndarray:
+        """:meth:`batch_sizes` for code already running on Zarr's event loop."""
+        if self._batch is None:
+            self._batch = (await self.array("batch_size").aget(slice(None)) if self.committed
                            else np.zeros(0, dtype=np.int32))
         return self._batch
 
@@ -272,7 +280,7 @@ class RowReader:
             if self.layout.checksummed and path != "batch_size":
                 dims = tuple(arr.metadata.dimension_names or ())
                 if SAMPLE in dims:
-                    batch = self.batch_sizes
+                    batch = self.abatch_sizes
             self._arrays[path] = StoredArray(arr, path, rows=self.committed,
                                              samples=self.samples,
                                              strict=self.layout.checksummed,

@@ -274,8 +274,10 @@ class RunStoreWriter:
         assert self.group is not None and self.meta is not None, "create() first"
         n_max = max(int(r.root["batch_size"]) for r in records)
         lo, hi = self._sample_sizes()
-        if n_max > lo or lo != hi:
-            # also repairs arrays left at different sizes by a writer killed mid-growth
+        if n_max > self.sample_capacity or n_max > lo or lo != hi:
+            # Also repairs a writer killed mid-growth: arrays left at different sizes, or all
+            # grown but the commit marker's capacity not yet updated (a resumed writer reads the
+            # old capacity; committing it again would cut every later row to the old width).
             self._grow_samples(max(n_max, hi, self.sample_capacity))
         start, stop = self.committed, self.committed + len(records)
         if stop > self.capacity:
