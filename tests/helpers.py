@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,3 +75,33 @@ class ConvModel(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def assert_close_to_scale(actual, expected, *, rel: float = 1e-10, scale: float | None = None,
+                          err_msg: str = "") -> None:
+    """``actual`` equals ``expected`` up to ``rel`` times the operands' scale.
+
+    Floating-point results differ in their last bits between CPUs and BLAS kernels, and a value
+    that is a difference of larger terms (a drift that is 0 up to rounding) carries rounding of
+    the size of those terms, not of itself. So every element may differ by
+    ``rel * max(|expected element|, scale)``, where ``scale`` defaults to the largest finite
+    ``|expected|`` of the whole variable; pass the scale of the terms a variable is made of
+    where that is larger. NaN and infinities must sit at the same places.
+    """
+    a = np.asarray(actual, dtype=float)
+    b = np.asarray(expected, dtype=float)
+    assert a.shape == b.shape, f"{err_msg}: shape {a.shape} != {b.shape}"
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{err_msg}: NaN")
+    np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b), err_msg=f"{err_msg}: +inf")
+    np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b), err_msg=f"{err_msg}: -inf")
+    fin = np.isfinite(b)
+    if scale is None:
+        scale = float(np.abs(b[fin]).max(initial=0.0))
+    tol = rel * np.maximum(np.abs(b), scale)
+    err = np.where(fin, np.abs(a - np.where(fin, b, 0.0)), 0.0)
+    bad = err > tol
+    worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(err - tol)), b.shape))
+    assert not bad.any(), (
+        f"{err_msg}: {int(bad.sum())} of {b.size} elements differ by more than {rel:g} x "
+        f"max(|expected|, scale={scale:.3g}); worst at {worst}: actual {a[bad][:3].tolist()}, "
+        f"expected {b[bad][:3].tolist()}")

@@ -7,10 +7,29 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from helpers import assert_close_to_scale
 
 import trajlab
 
 DATA = Path(__file__).parent / "data"
+#: Relative tolerance of a fresh analysis against the stored expectation, in units of each
+#: variable's scale: another CPU or BLAS kernel changes the last bits (about 1e-16 of the scale),
+#: a real change of the analysis shows far above 1e-10.
+REL = 1e-10
+#: Variables that are differences of larger terms (0 up to rounding where the optimizer is plain
+#: SGD, e.g. at the first step with momentum): their rounding is that of the terms.
+SCALE_OF = {"drift_optimizer": ("drift_optimizer", "drift_flow")}
+
+
+def assert_matches_expected(ds, expected: dict) -> None:
+    """Every expected variable of ``ds`` within REL of its scale (see SCALE_OF)."""
+    def scale(k):
+        return max(float(np.nanmax(np.abs(np.array(expected[j], dtype=float))))
+                   for j in SCALE_OF.get(k, (k,)))
+
+    for k, v in expected.items():
+        assert_close_to_scale(ds[k].values, np.array(v, dtype=float), rel=REL, scale=scale(k),
+                              err_msg=k)
 
 
 def test_golden_v1_store_opens_and_analyses_identically(tmp_path):
@@ -22,13 +41,10 @@ def test_golden_v1_store_opens_and_analyses_identically(tmp_path):
     assert run.layer_meta("conv").sketch == "subspace"
     assert run.layer_meta("fc").sketch == "rank1"
     ps = trajlab.per_sample_gradients(run, "fc", 2)
-    np.testing.assert_allclose(ps.grads.mean(0), run.layer("fc").grad.sel(step=2).values,
-                               rtol=1e-12, atol=1e-15)
+    assert_close_to_scale(ps.grads.mean(0), run.layer("fc").grad.sel(step=2).values,
+                          rel=1e-12, err_msg="mean of the per-sample gradients")
     ds = trajlab.analyze(run, scheduler="synchronous", progress=False)
-    expected = json.loads((DATA / "golden_v1_expected.json").read_text())
-    for k, v in expected.items():
-        np.testing.assert_allclose(ds[k].values, np.array(v, dtype=float), rtol=1e-10,
-                                   atol=1e-300, err_msg=k)
+    assert_matches_expected(ds, json.loads((DATA / "golden_v1_expected.json").read_text()))
 
 
 def test_golden_v2_store_and_analysis_open_and_analyse_identically(tmp_path):
@@ -46,9 +62,8 @@ def test_golden_v2_store_and_analysis_open_and_analyse_identically(tmp_path):
     expected = json.loads((DATA / "golden_v2_expected.json").read_text())
     fresh = trajlab.analyze(run, scheduler="synchronous", progress=False)
     stored = trajlab.open_analysis(analysis)
-    for k, v in expected.items():
-        np.testing.assert_allclose(fresh[k].values, np.array(v, dtype=float), rtol=1e-10,
-                                   atol=1e-300, err_msg=k)
+    assert_matches_expected(fresh, expected)
+    for k, v in expected.items():  # stored bytes read back: no computation, exact
         np.testing.assert_array_equal(stored[k].values, np.array(v, dtype=float), err_msg=k)
     # the stored analysis is of this run: reused, not recomputed
     again = trajlab.analyze(store, out=analysis, scheduler="synchronous", progress=False)
