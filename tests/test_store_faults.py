@@ -3,7 +3,10 @@ the fix."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import zarr
@@ -92,3 +95,74 @@ def test_a_resume_after_a_kill_between_sample_growth_and_commit_keeps_the_new_wi
                                rtol=1e-10, atol=1e-14)
     ds = trajlab.analyze(store, scheduler="synchronous", progress=False)
     assert np.isfinite(ds.K.values).all()
+
+
+# --------------------------------------------------------------------------- 3: dead child
+def _train_killing_the_writer_child(store, on_error):
+    """Train 40 steps with a writer process whose child is SIGKILLed after step 3."""
+    import os
+    import signal
+
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    model = mlp64()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    done = []
+    with trajlab.Recorder(model, store, optimizer=opt, writer="process", queue_size=2,
+                          chunk_steps=2, flush_seconds=3600, on_error=on_error) as rec:
+        for step in range(40):
+            idx = torch.arange(8) + step % 8
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            rec.log(indices=idx)
+            opt.step()
+            if step == 3:  # once the child has committed the first chunk (steps 0, 1)
+                for _ in range(6000):
+                    if _committed(store) >= 2:
+                        break
+                    threading.Event().wait(0.02)
+                os.kill(rec._writer._proc.pid, signal.SIGKILL)
+            done.append(step)
+    return done
+
+
+def _committed(store) -> int:
+    try:
+        return int(zarr.open_group(store, mode="r").attrs.get("trajlab_committed", 0))
+    except Exception:  # noqa: BLE001 - not laid out yet
+        return 0
+
+
+def _bounded(fn, *args):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it never returns."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=300)
+    assert not t.is_alive(), "training hung after the writer process died"
+    return out
+
+
+def test_training_goes_on_when_the_writer_process_dies(tmp_path):
+    """The feeder waited forever for a ring slot that only the dead child could free."""
+    store = tmp_path / "r.zarr"
+    with pytest.warns(RuntimeWarning, match="writer process was killed by SIGKILL"):
+        out = _bounded(_train_killing_the_writer_child, store, "stop")
+    assert "error" not in out, out.get("error")
+    assert out["value"] == list(range(40))  # every training step ran
+    run = trajlab.open_run(store)  # the committed rows are kept
+    assert run.n_steps >= 2 and run.verify() == []
+    assert run.meta.truncated and "writer process was killed" in run.meta.truncated
+
+
+def test_a_dead_writer_process_raises_with_on_error_raise(tmp_path):
+    out = _bounded(_train_killing_the_writer_child, tmp_path / "r.zarr", "raise")
+    assert isinstance(out.get("error"), trajlab.RecorderError), out
+    assert "writer process was killed" in str(out["error"])

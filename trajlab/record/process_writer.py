@@ -108,6 +108,7 @@ class ProcessWriter(QueuedProducer):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._pending_create: tuple | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
+        self._stopping = False  # the child was told to stop (its exit is then expected)
         self._closed = threading.Event()
         # set while this process waits on the writer (QueuedProducer._writer_behind); the child
         # then encodes with one more thread (trajlab.store.encode_pool)
@@ -204,7 +205,7 @@ class ProcessWriter(QueuedProducer):
             self._to_child.send(("inline", _as_numpy(record)))  # larger than a slot
             return
         while not self._free.acquire(timeout=0.5):
-            if self.error is not None:
+            if self.error is not None or not self._child_alive():
                 return
         slot = self._next_slot
         self._next_slot = (slot + 1) % self.n_slots
@@ -234,6 +235,7 @@ class ProcessWriter(QueuedProducer):
                 sink.create(*self._pending_create[1:])
             sink.close(truncated)
             return
+        self._stopping = True
         try:
             self._to_child.send(("close", truncated))
             self._to_child.send(_STOP)
@@ -243,10 +245,30 @@ class ProcessWriter(QueuedProducer):
         if self._listener is not None:
             self._listener.join()
         if self.error is None and self._proc.exitcode != 0:
-            self.error = RuntimeError(f"the trajlab writer process exited with code "
-                                      f"{self._proc.exitcode}")
+            self.error = _died(self._proc.exitcode)
+        if truncated and self.error is not None and self._proc.exitcode != 0:
+            self._mark_truncated(truncated)  # the child that would have marked it is gone
         self._to_child.close()
         self._reports.close()
+
+    def _child_alive(self) -> bool:
+        """Whether the child runs; when it is gone without having been told to stop, the
+        writer has failed (``error`` set), so that nothing waits on it."""
+        proc = self._proc
+        if proc is None or proc.is_alive():
+            return True
+        if self.error is None and not self._stopping:
+            self.error = _died(proc.exitcode)
+        return False
+
+    def _mark_truncated(self, reason: str) -> None:
+        """Mark the store truncated from this process (best effort, as the recorder's own
+        marking); a store with no committed row is left as it is (it opens as empty)."""
+        with contextlib.suppress(Exception):
+            w = RunStoreWriter(self.writer.store, mode="a",
+                               storage_options=self.writer.storage_options)
+            if w.is_created:
+                w.set_truncated(reason)
 
     # --------------------------------------------------------------- listener thread
     def _listen(self) -> None:
@@ -254,6 +276,12 @@ class ProcessWriter(QueuedProducer):
             try:
                 msg = self._reports.recv()
             except (EOFError, OSError):
+                # The child closed its end: it stopped when told to, or it died (killed, out of
+                # memory). A death must fail the writer, or the feeder waits forever for a
+                # free slot that only the child could release.
+                if self._proc is not None and not self._stopping:
+                    self._proc.join(timeout=60)
+                    self._child_alive()
                 return
             kind = msg[0]
             if kind == "nonfinite" and self.on_nonfinite is not None:
@@ -262,6 +290,21 @@ class ProcessWriter(QueuedProducer):
                 self.on_tick()
             elif kind == "error":
                 self.error = msg[1]
+
+
+def _died(exitcode: int | None) -> RuntimeError:
+    """The error of a writer process that ended without being told to."""
+    if exitcode is not None and exitcode < 0:
+        import signal
+
+        try:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    return RuntimeError(f"the trajlab writer process {how}; the rows it had not committed are "
+                        "lost, committed steps are kept")
 
 
 def _as_numpy(record: PendingRecord) -> StepRecord:
