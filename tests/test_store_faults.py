@@ -166,3 +166,70 @@ def test_a_dead_writer_process_raises_with_on_error_raise(tmp_path):
     out = _bounded(_train_killing_the_writer_child, tmp_path / "r.zarr", "raise")
     assert isinstance(out.get("error"), trajlab.RecorderError), out
     assert "writer process was killed" in str(out["error"])
+
+
+# --------------------------------------------------------------------------- 2: fencing
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_writer_whose_lock_changed_hands_writes_nothing_more(tmp_path, writer):
+    """A writer that looked dead (its lock taken over as stale) must not write over the new
+    owner's store: before, an orphaned writer wrote chunks and its old root metadata over a
+    new run."""
+    from trajlab.store.lock import StoreLock, lock_path
+
+    store = tmp_path / "r.zarr"
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    model = mlp64()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(rec, i):
+        idx = torch.arange(8) + i
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), Y[idx]).backward()
+        rec.log(indices=idx)
+        opt.step()
+
+    rec = trajlab.Recorder(model, store, optimizer=opt, chunk_steps=2, flush_seconds=3600,
+                           writer=writer)
+    with pytest.warns(RuntimeWarning, match="changed hands"):
+        with rec:
+            for i in range(4):
+                step(rec, i)
+            for _ in range(6000):  # both chunks committed by the writer
+                if _committed(store) >= 4:
+                    break
+                threading.Event().wait(0.02)
+            assert _committed(store) == 4
+            lock_path(store).unlink()  # taken over as stale by another writer
+            other = StoreLock(store, what="recorder")
+            other.acquire()
+            before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+            for i in range(4, 10):
+                step(rec, i)
+    after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    assert after == before  # not one file written or replaced after the takeover
+    assert lock_path(store).exists()  # the other writer's lock is left alone
+    assert other.fence() is not None and other.fence().holds()
+    run = trajlab.open_run(store)
+    assert run.n_steps == 4 and run.meta.truncated is None
+    other.release()
+
+
+def test_a_lock_in_a_directory_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from trajlab.store.lock import StoreLock
+
+    real = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(trajlab.StoreError, match="not writable.*r.zarr.lock|r.zarr.lock.*not "
+                                                   "writable") as e:
+        StoreLock(tmp_path / "r.zarr").acquire()
+    assert "Read-only file system" in str(e.value)

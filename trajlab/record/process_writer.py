@@ -267,6 +267,7 @@ class ProcessWriter(QueuedProducer):
         with contextlib.suppress(Exception):
             w = RunStoreWriter(self.writer.store, mode="a",
                                storage_options=self.writer.storage_options)
+            w.fence = self.writer.fence
             if w.is_created:
                 w.set_truncated(reason)
 
@@ -328,10 +329,23 @@ def _child_main(*args: Any) -> None:
         os._exit(code)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the training process's feeder thread (the one
+    that forked it) is gone, so that an orphan never writes after a new writer took the store
+    (Linux; elsewhere the child's own checks of its parent and pipe remain)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:
+        os._exit(0)  # the parent died before the request above took effect
+
+
 def _child_loop(writer: RunStoreWriter, inbox, reports, ring: mmap.mmap, slot_bytes: int,
                 free, flush_seconds: float, parent: int, parent_ends: tuple,
                 behind=None) -> None:
     """Rows from the ring into a :class:`RowSink` until told to stop."""
+    _die_with_parent(parent)
     for conn in parent_ends:  # so that the pipe closes when the training process is gone
         conn.close()
 

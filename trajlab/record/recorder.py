@@ -321,6 +321,7 @@ class Recorder:
             self._store_writer = RunStoreWriter(self.store, mode=self.mode,
                                                 storage_options=self.storage_options,
                                                 codec_profile=self.compression)
+            self._store_writer.fence = self._lock.fence()  # no writes once the lock is lost
             self._prepare_resume()
             self._writer = make_writer(
                 self.writer_kind, self._store_writer, queue_size=self.queue_size,

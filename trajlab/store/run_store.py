@@ -132,6 +132,9 @@ class RunStoreWriter:
         self._executor: EncodePool | None = None  # created at the first whole-chunk write
         self._assisting = False
         self._assist_source: Callable[[], bool] | None = None
+        #: Called before every write of the store's metadata and before each append's data;
+        #: raises when this writer's store lock changed hands (trajlab.store.lock.Fence).
+        self.fence: Callable[[], None] | None = None
         self.target: Target = inspect(store, storage_options=storage_options)
         check_writable(self.target, "run", overwrite=mode == "w", resume=mode == "a")
         if self.target.state == "run" and mode == "a":
@@ -186,6 +189,7 @@ class RunStoreWriter:
     def create(self, meta: RunMeta, *, sample_capacity: int) -> None:
         """Lay out a new store for ``meta`` (replacing a run store when mode is "w"/"a")."""
         sample_capacity = max(1, int(sample_capacity))
+        self._check_fence()
         attrs = {ATTR_KEY: meta.to_dict(), COMMIT_KEY: 0, SAMPLES_KEY: sample_capacity}
         # The group document (metadata, zero commit marker) is written first and atomically:
         # a store killed during creation opens as an empty run and is laid out anew on resume.
@@ -272,6 +276,7 @@ class RunStoreWriter:
         if not records:
             return self.committed
         assert self.group is not None and self.meta is not None, "create() first"
+        self._check_fence()
         n_max = max(int(r.root["batch_size"]) for r in records)
         lo, hi = self._sample_sizes()
         if n_max > self.sample_capacity or n_max > lo or lo != hi:
@@ -305,9 +310,14 @@ class RunStoreWriter:
             f.result()
         if writes:
             write_many(writes)
-        self.committed = stop
+        self._check_fence()
         self.group.attrs.update({COMMIT_KEY: stop, SAMPLES_KEY: self.sample_capacity})
+        self.committed = stop
         return stop
+
+    def _check_fence(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def _pool(self) -> EncodePool:
         if self._executor is None:
@@ -405,6 +415,7 @@ class RunStoreWriter:
         stop the encoding threads."""
         if self.group is not None and any(a.shape[0] != self.committed
                                           for a in self._arrays.values()):
+            self._check_fence()
             self._resize_steps(self.committed)
         if self._executor is not None:
             self._executor.shutdown()
@@ -465,6 +476,7 @@ class RunStoreWriter:
         """
         if self.group is None or self.meta is None:
             return
+        self._check_fence()
         import json
 
         text = json.dumps({"truncated": reason[: TRUNCATION_RESERVE - 64]}).encode()
