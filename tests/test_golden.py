@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import assert_close_to_scale
 
 import trajlab
+from trajlab.errors import StoreError
 
 DATA = Path(__file__).parent / "data"
 #: Relative tolerance of a fresh analysis against the stored expectation, in units of each
@@ -62,9 +64,13 @@ def test_golden_v2_store_and_analysis_open_and_analyse_identically(tmp_path):
     expected = json.loads((DATA / "golden_v2_expected.json").read_text())
     fresh = trajlab.analyze(run, scheduler="synchronous", progress=False)
     stored = trajlab.open_analysis(analysis)
-    assert_matches_expected(fresh, expected)
+    # logK_pred_mean of the golden analysis read back the realised update (drift_optimizer)
+    # and the batch gradient at unprobed steps; the forward prediction (docs/math.md 8) does
+    # not, so the fresh analysis is compared on every other variable
+    assert_matches_expected(fresh, {k: v for k, v in expected.items() if k != "logK_pred_mean"})
     for k, v in expected.items():  # stored bytes read back: no computation, exact
         np.testing.assert_array_equal(stored[k].values, np.array(v, dtype=float), err_msg=k)
-    # the stored analysis is of this run: reused, not recomputed
-    again = trajlab.analyze(store, out=analysis, scheduler="synchronous", progress=False)
-    np.testing.assert_array_equal(again.K.values, stored.K.values)
+    # the stored analysis was made before the forward prediction (docs/math.md 8): its
+    # logK_pred_mean read back the realised update, so it is not reused as this analysis
+    with pytest.raises(StoreError, match="does not match this request"):
+        trajlab.analyze(store, out=analysis, scheduler="synchronous", progress=False)

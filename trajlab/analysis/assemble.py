@@ -7,6 +7,7 @@ same variables and attributes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,14 +15,47 @@ import numpy as np
 import torch
 import xarray as xr
 
-from trajlab.analysis.variables import VARIABLES, variables
+from trajlab.analysis.variables import VARIABLES, theory_of, variables
 from trajlab.sde import Z95, integrate
+from trajlab.sde.optimizer import OptimizerSpec, forward_prediction
 from trajlab.store import Run
 
+def parse_optimizer(text: str) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` from a kind name or its JSON (``AnalysisOptions.optimizer``)."""
+    text = str(text).strip()
+    if text.startswith("{"):
+        return OptimizerSpec.from_dict(json.loads(text))
+    if text == "momentum":
+        return OptimizerSpec("momentum", momentum=0.9)
+    return OptimizerSpec(text)  # type: ignore[arg-type]
+
+
+def resolve_optimizer(option: str | None, user: Mapping[str, Any] | None
+                      ) -> tuple[OptimizerSpec, str]:
+    """The optimizer of a run and where it was found: the analysis option, the run metadata's
+    ``optimizer_spec`` (a dict of :meth:`OptimizerSpec.to_dict`), a recipe's ``config``, or
+    plain SGD assumed (said so)."""
+    if option:
+        return parse_optimizer(option), "the analysis option"
+    user = user if isinstance(user, Mapping) else {}
+    if isinstance(user.get("optimizer_spec"), Mapping):
+        return OptimizerSpec.from_dict(dict(user["optimizer_spec"])), "the run's metadata"
+    cfg = user.get("config")
+    if isinstance(cfg, Mapping) and "optimizer" in cfg:
+        return OptimizerSpec.from_recipe(dict(cfg)), "the recipe's TrainConfig"
+    return OptimizerSpec(), ("not recorded: plain SGD assumed (pass "
+                             "AnalysisOptions(optimizer=...) or record metadata "
+                             "{'optimizer_spec': OptimizerSpec.from_optimizer(opt).to_dict()})")
+
+
 #: Per-step variables the integrals read.
-INTEGRAL_INPUTS = ("K", "dt", "pathwise_increment", "drift", "drift_optimizer", "logK",
-                   "net_dt", "logK_drift", "logK_drift_optimizer", "logK_diffusion2",
-                   "logK_diffusion2_blockdiag", "logK_discretization")
+INTEGRAL_INPUTS = ("K", "dt", "pathwise_increment", "drift", "drift_flow", "drift_noise",
+                   "flow_full_gradient", "flow_expected", "drift_noise_update",
+                   "drift_decoupled", "logK", "net_dt", "logK_drift", "logK_diffusion2",
+                   "logK_diffusion2_blockdiag", "logK_discretization", "flow_probed",
+                   "logK_flow_probe", "logK_noise_sgd", "logK_flow_expected",
+                   "logK_noise_update", "logK_diffusion2_update", "logK_drift_decoupled",
+                   "transfer_first", "transfer_rest", "transfer_gain", "transfer_ratio")
 
 
 def _int(rate: np.ndarray, dt: np.ndarray) -> np.ndarray:
@@ -33,26 +67,61 @@ def _int(rate: np.ndarray, dt: np.ndarray) -> np.ndarray:
                      torch.from_numpy(np.asarray(dt, dtype=np.float64)), at="start").numpy()
 
 
+def fill_probe_gaps(x: np.ndarray, probed: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """``x`` at the probed rows, linearly interpolated in ``time`` between them (held
+    constant before the first and after the last) at the rows without a probe; all NaN
+    without any probe. A probed row whose value is NaN stays NaN (an undefined step).
+    Columns (layers) are filled independently."""
+    x = np.asarray(x, dtype=np.float64)
+    probed = np.asarray(probed, dtype=bool)
+    if x.ndim == 2:
+        return np.stack([fill_probe_gaps(x[:, j], probed[:, j], time)
+                         for j in range(x.shape[1])], axis=1)
+    out = np.where(probed, x, np.nan)
+    known = probed & np.isfinite(x)
+    if not known.any():
+        return out
+    gaps = ~probed
+    out[gaps] = np.interp(time[gaps], time[known], x[known])
+    return out
+
+
 def integrals(v: Mapping[str, np.ndarray], *, every: int) -> dict[str, np.ndarray]:
     """Series-wide variables at the start of each row (first row = initial values).
 
     ``v`` holds :data:`INTEGRAL_INPUTS` over all rows: per-layer (T, L), network (T,).
+    Predictions (``*_pred*``) are forward predictions (docs/math.md §8): the flow comes from
+    the full-data probe (interpolated between probed rows), never from the step's batch
+    gradient or update; without any probe they are NaN.
     """
     K, dt, net_dt = v["K"], v["dt"], v["net_dt"]
     out: dict[str, np.ndarray] = {"time": _int(np.ones_like(net_dt), net_dt)}
+    time = out["time"]
     if every == 1:
         out["K_pathwise"] = K[0][None, :] + _int(v["pathwise_increment"], np.ones_like(K))
     else:  # increments cover one optimizer step of every `every`
         out["K_pathwise"] = np.full_like(K, np.nan)
-    out["K_pred_mean"] = K[0][None, :] + _int(v["drift"] + np.nan_to_num(v["drift_optimizer"]), dt)
-    out["K_pred_mean_sgd"] = K[0][None, :] + _int(v["drift"], dt)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["K_net_pathwise"] = np.prod(out["K_pathwise"], axis=1)
+    transfer = (v["transfer_first"], v["transfer_rest"], v["transfer_gain"],
+                float(np.nan_to_num(v["transfer_ratio"][0])))
+    probed = np.asarray(v["flow_full_gradient"], dtype=bool)
+    flow = fill_probe_gaps(v["flow_expected"], probed, time)
+    mean, _ = forward_prediction(flow, v["drift_noise_update"], np.zeros_like(flow), dt,
+                                 transfer=transfer, direct=v["drift_decoupled"])
+    out["K_pred_mean"] = K[0][None, :] + mean
+    flow_sgd = fill_probe_gaps(np.where(probed, v["drift_flow"], np.nan), probed, time)
+    out["K_pred_mean_sgd"] = K[0][None, :] + _int(flow_sgd + v["drift_noise"], dt)
     z0 = v["logK"][0]
-    mu_opt = v["logK_drift"] + np.nan_to_num(v["logK_drift_optimizer"])
-    out["logK_pred_mean"] = z0 + _int(mu_opt, net_dt)
-    out["logK_pred_mean_sgd"] = z0 + _int(v["logK_drift"], net_dt)
-    out["logK_pred_var"] = _int(v["logK_diffusion2"], net_dt)
+    net_probed = np.asarray(v["flow_probed"], dtype=bool)
+    lflow = fill_probe_gaps(v["logK_flow_expected"], net_probed, time)
+    mean, var = forward_prediction(lflow, v["logK_noise_update"], v["logK_diffusion2_update"],
+                                   net_dt, transfer=transfer, direct=v["logK_drift_decoupled"])
+    out["logK_pred_mean"] = z0 + mean
+    out["logK_pred_var"] = var
+    out["logK_pred_mean_sgd"] = z0 + _int(
+        fill_probe_gaps(v["logK_flow_probe"], net_probed, time) + v["logK_noise_sgd"], net_dt)
+    out["logK_pred_var_sgd"] = _int(v["logK_diffusion2"], net_dt)
     out["logK_pred_var_blockdiag"] = _int(v["logK_diffusion2_blockdiag"], net_dt)
     out["logK_discretization_integral"] = _int(v["logK_discretization"], net_dt)
     sd = np.sqrt(np.maximum(out["logK_pred_var"], 0.0))
@@ -85,15 +154,25 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
         "estimator": "Sigma ~ 1/(B(B-1)) sum_i Omega_i Omega_i^T"
         + (f" x (N-B)/N, N={opts['population']}" if opts.get("population") else ""),
         "prediction": (
-            "logK_pred_mean / K_pred_mean / the band: the SDE for the optimizer that was used = "
-            "the paper's SGD drift + drift_optimizer (0 for plain SGD; for momentum or Adam it "
-            "is the realised first-order change of the update, so the prediction then tests the "
-            "second-order noise terms only). logK_pred_mean_sgd / K_pred_mean_sgd: the paper's "
-            "SGD SDE alone. Noise terms model SGD's batch-gradient noise with step lr. A step "
-            "whose terms are undefined (no per-sample information, a capture flagged nonfinite) "
-            "makes the predictions NaN from the next step on."
+            "logK_pred_mean / logK_pred_var / K_pred_mean / the K_net_pred band: a forward "
+            "prediction (docs/math.md 8) with the SDE of the optimizer that was used (attrs "
+            "'optimizer_theory'): terms at the measured weights, grad L from the full-data "
+            "probe (linearly interpolated in time between probed steps), the noise covariance "
+            "from the per-sample information, the optimizer's fast state rebuilt from expected "
+            "gradients; the step's realised batch gradient and update never enter. Without a "
+            "probe they are NaN: record with a FullGradientProbe (every k steps). "
+            "*_pred_*_sgd: the paper's SGD SDE. K_pathwise, drift_optimizer: the pathwise "
+            "reconstruction from the realised updates, a measurement. A step whose terms are "
+            "undefined makes the predictions NaN from the next step on."
         ),
     }
+    spec, source = resolve_optimizer(opts.get("optimizer"),
+                                     getattr(getattr(run, "meta", None), "user", None))
+    attrs["optimizer_theory"] = spec.theory
+    attrs["optimizer_spec"] = spec.to_json()
+    attrs["optimizer_source"] = source
+    attrs["theory"] = json.dumps({k: theory_of(k, spec.theory) for k in VARIABLES
+                                  if theory_of(k, spec.theory)}, sort_keys=True)
     if run is None:
         return attrs
     m = run.meta
@@ -163,6 +242,22 @@ def build_dataset(values: Mapping[str, np.ndarray], *, steps: np.ndarray, layers
                                   "time": ("step", values["time"])})
     ds["time"].attrs["description"] = VARIABLES["time"].description
     ds.attrs.update(attrs)
+    return annotate(ds)
+
+
+def annotate(ds: xr.Dataset) -> xr.Dataset:
+    """Set ``attrs["theory"]`` of every prediction, SDE-term and pathwise variable of an
+    analysis Dataset (in place; returned), from its ``optimizer_theory`` attribute: "SDE for
+    SGD (paper)", the optimizer's SDE, or "pathwise reconstruction"."""
+    opt = ds.attrs.get("optimizer_theory")
+    if opt is None:
+        from trajlab.sde.optimizer import THEORY_SGD
+
+        opt = THEORY_SGD
+    for k in ds.variables:
+        t = theory_of(str(k), opt)
+        if t is not None:
+            ds[k].attrs["theory"] = t
     return ds
 
 

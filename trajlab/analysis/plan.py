@@ -24,14 +24,23 @@ class AnalysisOptions:
     population : finite-population correction N for batches drawn without replacement.
     gap_tol : relative spectral gap below which a step is flagged ``degenerate``.
     conv_definition : "matrix" or "operator" (adds exact convolution norms, MATH.md §6).
+    optimizer : the optimizer whose SDE the default prediction integrates, as a kind name
+        ("sgd", "momentum", "adam", "adamw") or the JSON of a
+        :class:`trajlab.sde.optimizer.OptimizerSpec`; None: from the run's metadata
+        (docs/math.md §8).
     """
 
     gradient: str = "auto"
     population: int | None = None
     gap_tol: float = 1e-3
     conv_definition: str = "matrix"
+    optimizer: str | None = None
 
     def __post_init__(self) -> None:
+        if self.optimizer is not None:
+            from trajlab.analysis.assemble import parse_optimizer
+
+            parse_optimizer(self.optimizer)  # a clear error now rather than in a graph node
         if self.gradient not in ("auto", "batch", "probe"):
             raise ValueError(f"gradient must be 'auto', 'batch' or 'probe', got "
                              f"{self.gradient!r}")

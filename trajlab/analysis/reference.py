@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from trajlab.analysis.plan import Plan
-from trajlab.analysis.tasks import _start, _t, read_chunk
+from trajlab.analysis.tasks import _forward_terms, _start, _t, read_chunk
 from trajlab.analysis.variables import variables
 from trajlab.sde import noise_free_terms, sketch_layer_terms
 
@@ -41,4 +41,6 @@ def layer_chunk_per_step(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str
         for k in keys:
             if k in terms and k != "noise_proj":
                 out[k][i] = terms[k].item()
+    noisy = ok & (c.batch >= 2) if kind.per_sample else np.zeros(n, dtype=bool)
+    _forward_terms(plan, c, rows, out, noisy)  # from the terms above (docs/math.md 8)
     return out

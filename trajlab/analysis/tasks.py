@@ -84,7 +84,7 @@ def _empty(names, n: int, bmax: int) -> dict[str, np.ndarray]:
     out = {}
     for k in names:
         v = specs[k]
-        shape = (n, bmax) if k == "noise_proj" else (n,)
+        shape = (n, bmax) if v.dims[-1] == "sample" else (n,)
         out[k] = np.full(shape, v.fill, dtype=v.dtype)
     return out
 
@@ -206,7 +206,108 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
     if opts.operator:
         out["K_operator"] = (_operator_norms(W, lm.geometry) if lm.geometry is not None
                              else out["K"].copy())
+    _forward_terms(plan, c, rows, out, ok & noisy)
     return out
+
+
+def plan_optimizer(plan: Plan):
+    """The run's :class:`~trajlab.sde.optimizer.OptimizerSpec` and where it was found."""
+    from trajlab.analysis.assemble import resolve_optimizer
+
+    return resolve_optimizer(plan.options.optimizer, plan_run(plan).meta.user)
+
+
+def _forward_terms(plan: Plan, c: ChunkInputs, rows: tuple[int, int],
+                   out: dict[str, np.ndarray], noisy: np.ndarray) -> None:
+    """The layer terms of the forward prediction (docs/math.md §8): the expected-gradient flow
+    (probe rows only) and the update's noise at unit coefficient. Never the realised update."""
+    spec, _ = plan_optimizer(plan)
+    K = out["K"]
+    out["drift_decoupled"] = -spec.decoupled * K
+    if not spec.preconditioned:
+        out["flow_expected"] = np.where(out["flow_full_gradient"],
+                                        out["drift_flow"] - spec.l2 * K, np.nan)
+        out["drift_noise_update"] = out["drift_noise"].copy()
+        out["diffusion2_update"] = out["diffusion2"].copy()
+        out["noise_proj_update"] = out["noise_proj"].copy()
+        return
+    _adam_terms(plan, c, rows, out, noisy, spec)
+
+
+def _adam_terms(plan: Plan, c: ChunkInputs, rows: tuple[int, int],
+                out: dict[str, np.ndarray], noisy: np.ndarray, spec) -> None:
+    """Adam's preconditioned terms. The second moment before each step is rebuilt from the
+    run's batch gradients of the earlier steps (a slow statistic taken from the run; the
+    step's own g^2 is replaced by E[g^2] = grad L^2 + diag(Sigma)). Needs every=1 and the
+    run recorded from step 0; exact per-sample sketches only (elsewhere NaN, attrs say why)."""
+    from trajlab.sde.optimizer import adam_preconditioner, preconditioned_noise_terms
+    from trajlab.sde.sketch import noise_diag
+
+    run = plan_run(plan)
+    first_step = int(run.root_rows(["step"], (0, 1))["step"][0])
+    if plan.every != 1 or first_step != 0 or not (c.kind.per_sample and c.kind.exact):
+        return  # stays NaN
+    lm, b2 = c.lm, spec.betas[1]
+    r0, r1 = rows
+    steps = run.root_rows(["step"], rows)["step"].astype(np.int64)
+    # Adam's v before row r0, from the run's rows [0, r0) (read in pieces)
+    v = np.zeros(lm.shape)
+    piece = max(1, plan.chunk_rows)
+    for a in range(0, r0, piece):
+        b = min(r0, a + piece)
+        prev = read_chunk(plan, plan.layers.index(lm), (a, b))
+        g = _batch_grads(prev) + spec.l2 * np.nan_to_num(prev.vals["weight"].astype(np.float64))
+        for t in range(b - a):
+            v = b2 * v + (1 - b2) * g[t] ** 2
+    g_now = _batch_grads(c) + spec.l2 * c.vals["weight"].astype(np.float64)
+    probe = c.vals.get("probe_grad")
+    for i in range(r1 - r0):
+        t = int(steps[i])
+        if noisy[i]:
+            b = int(c.batch[i])
+            tens = c.tensors(slice(i, i + 1), b)
+            G = _dense_samples(c.kind, tens)[0]                       # (B, m, n)
+            W = _t(c.vals["weight"][i])
+            gbar = G.mean(0)
+            full = None
+            if probe is not None and c.probed is not None and c.probed[i]:
+                full = _t(probe[i]) + spec.l2 * W
+            sd = noise_diag(c.kind.name, {k: x[0] for k, x in tens.items()}, gbar, batch_size=b)
+            if full is not None:
+                sq = full**2 + sd
+            elif t > 0:
+                sq = _t(v) / (1 - b2**t)
+            else:
+                sq = None
+            if sq is not None:
+                P = adam_preconditioner(_t(v), sq, t, spec)
+                grad = full if full is not None else torch.full_like(W, float("nan"))
+                terms = preconditioned_noise_terms(W, P, grad, G, _t(out["lr"][i]),
+                                                   population=plan.options.population)
+                out["flow_expected"][i] = float(terms["flow"])
+                out["drift_noise_update"][i] = float(terms["drift_noise"])
+                out["diffusion2_update"][i] = float(terms["diffusion2"])
+                out["noise_proj_update"][i, :b] = terms["noise_proj"].numpy()
+        v = b2 * v + (1 - b2) * g_now[i] ** 2
+
+
+def _batch_grads(c: ChunkInputs) -> np.ndarray:
+    """float64 batch gradients (T, m, n) of a chunk as stored or implied."""
+    if not c.implied:
+        return c.vals["grad"].astype(np.float64)
+    return c.kind.implied_grad({k: c.vals[k] for k in c.kind.needs()}, c.batch)\
+        .astype(np.float64)
+
+
+def _dense_samples(kind, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample gradients (T, B, m, n) of an exact sketch."""
+    if kind.name == "rank1":
+        d, a = tensors["ps_grad_out"], tensors["ps_input"]
+        return d[..., :, None] * a[..., None, :]
+    T = next(iter(tensors.values())).shape[0]
+    return torch.stack([torch.stack([kind.sample_gradient({k: x[t] for k, x in tensors.items()},
+                                                          i) for i in range(
+        kind.batch_size({k: x[t] for k, x in tensors.items()}))]) for t in range(T)])
 
 
 #: Relative residual of the exact operator-norm iterations: only sigma is used, whose error is
@@ -325,6 +426,64 @@ def network_chunk(plan: Plan, rows: tuple[int, int], layer_results: list[dict[st
     return out
 
 
+def forward_network_chunk(plan: Plan, rows: tuple[int, int],
+                          layer_results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The ``"forward"``-stage variables of ``rows``: network rates of the forward prediction
+    (docs/math.md §8) and the optimizer's transfer per row."""
+    run = plan_run(plan)
+    n = rows[1] - rows[0]
+    out = {k: np.full(n, v.fill, dtype=v.dtype) for k, v in variables("forward").items()}
+    batch = run.root_rows(["batch_size"], rows)["batch_size"].astype(np.int64)
+    st = {k: np.stack([r[k] for r in layer_results], axis=-1) for k in _STACKED}
+    finite = np.isfinite(st["K"]).all(-1)
+    _forward_network(plan, rows, layer_results, st, out, batch, finite)
+    return out
+
+
+def _forward_network(plan: Plan, rows: tuple[int, int], layer_results, st, out, batch,
+                     finite) -> None:
+    spec, _ = plan_optimizer(plan)
+    run = plan_run(plan)
+    steps = run.root_rows(["step"], rows)["step"].astype(np.int64)
+    for i, s in enumerate(steps):
+        f, r, g = spec.transfer(int(s), first=rows[0] + i == plan.rows[0], every=plan.every)
+        out["transfer_first"][i], out["transfer_rest"][i], out["transfer_gain"][i] = f, r, g
+    out["transfer_ratio"][:] = 0.0 if plan.every > 1 else spec.memory
+    K = st["K"]
+    lr0 = st["lr"][:, :1]
+    w = np.where(lr0 == 0, 1.0, st["lr"] / np.where(lr0 == 0, 1.0, lr0))
+    ff = np.stack([r["flow_full_gradient"] for r in layer_results], axis=-1).astype(bool)
+    out["flow_probed"] = ff.all(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flow = (w * st["drift_flow"] / K).sum(-1)
+        out["logK_flow_probe"] = np.where(out["flow_probed"], flow, np.nan)
+        fe = np.stack([r["flow_expected"] for r in layer_results], axis=-1)
+        out["logK_flow_expected"] = (w * fe / K).sum(-1)
+        out["logK_drift_decoupled"] = -spec.decoupled * w.sum(-1)
+    dn = np.stack([r["drift_noise_update"] for r in layer_results], axis=-1)
+    d2 = np.stack([r["diffusion2_update"] for r in layer_results], axis=-1)
+    pu = np.stack([r["noise_proj_update"] for r in layer_results], axis=1)
+    for b in np.unique(batch[finite & (batch >= 2)]):
+        idx = np.flatnonzero(finite & (batch == b))
+        c = pu[idx, :, :b]
+        good = np.isfinite(c).all(axis=(1, 2))
+        idx, c = idx[good], c[good]
+        if idx.size == 0:
+            continue
+        sgd = network_terms(_t(K[idx]), _t(st["drift"][idx]), _t(st["diffusion2"][idx]),
+                            _t(st["drift_noise"][idx]), _t(np.stack(
+                                [r["noise_proj"] for r in layer_results], axis=1)[idx, :, :b]),
+                            _t(st["lr"][idx]), int(b), population=plan.options.population,
+                            time_lr=_t(st["lr"][idx, 0]))
+        out["logK_noise_sgd"][idx] = (sgd["logK_drift"] - _t(
+            (w[idx] * st["drift_flow"][idx] / K[idx]).sum(-1))).numpy()
+        upd = network_terms(_t(K[idx]), _t(dn[idx]), _t(d2[idx]), _t(dn[idx]), _t(c),
+                            _t(st["lr"][idx]), int(b), population=plan.options.population,
+                            time_lr=_t(st["lr"][idx, 0]))
+        out["logK_noise_update"][idx] = upd["logK_drift"].numpy()
+        out["logK_diffusion2_update"][idx] = upd["logK_diffusion2"].numpy()
+
+
 def chunk_values(plan: Plan, rows: tuple[int, int], layer_results: list[dict[str, np.ndarray]],
                  net: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One step chunk's variables shaped as stored: (n, L) per layer, (n, L, B) noise_proj,
@@ -333,4 +492,5 @@ def chunk_values(plan: Plan, rows: tuple[int, int], layer_results: list[dict[str
     for k in variables("layer", operator=plan.options.operator):
         out[k] = np.stack([r[k] for r in layer_results], axis=1)
     out.update(net)
+    out.update(forward_network_chunk(plan, rows, layer_results))
     return out

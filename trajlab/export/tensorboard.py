@@ -19,6 +19,9 @@ import numpy as np
 import xarray as xr
 
 #: Per-layer variables written, one tag ``trajlab/<variable>/<layer>`` each.
+#: Each series' description starts with its theory (``attrs["theory"]``: the SDE of the
+#: optimizer that was used for ``*_pred*``, "SDE for SGD (paper)" for ``*_sgd`` and the SGD terms,
+#: "pathwise reconstruction" for what the realised updates give).
 LAYER_SCALARS: tuple[str, ...] = ("K", "K_pred_mean", "drift_flow", "drift_noise", "drift",
                                   "drift_optimizer", "diffusion2")
 #: Network variables written, one tag ``trajlab/net/<variable>`` each.
@@ -99,10 +102,18 @@ def scalar_descriptions(ds: xr.Dataset) -> dict[str, str]:
     :func:`select` result; TensorBoard shows it beside the chart."""
     from trajlab.analysis.variables import describe
 
+    from trajlab.analysis.variables import theory_of
+
+    opt = ds.attrs.get("optimizer_theory")
+
+    def text(k: str) -> str:
+        theory = ds[k].attrs.get("theory") or (theory_of(k, opt) if opt else None)
+        return f"[{theory}] {describe(k)}" if theory else describe(k)
+
     layers = [str(n) for n in ds.layer.values] if "layer" in ds.coords else []
-    out = {scalar_tag(k, n): f"{describe(k)} (layer {n})" for k in LAYER_SCALARS
+    out = {scalar_tag(k, n): f"{text(k)} (layer {n})" for k in LAYER_SCALARS
            if k in ds.data_vars for n in layers}
-    out.update({scalar_tag(k): describe(k) for k in NETWORK_SCALARS if k in ds.data_vars})
+    out.update({scalar_tag(k): text(k) for k in NETWORK_SCALARS if k in ds.data_vars})
     return out
 
 
@@ -113,6 +124,7 @@ def to_tensorboard(
     run_name: str | None = None,
     layers: Sequence[str] | None = None,
     every: int = 1,
+    storage_options: dict | None = None,
 ) -> Path:
     """Write an analysis as TensorBoard scalars at the run's optimizer steps.
 
@@ -141,6 +153,7 @@ def to_tensorboard(
         a relative path without ``..``; default ``logdir`` itself.
     layers : layers to write (default all; an empty sequence writes the network only).
     every : write every ``every``-th analysed step (default 1: all).
+    storage_options : fsspec options when ``ds_or_path`` is a URL.
 
     Returns
     -------
@@ -170,7 +183,7 @@ def to_tensorboard(
     else:
         from trajlab.analysis import open_analysis
 
-        ds = open_analysis(ds_or_path)
+        ds = open_analysis(ds_or_path, storage_options=storage_options)
     sub = select(ds, layers=layers, every=every)
     undescribed = scalar_descriptions(sub)  # sent with each tag's first value
     writer = writer_cls(str(out), max_queue_size=1024, filename_suffix=".trajlab")

@@ -236,8 +236,10 @@ def transfer_weights(dt: np.ndarray, first: np.ndarray, rest: np.ndarray, gain: 
 
 
 def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarray,
-                       dt: np.ndarray, *, spec: OptimizerSpec, steps: np.ndarray,
-                       every: int = 1, direct: np.ndarray | None = None
+                       dt: np.ndarray, *, spec: OptimizerSpec | None = None,
+                       steps: np.ndarray | None = None, every: int = 1,
+                       direct: np.ndarray | None = None,
+                       transfer: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ``E[X_T] - X_0`` and ``Var[X_T]`` at the start of every row (first 0).
 
@@ -249,6 +251,8 @@ def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarr
     dt : (T,) or (T, L) time step of each row (lr x every).
     spec : the optimizer.  steps : (T,) optimizer-step index of each row.
     every : optimizer steps per row.
+    transfer : ``(first, rest, gain, ratio)`` per row (:meth:`OptimizerSpec.transfer`) in
+        place of ``spec``, ``steps`` and ``every``.
     direct : (T,) or (T, L) drift outside the optimizer's recursion (AdamW's decay).
 
     A row whose rates are NaN makes the prediction NaN from the next row on.
@@ -258,12 +262,15 @@ def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarr
     dt = np.broadcast_to(np.asarray(dt, dtype=np.float64), flow.shape)
     if flow.ndim == 2:
         cols = [forward_prediction(flow[:, j], noise[:, j], diffusion2[:, j], dt[:, j],
-                                   spec=spec, steps=steps, every=every,
+                                   spec=spec, steps=steps, every=every, transfer=transfer,
                                    direct=None if direct is None else np.asarray(direct)[:, j])
                 for j in range(flow.shape[1])]
         return np.stack([c[0] for c in cols], 1), np.stack([c[1] for c in cols], 1)
     n = flow.size
-    first, rest, gain, ratio = _transfer_rows(spec, np.asarray(steps), every)
+    if transfer is None:
+        transfer = _transfer_rows(spec, np.asarray(steps), every)
+    first, rest, gain = (np.asarray(a, dtype=np.float64) for a in transfer[:3])
+    ratio = float(transfer[3])
     P, K = transfer_weights(dt, first, rest, gain, ratio)
     safe = np.where(dt == 0, 1.0, dt)
 
@@ -291,11 +298,10 @@ def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarr
     if direct is not None:
         d = np.asarray(direct, dtype=np.float64) * dt
         mean[1:] += np.cumsum(np.nan_to_num(d, nan=np.inf))[:-1]
-    bad = ~np.isfinite(mean) | ~np.isfinite(var)
-    if bad.any():  # NaN (not inf) from the first undefined row on
-        first_bad = int(np.flatnonzero(bad)[0])
-        mean[first_bad:] = np.nan
-        var[first_bad:] = np.nan
+    for x in (mean, var):  # NaN (not inf) from the first undefined row on
+        bad = ~np.isfinite(x)
+        if bad.any():
+            x[int(np.flatnonzero(bad)[0]):] = np.nan
     return mean, var
 
 
