@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -150,3 +150,85 @@ def check_one_sample(
             f"differs from the recorded one by {err:.2e} (relative, tolerance {tol:.1e}). "
             f"{hint} Pass self_check=False to record anyway."
         )
+
+
+# ----------------------------------------------------------------------------- sample 0's loss
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """The model on the logged ``inputs``: a mapping is passed as keyword arguments
+    (``model(**batch)``, as Hugging Face models take their batches), anything else as the one
+    positional argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def batch_of(inputs: Any) -> int | None:
+    """Samples in the logged ``inputs``: dimension 0 of its first tensor (nested mappings,
+    tuples and lists are searched in order)."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else None
+    items = inputs.values() if isinstance(inputs, Mapping) else (
+        inputs if isinstance(inputs, (tuple, list)) else ())
+    for v in items:
+        b = batch_of(v)
+        if b is not None:
+            return b
+    return None
+
+
+def first_sample(obj: Any, batch: int | None) -> Any:
+    """``obj`` cut to sample 0 along dimension 0, keeping its type: tensors with ``batch`` rows
+    are sliced ``[:1]``; mappings (dicts, Hugging Face ``ModelOutput``), tuples and lists
+    (named tuples too) are rebuilt with each entry cut. A tensor that is not batched (a scalar
+    such as a ``ModelOutput``'s ``loss``, a mean over the whole batch) is dropped: ``None`` in
+    its place, so a ``loss_fn`` that reads it fails instead of comparing a batch quantity."""
+    if isinstance(obj, Tensor):
+        if batch is None:
+            return obj[:1]
+        return obj[:1] if obj.dim() and obj.shape[0] == batch else None
+    if isinstance(obj, Mapping):
+        cut = {k: first_sample(v, batch) for k, v in obj.items()}
+        try:
+            return type(obj)(**cut) if _is_model_output(obj) else type(obj)(cut)
+        except Exception:  # noqa: BLE001 - a mapping type we cannot rebuild: a plain dict
+            return cut
+    if isinstance(obj, tuple):
+        cut = [first_sample(v, batch) for v in obj]
+        return type(obj)(*cut) if hasattr(obj, "_fields") else type(obj)(cut)
+    if isinstance(obj, list):
+        return [first_sample(v, batch) for v in obj]
+    return obj
+
+
+def _is_model_output(obj: Any) -> bool:
+    """A Hugging Face ``ModelOutput`` (by its base classes' names: transformers is not
+    imported here)."""
+    return any(c.__name__ == "ModelOutput" for c in type(obj).__mro__)
+
+
+def sample_loss(loss_fn: Callable[[Any, Any], Tensor], output: Any, targets: Any,
+                batch: int | None) -> Tensor:
+    """``loss_fn`` on sample 0: the model's output over the whole micro-batch cut to sample 0
+    (its own type kept, see :func:`first_sample`) and sample 0's targets."""
+    def cut(obj: Any) -> Any:  # a plain tensor: its first row, as before
+        return obj[:1] if isinstance(obj, Tensor) else first_sample(obj, batch)
+
+    out0, y0 = cut(output), cut(targets)
+    what = (f"the first step's self-check calls loss_fn(output, targets) on sample 0 (the "
+            f"model's output over the logged inputs cut to its first sample along dimension 0, "
+            f"its type kept: {type(output).__name__}, with entries that are not per sample, "
+            f"such as a ModelOutput's loss, set to None)")
+    fix = ("Make loss_fn compute the mean loss from the per-sample outputs (e.g. the logits), "
+           "or pass self_check=False")
+    try:
+        loss = loss_fn(out0, y0)
+    except Exception as e:
+        raise SelfCheckError(f"{what} and it raised {type(e).__name__}: {e}. {fix}") from e
+    if loss is None:
+        raise SelfCheckError(f"{what} and it returned None. {fix}")
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise SelfCheckError(f"loss_fn must return the mean loss as a one-element tensor; it "
+                             f"returned {type(loss).__name__}"
+                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+                                else ""))
+    return loss.reshape(())

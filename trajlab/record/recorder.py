@@ -51,6 +51,7 @@ class _Layer:
     weight_before: Tensor | None = None
     probe_r: Tensor | None = None
     failed: BaseException | None = None  # this step's capture failed (see _assemble_step)
+    dropped: bool = False  # left out at the first step (broadcast over the batch), hooks silent
 
     @property
     def name(self) -> str:
@@ -187,6 +188,7 @@ class Recorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizer = _unwrap_optimizer(optimizer)  # accelerate's / Lightning's wrappers
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -249,12 +251,15 @@ class Recorder:
         if batch_dim is not None and not isinstance(batch_dim, dict):
             _int_option("batch_dim", batch_dim, 0)
         targets, self._summary = plan(self.model, optimizer, layers, batch_dim=batch_dim)
+        targets = _untie(self.model, targets, self._summary, explicit=layers is not None)
         self._layers = [_Layer(t) for t in targets]
         self._mixing = [] if not self.per_sample else mixing_layers(self.model)
         if self._mixing:  # refused before any other notice about the model
             raise RecorderError(mixing_message(self._mixing))
+        self._explicit_layers = layers is not None
         skipped = [m for m in self._summary["modules"] if not m["recorded"]
-                   and m.get("why") != "not selected (layers=)"]
+                   and m.get("why") != "not selected (layers=)"
+                   and not m.get("why", "").startswith("its weight is tied")]  # warned above
         if skipped and layers is None:
             groups: dict[tuple[str, str], list[str]] = {}  # one line per (type, reason)
             for m in skipped:
@@ -331,8 +336,17 @@ class Recorder:
             )
             before, after = self._before_step, self._after_step
 
+            wrap = self._wrap_closure
+
             def pre_hook(opt, args, kwargs):  # plain functions (see _arm)
+                closure = kwargs.get("closure", args[0] if args else None)
+                if callable(closure):  # forward and backward run inside step(closure)
+                    closure = wrap(closure)
+                    if "closure" in kwargs:
+                        return args, {**kwargs, "closure": closure}
+                    return (closure, *args[1:]), kwargs
                 before(opt, args, kwargs)
+                return None
 
             def post_hook(opt, args, kwargs):
                 after(opt, args, kwargs)
@@ -458,9 +472,26 @@ class Recorder:
             return
         if any(isinstance(a, Tensor) and _transformed(a) for a in args):
             return  # a torch.func transform of the user's own, not a training forward
-        first = not self._checked and self.self_check and self.loss_fn is not None
-        self._micro.append(Micro(rng=checks.rng_state() if first else None))
-        self._micro[-1].autocast = checks.autocast_state(  # type: ignore[attr-defined]
+        self._new_micro(marked=False)
+
+    def _mark_batch(self) -> None:
+        """An integration says a micro-batch starts (Lightning's ``on_train_batch_start``):
+        for training steps that call submodules rather than the recorded model itself, whose
+        root pre-hook then never fires. A model forward right after the mark belongs to it."""
+        if self.recording and not self._suspended:
+            self._new_micro(marked=True)
+
+    def _new_micro(self, *, marked: bool) -> None:
+        last = self._micro[-1] if self._micro else None
+        if not marked and last is not None and last.marked_only:
+            micro = last  # the forward of the batch an integration marked
+            micro.marked_only = False
+        else:
+            micro = Micro(marked_only=marked)
+            self._micro.append(micro)
+        if not self._checked and self.self_check and self.loss_fn is not None:
+            micro.rng = checks.rng_state()
+        micro.autocast = checks.autocast_state(  # type: ignore[attr-defined]
             self._device_types)
         if self.per_sample:
             mixing = mixing_layers(self.model)
@@ -470,7 +501,8 @@ class Recorder:
 
     def _forward_callback(self, layer: _Layer) -> Callable[[tuple, dict, Any], None]:
         def on_forward(args: tuple, kwargs: dict, output: Any) -> None:
-            if not self.recording or self._suspended or not torch.is_grad_enabled():
+            if (not self.recording or self._suspended or not torch.is_grad_enabled()
+                    or layer.dropped):
                 return
             if not self.per_sample:
                 return
@@ -611,6 +643,24 @@ class Recorder:
             m.inputs, m.targets = inputs, targets
 
     # ------------------------------------------------------------------ steps
+    def _wrap_closure(self, closure: Callable[..., Any]) -> Callable[..., Any]:
+        """``optimizer.step(closure)`` (Lightning's automatic optimisation, LBFGS): the forward
+        and backward run inside ``step``, after its pre-hook. The step is assembled when the
+        closure first returns (gradient clipping inside the closure included), before the
+        optimizer reads ``.grad``; later evaluations of the closure (LBFGS) are not recorded."""
+        before, optimizer = self._before_step, self.optimizer
+        done = False
+
+        def closure_then_assemble(*args: Any, **kwargs: Any) -> Any:
+            nonlocal done
+            loss = closure(*args, **kwargs)
+            if not done:
+                done = True
+                before(optimizer, (), {})
+            return loss
+
+        return closure_then_assemble
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._resume_check is not None:
             self._check_continuity()
@@ -647,6 +697,8 @@ class Recorder:
             raise RecorderError(f"the model's weights are now {dtype} but the run stores "
                                 f"{meta.dtype}: changing the model's dtype mid-run is not "
                                 "supported; record the rest into a new store")
+        if self.per_sample and self._n_recorded == 0 and self._run_meta is None:
+            self._drop_broadcast()
         first_micro = None
         for layer in self._layers:
             layer.weight_before = layer.weight().detach().clone()
@@ -700,6 +752,47 @@ class Recorder:
                 self._first_step_checks()
             self._checked = True
         self._probe_grads = self._probe_gradients()
+
+    def _drop_broadcast(self) -> None:
+        """First step of a new store: leave out (with a warning) layers whose input has batch
+        size 1 while the model's batch has more samples. Their output is broadcast over the
+        batch (GPT-2's positional embedding ``wpe``, indexed with shape (1, T)), so the
+        gradient reaching it is already summed over the samples: per-sample gradients cannot
+        be separated. Selected explicitly with ``layers=``, such a layer is an error."""
+        seen: dict[str, dict[int, int]] = {}
+        full: dict[int, int] = {}
+        for layer in self._layers:
+            if layer.captures and layer.failed is None:
+                seen[layer.name] = {c.micro: c.batch for c in layer.captures}
+                for m, b in seen[layer.name].items():
+                    full[m] = max(full.get(m, 0), b)
+        bad = [layer for layer in self._layers if layer.name in seen and all(
+            b == 1 and full[m] > 1 for m, b in seen[layer.name].items())]
+        if not bad:
+            return
+        B = max(full.values())
+        names = ", ".join(repr(layer.name) for layer in bad)
+        why = (f"its input has batch size 1 while the model's batch has {B} samples: it is "
+               "broadcast over the batch (e.g. positional embeddings indexed with shape "
+               "(1, T)), so the gradient reaching it is already summed over the samples and its "
+               "per-sample gradients cannot be separated")
+        fix = ("index it per sample (e.g. pass position_ids of shape (B, T)) to record it, or "
+               "record with per_sample=False")
+        if self._explicit_layers or len(bad) == len(self._layers):
+            raise SelfCheckError(f"layer(s) {names}: {why}. Leave it out of layers=[...], or "
+                                 f"{fix}")
+        for layer in bad:
+            layer.dropped = True
+            layer.captures = []
+        self._layers = [layer for layer in self._layers if not layer.dropped]
+        modules = {layer.target.module_name for layer in bad}
+        for e in self._summary["modules"]:
+            if e["name"] in modules and not any(layer.target.module_name == e["name"]
+                                                for layer in self._layers):
+                e.update(recorded=False, recorded_parameters=0, why=why)
+                e.pop("how", None)
+        warnings.warn(f"trajlab: layer(s) {names} not recorded: {why}. The other layers are "
+                      f"recorded; {fix}", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _describe_weights_only(self, layer: _Layer) -> None:
         shape = tuple(layer.weight().shape)
@@ -764,8 +857,9 @@ class Recorder:
             params = [layer.target.param for layer in self._layers]
             with self._isolated(), torch.enable_grad(), checks.replayed(
                     micro.rng, getattr(micro, "autocast", None)):
-                out = self.model(micro.inputs)
-                loss = self.loss_fn(out[:1], micro.targets[:1])
+                out = checks.call_model(self.model, micro.inputs)
+                B = checks.batch_of(micro.inputs)
+                loss = checks.sample_loss(self.loss_fn, out, micro.targets, B)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             res = []
             for layer, g in zip(self._layers, grads):
@@ -850,9 +944,12 @@ class Recorder:
                 else:
                     b = asm.n
                     if batch is not None and b != batch:
+                        hint = (" (a layer whose input has batch size 1 is broadcast over the "
+                                "batch, e.g. positional embeddings indexed with shape (1, T): "
+                                "leave it out with layers=[...])" if min(b, batch) == 1 else "")
                         raise RecorderError(
                             f"layer {layer.name!r} saw {b} samples this step, other layers "
-                            f"{batch}; all recorded layers must see the same batch")
+                            f"{batch}; all recorded layers must see the same batch{hint}")
                     batch = b
                     micro_batches = asm.micro_batches
                     for k, per in layer.kind.variables(layer.meta.rank).items():
@@ -998,6 +1095,63 @@ def _transformed(t: Tensor) -> bool:
         return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
     except (AttributeError, RuntimeError):  # pragma: no cover - other torch builds
         return False
+
+
+def _untie(model: nn.Module, targets: list[Target], summary: dict[str, Any], *,
+           explicit: bool) -> list[Target]:
+    """Leave out weights tied to another module (GPT-2's ``wte``/``lm_head``), with a warning
+    naming the tie: a tied weight's gradient is the sum of both uses' contributions, and each
+    rule sees only its own module's use, so the captured per-sample gradients would not explain
+    ``.grad`` (combining both uses is not implemented). The summary entries say why."""
+    names: dict[int, list[str]] = {}
+    owners: dict[int, set[int]] = {}  # distinct modules holding each Parameter (one module
+    for mname, m in model.named_modules(remove_duplicate=False):  # reached twice is no tie)
+        for pname, p in m._parameters.items():
+            if p is not None and id(m) not in owners.setdefault(id(p), set()):
+                owners[id(p)].add(id(m))
+                names.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    tied = {t.name: names[id(t.param)] for t in targets if len(owners.get(id(t.param), ())) > 1}
+    if not tied:
+        return targets
+    def why(uses: list[str]) -> str:
+        return (f"its weight is tied: one Parameter used as {' and '.join(uses)}; per-sample "
+                "gradients of a tied weight need both uses' contributions, which trajlab does "
+                "not combine, so it is not recorded")
+    if explicit:
+        name, uses = next(iter(tied.items()))
+        raise ValueError(f"layer {name!r} cannot be recorded: {why(uses)}; leave it out of "
+                         "layers=[...] (or untie the weights)")
+    keep = [t for t in targets if t.name not in tied]
+    left_out = {t.module_name: tied[t.name] for t in targets if t.name in tied}
+    for e in summary["modules"]:
+        if e["name"] in left_out and not any(t.module_name == e["name"] for t in keep):
+            e.update(recorded=False, recorded_parameters=0, why=why(left_out[e["name"]]))
+            e.pop("how", None)
+    if not keep:
+        raise RecorderError("every recordable layer of this model has a tied weight ("
+                            + "; ".join(f"{k}: {' = '.join(v)}" for k, v in tied.items())
+                            + "); trajlab does not record tied weights yet")
+    ties = sorted({" = ".join(v) for v in tied.values()})
+    warnings.warn(f"trajlab: tied weights are not recorded: {'; '.join(ties)} (one Parameter "
+                  "used by several modules: its gradient sums both uses, which the per-module "
+                  "rules do not combine). The other layers are recorded; rec.summary says why",
+                  UserWarning, stacklevel=3)
+    return keep
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a wrapper that does not run torch's step hooks itself:
+    accelerate's ``AcceleratedOptimizer`` (a torch Optimizer subclass that never calls its
+    ``__init__``: no ``_optimizer_step_pre_hooks``) and Lightning's ``LightningOptimizer``
+    hold it as ``.optimizer`` / ``._optimizer``; their ``step()`` calls its ``step()``, so the
+    hooks on it see every step they apply (and none they skip)."""
+    seen = 0
+    while (not hasattr(optimizer, "_optimizer_step_pre_hooks") and seen < 8):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
 
 
 def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> None:

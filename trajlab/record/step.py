@@ -58,6 +58,7 @@ class Micro:
     indices: Tensor | None = None
     loss: float | None = None
     batch: int | None = None
+    marked_only: bool = False  # started by an integration's batch mark, no forward seen yet
 
 
 @dataclass

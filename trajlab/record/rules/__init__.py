@@ -30,11 +30,16 @@ from trajlab.record.rules.conv2d import Conv2dRule
 from trajlab.record.rules.conv_transpose2d import ConvTranspose2dRule
 from trajlab.record.rules.embedding import EmbeddingRule
 from trajlab.record.rules.generic import GenericRule, matrix_parameters
+from trajlab.record.rules.hf import OPTIONAL_RULES, HFConv1DRule
 from trajlab.record.rules.linear import LinearRule
 from trajlab.record.rules.norm import GroupNormRule, LayerNormRule, RMSNormRule
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 _FALLBACKS: dict[type[nn.Module], GenericRule] = {}
+#: Rules of classes from optional libraries (transformers' Conv1D), made at their first look-up
+#: (see :data:`trajlab.record.rules.hf.OPTIONAL_RULES`); kept apart from ``rules()``, which lists
+#: the rules trajlab always registers.
+_OPTIONAL: dict[type[nn.Module], LayerRule | None] = {}
 
 
 def register_rule(module_type: type[nn.Module], rule: LayerRule, *,
@@ -82,11 +87,26 @@ def rule_for(module: nn.Module, *, fallback: bool = True) -> LayerRule | None:
         rule = _RULES.get(base)
         if rule is not None and rule.subclasses:
             return rule
+    rule = _optional_rule(t)
+    if rule is not None:
+        return rule
     if fallback and matrix_parameters(module):
         if t not in _FALLBACKS:
             _FALLBACKS[t] = GenericRule(f"generic:{t.__name__}")
         return _FALLBACKS[t]
     return None
+
+
+def _optional_rule(t: type[nn.Module]) -> LayerRule | None:
+    """The rule of an optional library's class (or of a subclass of one), made once per type."""
+    if t not in _OPTIONAL:
+        _OPTIONAL[t] = None
+        for base in t.__mro__:
+            make = OPTIONAL_RULES.get((base.__module__, base.__qualname__))
+            if make is not None:
+                _OPTIONAL[t] = make()
+                break
+    return _OPTIONAL[t]
 
 
 def rules() -> dict[type[nn.Module], LayerRule]:
@@ -120,6 +140,7 @@ __all__ = [
     "EmbeddingRule",
     "GenericRule",
     "GroupNormRule",
+    "HFConv1DRule",
     "LayerNormRule",
     "LayerRule",
     "LinearRule",
