@@ -71,8 +71,9 @@ __all__ = [
 
 #: Base configuration of every study: a float64 ReLU MLP 64-32-32-10 on the digits, plain SGD
 #: with independent batches (the SDE's sampling assumption), all steps recorded.
+#: probe_every=10: the forward predictions need the expected gradient (docs/math.md 8).
 BASE = TrainConfig(model="mlp", hidden=32, steps=600, batch_size=32, lr=0.05, dtype="float64",
-                   sampler="with_replacement")
+                   sampler="with_replacement", probe_every=10)
 
 
 # ============================================================================ numbers (pure)
