@@ -3,7 +3,9 @@
 Usage: ``python benchmarks/record_layers.py [--quick]``.
 
 Workloads: a small Transformer (Embedding, two ``nn.TransformerEncoderLayer`` with PyTorch's
-defaults except ``batch_first=True``, a Linear head) and a Conv1d model. Every number is a ratio
+defaults except ``batch_first=True``, a Linear head), a Conv1d model and, when ``transformers``
+is installed, GPT-2 from its config class (2 blocks x 64 wide, its ``Conv1D`` layers) with a
+mean-pooled Linear head. ``--workloads gpt2`` runs that one only. Every number is a ratio
 against a baseline measured in the same run, from interleaved blocks (baseline, candidate,
 baseline, ...), as the median of the paired ratios with min..max:
 
@@ -12,6 +14,8 @@ baseline, ...), as the median of the paired ratios with min..max:
   capture, with and without recomputing the top-k basis) / ``torch.func`` ``vmap(grad)`` dense
   per-sample gradients of the same weights;
 * per layer: the dedicated rule / the generic torch.func fallback on the same layer;
+* GPT-2's ``Conv1D`` layers: their rule and the generic fallback, summed over the model's
+  Conv1D matrices, each / one plain training step of the model (forward, backward, AdamW);
 * bytes per recorded step / dense float32 per-sample gradients (B x recorded params x 4);
 * the share of weight-matrix parameters recorded (goal: 100%);
 * wide weight-shared layers (min(m, n) > 256): the warm-started basis of
@@ -92,14 +96,44 @@ class Workload:
         return self.X[:self.batch], self.Y[:self.batch]
 
 
-def workloads() -> list[Workload]:
+class GPT2Classifier(nn.Module):
+    """transformers' GPT2Model (2 blocks x 64 wide, 4 heads, dropout 0.1) from its config
+    class, mean pooling, a Linear head: the Conv1D layers of GPT-2 on (batch, 32 tokens)."""
+
+    def __init__(self, vocab=1000, d=64, classes=10):
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        self.body = GPT2Model(GPT2Config(n_layer=2, n_embd=d, n_head=4, vocab_size=vocab,
+                                         n_positions=64, bos_token_id=0, eos_token_id=0))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        return self.head(self.body(input_ids=tokens).last_hidden_state.mean(1))
+
+
+def workloads(names=None) -> list[Workload]:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    tx = Workload("transformer", Transformer(), torch.randint(0, 1000, (2048, 32), generator=g),
-                  torch.randint(0, 10, (2048,), generator=g), batch=32)
-    conv = Workload("conv1d", Conv1dNet(), torch.randn(2048, 8, 128, generator=g),
-                    torch.randint(0, 10, (2048,), generator=g), batch=64)
-    return [tx, conv]
+    out = []
+    if names is None or "transformer" in names:
+        out.append(Workload("transformer", Transformer(),
+                            torch.randint(0, 1000, (2048, 32), generator=g),
+                            torch.randint(0, 10, (2048,), generator=g), batch=32))
+    if names is None or "conv1d" in names:
+        out.append(Workload("conv1d", Conv1dNet(), torch.randn(2048, 8, 128, generator=g),
+                            torch.randint(0, 10, (2048,), generator=g), batch=64))
+    if names is None or "gpt2" in names:
+        try:
+            model = GPT2Classifier()
+        except ImportError:
+            print("(transformers is not installed: no GPT-2 workload)")
+        else:
+            w = Workload("gpt2", model, torch.randint(0, 1000, (2048, 32), generator=g),
+                         torch.randint(0, 10, (2048,), generator=g), batch=32)
+            w.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            out.append(w)
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -264,6 +298,56 @@ def bench_layers(w: Workload, repeats: int) -> list[tuple]:
     return rows
 
 
+def bench_conv1d_vs_step(w: Workload, repeats: int) -> list[tuple] | None:
+    """GPT-2's Conv1D matrices: the rule's and the generic fallback's per-sample work summed
+    over them, and one plain training step of the model, interleaved."""
+    conv = [(name, mx) for name, m, rule, mx in targets(w.model)
+            if rule.module_type == "Conv1D"]
+    if not conv:
+        return None
+    rules = [capture_fn(w, with_basis=False, only=(n, mx.part)) for n, mx in conv]
+    generic = [capture_fn(w, with_basis=False, only=(n, mx.part), generic=True)
+               for n, mx in conv]
+    # the Linear rule on an nn.Linear holding the same matrix, fed the same inputs and output
+    # gradients: what the Conv1D rule should cost
+    seen = captured(w)
+    modules = dict(w.model.named_modules())
+    linear_rule = rule_for(nn.Linear(1, 1))
+    tracker = SubspaceTracker(4)
+    work = []
+    for n, _ in conv:
+        m = modules[n]
+        lin = nn.Linear(m.nx, m.nf)
+        with torch.no_grad():
+            lin.weight.copy_(m.weight.T)
+        args, kwargs, g = seen[n]
+        mx = linear_rule.matrices(lin)[0]
+        kind = sketch_kind(linear_rule.describe(lin, mx, args, kwargs).sketch)
+        basis = tracker.basis(n, lin.weight.detach()) if kind.name == "subspace" else None
+        work.append((lin, mx, args, kwargs, g, kind, basis))
+
+    def linear():
+        for lin, mx, args, kwargs, g, kind, basis in work:
+            ps = linear_rule.per_sample(lin, mx, args, kwargs, g)
+            ps.capture(kind, basis=None if basis is None else basis[:2], rank=0,
+                       want_per_sample=False)
+
+    def plain_step():
+        w.steps(1)
+
+    t = interleaved({"step": plain_step,
+                     "rule": lambda: [f() for f in rules],
+                     "linear": linear,
+                     "generic": lambda: [f() for f in generic]}, repeats)
+
+    def ratio(a, b):
+        return [x / y for x, y in zip(t[a], t[b])]
+
+    med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    return [(len(conv), med, ratio("rule", "step"), ratio("generic", "step"),
+             ratio("generic", "rule"), ratio("rule", "linear"))]
+
+
 def bench_bytes(w: Workload, res: dict) -> dict:
     run = trajlab.open_run(res["store"])
     n_rec = sum(mx_rule.weight_matrix(m, mx).numel() for _, m, mx_rule, mx in targets(w.model)
@@ -337,6 +421,8 @@ def bench_reconstruct(repeats: int, quick: bool) -> tuple[float, float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fast smoke run (about a minute)")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated subset of transformer,conv1d,gpt2 (default: all)")
     args = p.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*performance drop.*")
@@ -346,7 +432,7 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
           f"{steps} steps per timed block, {repeats} interleaved repeats")
-    ws = workloads()
+    ws = workloads(args.workloads.split(",") if args.workloads else None)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print("\nStep time with Recorder(every=1, self_check=False) / without "
@@ -379,6 +465,22 @@ def main() -> None:
                 g = (f"generic {gms:8.2f}  {spread(ratio)}" if gms is not None else
                      f"generic  n/a: {why}")
                 print(f"  {w.name:12} {name:24} {kind:18} rule {ms:7.2f}   {g}")
+
+        for w in ws:
+            rows = bench_conv1d_vs_step(w, max(3, repeats))
+            if rows is None:
+                continue
+            print("\nGPT-2 Conv1D (transformers.pytorch_utils): per-sample work of the rule and "
+                  "of the generic torch.func fallback, summed over the model's Conv1D matrices, "
+                  "against one plain training step of the whole model (median ms; ratios: "
+                  "median of paired ratios, min..max)")
+            for n, med, r_step, g_step, g_rule, r_lin in rows:
+                print(f"  {w.name:12} {n} Conv1D matrices: plain step {med['step']:7.2f}  "
+                      f"Conv1D rule {med['rule']:7.2f} ({spread(r_step)} of a step)  generic "
+                      f"{med['generic']:7.2f} ({spread(g_step)} of a step)  generic / rule "
+                      f"{spread(g_rule)}\n  {'':12} the Linear rule on nn.Linear copies of "
+                      f"the same matrices and inputs {med['linear']:7.2f}: Conv1D rule / Linear "
+                      f"rule {spread(r_lin)}")
 
         print("\nBytes per recorded step and coverage of the weight matrices")
         for w in ws:
