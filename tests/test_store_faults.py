@@ -233,3 +233,70 @@ def test_a_lock_in_a_directory_that_cannot_be_written_is_a_clear_error(tmp_path,
                                                    "writable") as e:
         StoreLock(tmp_path / "r.zarr").acquire()
     assert "Read-only file system" in str(e.value)
+
+
+# --------------------------------------------------------------------------- 5, 6: metadata
+def _small_run(tmp_path):
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    store = tmp_path / "r.zarr"
+    train(mlp64(), X, Y, steps=4, batch_size=8, store=store,
+          recorder_kwargs={"chunk_steps": 2})
+    return store
+
+
+def _edit_json(path, edit):
+    import json
+
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def _read_everything(store):
+    run = trajlab.open_run(store)
+    problems = run.verify()
+    if problems:
+        raise trajlab.StoreCorruptError("; ".join(problems))
+    run.root_rows(["indices"])
+    trajlab.per_sample_gradients(run, "0", 1)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["attributes"].__setitem__("trajlab_samples", 0), "trajlab_samples"),
+    (lambda d: d["attributes"].__setitem__("trajlab_samples", 3), "trajlab_samples"),
+    (lambda d: d["attributes"].__setitem__("trajlab_samples", -1), "trajlab_samples"),
+    (lambda d: d["attributes"].__setitem__("trajlab_samples", 10**12), "trajlab_samples"),
+    (lambda d: d["attributes"]["trajlab"].__setitem__("every", 0), "'every'"),
+    (lambda d: d["attributes"]["trajlab"].__setitem__("every", -5), "'every'"),
+    (lambda d: d["attributes"]["trajlab"].__setitem__("chunk_steps", 0), "'chunk_steps'"),
+    (lambda d: d["attributes"]["trajlab"].__setitem__("dtype", "notatype"), "'dtype'"),
+    (lambda d: d["attributes"]["trajlab"]["layers"][1].__setitem__("group", "0"),
+     "layers[].group"),
+    (lambda d: d["attributes"]["trajlab"]["layers"][0].__setitem__("sketch", "magic"),
+     "layers[0].sketch"),
+])
+def test_edited_run_metadata_is_refused_naming_the_field(tmp_path, edit, field):
+    """Before: 0 or 3 samples per row were returned and verify passed, -1 gave a raw error,
+    10**12 a MemoryError, every <= 0 "steps not consecutive", a bad dtype a bare TypeError, and
+    two layers with one group silently read the same data."""
+    store = _small_run(tmp_path)
+    _read_everything(store)  # intact before the edit
+    _edit_json(store / "zarr.json", edit)
+    with pytest.raises(trajlab.StoreCorruptError, match=field.replace("[", r"\[")
+                       .replace("]", r"\]")):
+        _read_everything(store)
+
+
+def test_an_array_without_its_checksum_codec_is_refused(tmp_path):
+    """Removing the crc32c codec from an array's metadata and flipping a byte was silently
+    wrong."""
+    store = _small_run(tmp_path)
+
+    def drop_crc(d):
+        d["codecs"] = [c for c in d["codecs"] if c["name"] != "crc32c"]
+
+    _edit_json(store / "layers" / "0" / "ps_input" / "zarr.json", drop_crc)
+    with pytest.raises(trajlab.StoreCorruptError, match="ps_input.*crc32c"):
+        trajlab.per_sample_gradients(trajlab.open_run(store), "0", 1)
+    assert any("crc32c" in p for p in trajlab.open_run(store).verify())

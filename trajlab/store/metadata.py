@@ -253,10 +253,55 @@ class RunMeta:
                 run_id=str(d.get("run_id") or ""),
                 ps_dtype=str(d.get("ps_dtype") or d["dtype"]),
                 model=dict(d.get("model") or {}),
-            )
+            )._validated(where)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreCorruptError(f"{where}: the run metadata is malformed "
                                     f"({type(e).__name__}: {e})") from e
+
+    def _validated(self, where: str) -> RunMeta:
+        """Self, after checking every field against the format (types, ranges, consistency);
+        :class:`~trajlab.errors.StoreCorruptError` naming the field otherwise."""
+        import numpy as np
+
+        def bad(name: str, value: Any, want: str) -> StoreCorruptError:
+            return StoreCorruptError(
+                f"{where}: the run metadata field {name!r} is {value!r}, but must be {want}; the "
+                "store's root metadata (zarr.json) was edited or is damaged: restore it from a "
+                "copy")
+
+        for name in ("every", "chunk_steps"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "a positive integer")
+        for name in ("dtype", "ps_dtype"):
+            value = getattr(self, name)
+            try:
+                ok = np.dtype(value).kind == "f"
+            except TypeError:
+                ok = False
+            if not ok:
+                raise bad(name, value, "a floating-point dtype name (float32, float64, ...)")
+        ds = self.dataset_size
+        if ds is not None and (isinstance(ds, bool) or not isinstance(ds, int) or ds < 1):
+            raise bad("dataset_size", ds, "null or a positive integer")
+        from trajlab.sketches import sketch_kinds
+
+        known = sketch_kinds()
+        for field_name in ("name", "group"):
+            values = [getattr(lm, field_name) for lm in self.layers]
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise bad(f"layers[].{field_name}", dup[0],
+                          "unique (two layers have it, and would read the same data)")
+        for i, lm in enumerate(self.layers):
+            if lm.shape[0] < 1 or lm.shape[1] < 1:
+                raise bad(f"layers[{i}].shape", list(lm.shape), "two positive integers")
+            if lm.rank < 0:
+                raise bad(f"layers[{i}].rank", lm.rank, "a non-negative integer")
+            if lm.positions < 1:
+                raise bad(f"layers[{i}].positions", lm.positions, "a positive integer")
+            if lm.sketch not in known:
+                raise bad(f"layers[{i}].sketch", lm.sketch, f"one of {sorted(known)}")
+        return self
 
 
 # ----------------------------------------------------------------------------- analyses

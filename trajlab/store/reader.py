@@ -37,6 +37,19 @@ def read_commit(attrs: dict[str, Any], where: str) -> int:
     return int(value)
 
 
+def read_samples(attrs: dict[str, Any], where: str) -> int | None:
+    """The committed sample capacity, validated: None (stores without it) or an integer >= 0."""
+    value = attrs.get(SAMPLES_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise StoreCorruptError(
+            f"{where}: the committed sample capacity {SAMPLES_KEY!r} is {value!r}, not a "
+            "sample count; the store's root metadata (zarr.json) is damaged: restore it from a "
+            "copy")
+    return int(value)
+
+
 def read_truncation(group: zarr.Group) -> str | None:
     """The truncation reason written in place into the reserved array, if any."""
     import json
@@ -102,9 +115,15 @@ class Run:
             raise StoreCorruptError(f"{self.where}: {self.n_steps} rows are committed but the "
                                     "root arrays are missing; the store is damaged")
         self.layout = RunLayout.of_group(self._group, meta)
-        samples = attrs.get(SAMPLES_KEY)
-        self._reader = RowReader(self._group, self.layout, self.n_steps,
-                                 int(samples) if isinstance(samples, int) else None, self.where)
+        samples = read_samples(attrs, self.where)
+        if samples is not None and self._laid_out and "indices" in self._group:
+            width = self._group["indices"].shape[1]  # every per-sample array is at least this wide
+            if samples > width:
+                raise StoreCorruptError(
+                    f"{self.where}: the committed sample capacity {SAMPLES_KEY!r} is {samples}, "
+                    f"but the per-sample arrays hold {width} samples; the store's root metadata "
+                    "(zarr.json) was edited or is damaged: restore it from a copy")
+        self._reader = RowReader(self._group, self.layout, self.n_steps, samples, self.where)
         if self._reader.samples is None and self._laid_out:
             self._reader.samples = self._min_samples()
 
@@ -289,6 +308,10 @@ class Run:
 
         for found in sync(_all()):
             problems.extend(found)
+        try:
+            self._reader.batch_sizes()  # consistent with the committed sample capacity
+        except StoreCorruptError as e:
+            problems.append(str(e).split("; the store's root")[0])
         return problems
 
     def _expected_paths(self) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.codecs
 from zarr.core.sync import sync
 
 from trajlab.errors import StoreCorruptError
@@ -238,14 +239,24 @@ class RowReader:
     def batch_sizes(self) -> np.ndarray:
         """The batch size of every committed row."""
         if self._batch is None:
+            if self.committed:
+                self.array("batch_size")  # opened outside the event loop (a synchronous call)
             self._batch = sync(self.abatch_sizes())
         return self._batch
 
     async def abatch_sizes(self) -> np.ndarray:
         """:meth:`batch_sizes` for code already running on Zarr's event loop."""
         if self._batch is None:
-            self._batch = (await self.array("batch_size").aget(slice(None)) if self.committed
-                           else np.zeros(0, dtype=np.int32))
+            batch = (await self.array("batch_size").aget(slice(None)) if self.committed
+                     else np.zeros(0, dtype=np.int32))
+            if batch.size and self.samples is not None and (
+                    int(batch.max()) > self.samples or int(batch.min()) < 1):
+                raise StoreCorruptError(
+                    f"{self.where}: the committed sample capacity 'trajlab_samples' is "
+                    f"{self.samples}, but committed rows hold batches of {int(batch.min())} to "
+                    f"{int(batch.max())} samples; the store's root metadata (zarr.json) was "
+                    "edited or is damaged: restore it from a copy")
+            self._batch = batch
         return self._batch
 
     def expected_dtype(self, path: str) -> np.dtype | None:
@@ -276,10 +287,18 @@ class RowReader:
                     f"{self.where}: array {path!r} is stored as {np.dtype(arr.dtype)} but the "
                     f"run's metadata says {want}: the metadata was edited or is damaged "
                     "(restore zarr.json from a copy)")
+            if self.layout.checksummed and not any(
+                    isinstance(c, zarr.codecs.Crc32cCodec) for c in arr.metadata.codecs):
+                raise StoreCorruptError(
+                    f"{self.where}: array {path!r} has no crc32c checksum in its codecs, which "
+                    "this store's format requires of every array: its zarr.json was edited or "
+                    "is damaged (damaged chunks would read as wrong numbers); restore it from a "
+                    "copy")
             batch = None
             if self.layout.checksummed and path != "batch_size":
                 dims = tuple(arr.metadata.dimension_names or ())
                 if SAMPLE in dims:
+                    self.array("batch_size")  # opened here: abatch_sizes runs inside the loop
                     batch = self.abatch_sizes
             self._arrays[path] = StoredArray(arr, path, rows=self.committed,
                                              samples=self.samples,
@@ -298,6 +317,9 @@ class RowReader:
     def root_rows(self, names: Sequence[str], rows: tuple[int, int]) -> dict[str, np.ndarray]:
         """Root variables for rows ``rows[0]:rows[1]``."""
         sl = self._slice(rows)
+        if any(SAMPLE in self.layout.root_vars[n].dims for n in names
+               if n in self.layout.root_vars):
+            self.batch_sizes()  # checks the committed sample capacity against the batches
         vals = read_many([(self.array(n), sl) for n in names])
         return dict(zip(names, vals))
 
@@ -340,6 +362,8 @@ class RowReader:
             if r1 < self.committed:
                 extra_weight = (self.array(f"{base}/weight"), slice(r1, r1 + 1))
             need("weight")
+        if any(SAMPLE in stored[n].dims for n in want):
+            self.batch_sizes()  # checks the committed sample capacity against the batches
         items = list(want.values()) + ([extra_weight] if extra_weight else [])
         vals = read_many(items)
         got = dict(zip(want, vals[: len(want)]))
