@@ -34,12 +34,16 @@ from trajlab.analysis.assemble import (
 )
 from trajlab.analysis.plan import AnalysisOptions, Plan, make_plan
 from trajlab.analysis.tasks import chunk_values, layer_chunk, network_chunk, plan_run
-from trajlab.errors import StoreError
+from trajlab.analysis.variables import VARIABLES
+from trajlab.errors import StoreCorruptError, StoreError
 from trajlab.store import Run, open_run
 from trajlab.store.analysis_store import AnalysisStore
 from trajlab.store.lock import StoreLock
 from trajlab.store.metadata import AnalysisMeta
-from trajlab.store.target import check_writable, inspect
+from trajlab.store.target import check_writable, inspect, show
+
+#: Variables written whole once every step chunk is done (the series-wide integrals).
+INTEGRATED = frozenset(k for k, v in VARIABLES.items() if v.stage == "integrated")
 
 
 @dataclass
@@ -163,7 +167,8 @@ def analyze(
         operator norm of each convolution (``K_operator``, ``K_net_operator``; §6b).
     overwrite : replace an existing analysis store (never anything else).
     progress : progress bar on the terminal.
-    storage_options : fsspec options for ``out``.
+    storage_options : fsspec options for ``out`` and for the runs given as URLs
+        (``"s3://bucket/run.zarr"``; a :class:`Run` keeps the options it was opened with).
     torch_threads : torch intra-op threads per graph node (default 1: Dask parallelises).
     on_schedule : called with a description of where the graph runs, once it is chosen (the
         CLI prints it).
@@ -180,7 +185,7 @@ def analyze(
     >>> ds.K.sel(layer="fc1").plot()  # doctest: +SKIP
     """
     many = isinstance(run, (list, tuple))
-    runs = [open_run(r) for r in (run if many else [run])]
+    runs = [_open_run(r, storage_options) for r in (run if many else [run])]
     if many and not runs:
         raise ValueError("analyze([]) got no runs")
     if out is None:
@@ -221,7 +226,11 @@ def analyze(
                 j.store = _prepare_store(j, overwrite)
                 j.create = j.store is None
                 if j.store is not None:
-                    j.pending = tuple(np.flatnonzero(~j.store.done()).tolist())
+                    pending = _pending(j, overwrite)
+                    if pending is None:  # damaged beyond resuming, and overwrite=True
+                        j.store, j.create = None, True
+                    else:
+                        j.pending = pending
                     if progress and j.pending and not j.store.meta.complete:
                         print(f"resuming {j.out}: {len(j.pending)} of {len(j.plan.chunks)} "
                               "chunks left", file=sys.stderr)
@@ -234,6 +243,17 @@ def analyze(
         for lock in locks:
             lock.release()
     return datasets if many else datasets[0]
+
+
+def _open_run(run: Run | Any, storage_options: dict | None) -> Run:
+    """``open_run``, with ``storage_options`` for a URL (never for a local path, which takes
+    none)."""
+    from trajlab.store.target import local_path
+
+    url = isinstance(run, (str, os.PathLike)) and local_path(run) is None
+    if not url or storage_options is None:
+        return open_run(run)
+    return open_run(run, storage_options=storage_options)
 
 
 def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
@@ -308,6 +328,41 @@ def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore | None:
             if not overwrite:
                 raise StoreError(_mismatch(out, store.meta, plan))
     return None
+
+
+def _pending(job: _Job, overwrite: bool) -> tuple[int, ...] | None:
+    """The step chunks of an existing store still to compute: those not done, and those that
+    :meth:`AnalysisStore.verify` finds missing or damaged (a warning names them). A finished
+    store with damage goes back to unfinished first (its integrals are then recomputed too);
+    a damaged ``step`` coordinate is rewritten from the run. An array whose metadata is gone
+    cannot be resumed: None with ``overwrite`` (lay out a new store), else an error that
+    says to recompute with overwrite."""
+    store = job.store
+    assert store is not None
+    problems = store.verify(integrals=INTEGRATED)
+    lost = [p for p in problems if p.chunk is None]
+    if lost and overwrite:
+        return None
+    if lost:
+        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+        raise StoreCorruptError(
+            f"the analysis store {show(job.out)} is damaged beyond resuming: {lost[0].message}"
+            f"{more}; recompute it with overwrite=True (`trajlab analyze RUN --out "
+            f"{job.out} --overwrite`)")
+    done = store.done()
+    if problems:
+        shown = "; ".join(p.message for p in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        warnings.warn(f"trajlab: the analysis store {show(job.out)} has {len(problems)} missing "
+                      f"or damaged chunk(s); recomputing them: {shown}{more}", UserWarning,
+                      stacklevel=3)
+        store.mark_unfinished()
+        for p in problems:
+            if p.array == "step":
+                store.write_all({"step": job.run.root_rows(["step"], job.plan.rows)["step"]})
+            elif p.array not in INTEGRATED and p.chunk is not None and p.chunk < done.size:
+                done[p.chunk] = False
+    return tuple(np.flatnonzero(~done).tolist())
 
 
 def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:

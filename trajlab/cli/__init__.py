@@ -52,7 +52,8 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, ImportError):
         return f"{e}; install the missing optional dependency (pip install ...)"
     return (f"{type(e).__name__}: {e} — if a URL store is involved, check the URL, network and "
-            "credentials (storage options); rerun with --debug for the traceback")
+            "credentials (--storage-options JSON or @FILE, or the environment); rerun with "
+            "--debug for the traceback")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,37 @@ def step_range(text: str) -> tuple[int, int]:
     if b <= a:
         raise argparse.ArgumentTypeError(f"STOP must be larger than START, got {text!r}")
     return a, b
+
+
+def storage_options(text: str) -> dict:
+    """fsspec options for URL stores: a JSON object, or ``@FILE`` holding one (keeps secrets
+    off the command line), e.g. ``'{"anon": true}'`` or ``@s3.json``."""
+    import json
+
+    source = "the JSON"
+    if text.startswith("@"):
+        source = f"file {text[1:]!r}"
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{source} is not valid JSON ({e}); give an object such as "
+            "'{\"key\": ..., \"secret\": ..., \"client_kwargs\": {\"endpoint_url\": ...}}' or "
+            "@FILE") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{source} must hold a JSON object (fsspec options), "
+                                         f"got {type(value).__name__}")
+    return value
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """The ``--storage-options`` argument of every command that opens stores."""
+    p.add_argument("--storage-options", type=storage_options, default=None, metavar="JSON",
+                   help="fsspec options for URL stores (s3://, gs://, ...): a JSON object or "
+                   "@FILE holding one, e.g. @s3.json with key, secret and client_kwargs; "
+                   "credentials can also come from the environment, as fsspec reads them")

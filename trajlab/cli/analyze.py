@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from trajlab.cli._args import positive_int, step_range, unit_interval
+from trajlab.cli._args import add_storage_options, positive_int, step_range, unit_interval
 
 
 def add_parser(sub) -> None:
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing analysis stores (never anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows, gradient=args.gradient, gap_tol=args.gap_tol,
         conv_definition=args.conv_definition, overwrite=args.overwrite,
         progress=not args.quiet, on_schedule=None if scheduler != "auto" else _announce,
+        storage_options=args.storage_options,
     )
     datasets = result if isinstance(result, list) else [result]
     took = time.perf_counter() - t0

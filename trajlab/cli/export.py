@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trajlab.cli._args import positive_int
+from trajlab.cli._args import add_storage_options, positive_int
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", nargs="+", default=None, help="layers to write (default all)")
     p.add_argument("--every", type=positive_int, default=1,
                    help="write every N-th analysed step (default 1: all)")
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from trajlab.export import to_tensorboard
 
     out = to_tensorboard(args.analysis, args.tensorboard, run_name=args.run_name,
-                         layers=args.layers, every=args.every)
+                         layers=args.layers, every=args.every,
+                         storage_options=args.storage_options)
     print(f"tensorboard -> {out} (view: tensorboard --logdir {args.tensorboard})")
     return 0

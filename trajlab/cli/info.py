@@ -1,4 +1,5 @@
-"""``trajlab info RUN [--verify]``: layers, shapes, steps, sizes, coverage and integrity."""
+"""``trajlab info STORE [--verify]``: a run store's layers, shapes, steps, sizes, coverage and
+integrity, or an analysis store's run, steps, chunks and integrity."""
 
 from __future__ import annotations
 
@@ -7,24 +8,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trajlab.cli._args import add_storage_options
 from trajlab.cli._util import human
 from trajlab.errors import StoreCorruptError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="describe a run store: layers, shapes, steps, sizes, "
-                       "coverage and integrity")
-    p.add_argument("run", help="run store (path or URL)")
+    p = sub.add_parser("info", help="describe a run store (layers, shapes, steps, sizes, "
+                       "coverage, integrity) or an analysis store (run, steps, chunks, "
+                       "integrity)")
+    p.add_argument("run", help="run store or analysis store (path or URL)")
     p.add_argument("--verify", action="store_true",
-                   help="read every committed chunk and check its checksum (slow on big runs)")
+                   help="read every committed (written) chunk and check its checksum (slow on "
+                   "big runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_storage_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    report = info_report(args.run, verify=args.verify, progress=not args.quiet)
+    report = info_report(args.run, verify=args.verify, progress=not args.quiet,
+                         storage_options=args.storage_options)
     print(report.text)
     if report.damaged:
         print(f"trajlab info: error: the store is damaged: {report.damaged[0]}",
@@ -48,16 +54,23 @@ def format_info(path) -> str:
     return info_report(path).text
 
 
-def info_report(path, *, verify: bool = False, progress: bool = False) -> InfoReport:
-    """Summary of a run store and its integrity problems.
+def info_report(path, *, verify: bool = False, progress: bool = False,
+                storage_options: dict | None = None) -> InfoReport:
+    """Summary of a run store and its integrity problems (of an analysis store: see
+    :func:`analysis_report`).
 
     Works on any store trajlab can open: a live recording, one killed while being laid out
     (no committed step yet), a truncated one. ``verify`` reads every committed chunk.
+    ``storage_options``: fsspec options for a URL.
     """
     import trajlab
     from trajlab.sketches import sketch_kind
+    from trajlab.store.target import inspect
 
-    run = trajlab.open_run(path)
+    if inspect(path, storage_options=storage_options).state == "analysis":
+        return analysis_report(path, verify=verify, progress=progress,
+                               storage_options=storage_options)
+    run = trajlab.open_run(path, storage_options=storage_options)
     meta = run.meta
     lines = [f"run store   {path}",
              f"format      v{meta.format_version}"
@@ -112,6 +125,68 @@ def info_report(path, *, verify: bool = False, progress: bool = False) -> InfoRe
         lines.append("integrity   committed data ok" + checked + "; " + "; ".join(problems))
     else:
         lines.append("integrity   " + "; ".join(problems))
+    return InfoReport("\n".join(lines), problems, damaged)
+
+
+def analysis_report(path, *, verify: bool = False, progress: bool = False,
+                    storage_options: dict | None = None) -> InfoReport:
+    """Summary of an analysis store: its run, steps, layers, chunks done, size, and (with
+    ``verify``) every written chunk read and checked. Missing or damaged chunks are damage
+    (exit status 2); an unfinished analysis is a note."""
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed in notebooks
+
+    from trajlab.analysis.pipeline import INTEGRATED
+    from trajlab.store.analysis_store import AnalysisStore, repair_hint
+
+    st = AnalysisStore.open(path, storage_options=storage_options)
+    m = st.meta
+    n_rows = m.rows[1] - m.rows[0]
+    layers = ", ".join(m.layers[:8]) + (f", ... ({len(m.layers)} layers)"
+                                        if len(m.layers) > 8 else "")
+    lines = [f"analysis store {path}",
+             f"format      analysis v{m.format_version}, created {m.created}, trajlab "
+             f"{m.trajlab_version}",
+             f"run         {m.run} (run id {m.run_id})",
+             f"steps       {n_rows} steps analysed: {m.steps[0]} .. {m.steps[1]} (rows "
+             f"{m.rows[0]}..{m.rows[1] - 1} of the run)",
+             f"layers      {len(m.layers)}: {layers}"]
+    problems: list[str] = []
+    damaged: list[str] = []
+    if m.state == "layout":
+        lines.append("chunks      none (killed while being laid out); rerun trajlab analyze")
+        problems.append("unfinished (being laid out)")
+    else:
+        done = st.done()
+        state = "complete" if m.complete else "unfinished (rerun trajlab analyze to resume)"
+        lines.append(f"chunks      {int(done.sum())} of {done.size} chunks done ({m.chunk_rows} "
+                     f"steps each), {state}")
+        if not m.complete:
+            problems.append("unfinished")
+    lines.append(f"variables   {len(m.variables)}")
+    try:
+        size = sum(int(a.nbytes_stored()) for _, a in st.group.arrays())
+        lines.append(f"stored      {human(size)} compressed")
+    except Exception:  # noqa: BLE001 - a damaged array's metadata: reported below
+        pass
+    if verify:
+        with tqdm(total=st.n_checks(), disable=not progress, desc="verifying", unit="chunk",
+                  leave=False) as bar:
+            found = st.verify(integrals=INTEGRATED, progress=lambda: bar.update(1))
+        damaged = [p.message for p in found]
+        problems += damaged
+    checked = " (every written chunk read and checked)" if verify else ""
+    if not problems:
+        lines.append("integrity   ok" + checked)
+    elif not damaged:
+        lines.append("integrity   written data ok" + checked + "; " + "; ".join(problems))
+    else:
+        lines.append(f"integrity   {len(damaged)} missing or damaged chunk(s) or array(s):")
+        lines += [f"  {p}" for p in damaged[:20]]
+        if len(damaged) > 20:
+            lines.append(f"  ... and {len(damaged) - 20} more")
+        lines += [f"  note: {p}" for p in problems if p not in damaged]
+        damaged = [f"{damaged[0]}" + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1
+                                      else "") + f"; {repair_hint(str(path))}"]
     return InfoReport("\n".join(lines), problems, damaged)
 
 
