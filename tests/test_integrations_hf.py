@@ -412,3 +412,21 @@ def test_accelerate_prepared_model_and_optimizer(tmp_path):
     assert run_.steps.tolist() == [0, 1, 2, 3]
     assert run_.root.batch_size.values.tolist() == [16] * 4
     np.testing.assert_array_equal(run_.layer("0").weight.values, torch.stack(snaps).numpy())
+
+
+def test_resume_leaves_out_what_the_first_run_left_out(tmp_path):
+    """mode="a" on a GPT-2 run whose wpe was left out at its first step: the same layers are
+    recorded, the appended weights continue the run."""
+    model = gpt2()
+    xs = batches(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, xs[:2], store=tmp_path / "r.zarr", internal=False)
+        snaps = []
+        train(model, xs[2:], store=tmp_path / "r.zarr", internal=False, mode="a",
+              snapshots=snaps)
+    run = trajlab.open_run(tmp_path / "r.zarr")
+    assert run.steps.tolist() == [0, 1, 2, 3] and "transformer.wpe" not in run.layers
+    name = "transformer.h.0.mlp.c_proj"
+    np.testing.assert_array_equal(run.layer(name).weight.values[2],
+                                  snaps[0][f"{name}.weight"].T.numpy())

@@ -339,12 +339,13 @@ class Recorder:
             wrap = self._wrap_closure
 
             def pre_hook(opt, args, kwargs):  # plain functions (see _arm)
-                closure = kwargs.get("closure", args[0] if args else None)
+                # args: (optimizer, closure?) as step() was called (the optimizer first)
+                closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
                 if callable(closure):  # forward and backward run inside step(closure)
                     closure = wrap(closure)
                     if "closure" in kwargs:
                         return args, {**kwargs, "closure": closure}
-                    return (closure, *args[1:]), kwargs
+                    return (args[0], closure, *args[2:]), kwargs
                 before(opt, args, kwargs)
                 return None
 
@@ -393,6 +394,19 @@ class Recorder:
                 raise RecorderError(f"cannot append: the store holds {old.dtype} weights, the "
                                     f"model has {dtype}; record into a new store")
             stored = set(old.layer_names)
+            broadcast = {e["name"]: e for e in (old.model or {}).get("modules", [])
+                         if "broadcast over the batch" in str(e.get("why", ""))}
+            left_out = [layer for layer in self._layers if layer.name not in stored
+                        and layer.target.module_name in broadcast]
+            if left_out:  # left out at the stored run's first step (see _drop_broadcast)
+                for layer in left_out:
+                    layer.dropped = True
+                self._layers = [layer for layer in self._layers if not layer.dropped]
+                for e in self._summary["modules"]:
+                    if e["name"] in broadcast:
+                        e.update(recorded=False, recorded_parameters=0,
+                                 why=broadcast[e["name"]]["why"])
+                        e.pop("how", None)
             missing = [layer.name for layer in self._layers if layer.name not in stored]
             if missing:
                 raise RecorderError(f"cannot append: layers {missing} are not in the store "
