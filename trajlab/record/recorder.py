@@ -1019,9 +1019,15 @@ class Recorder:
         ps_dtype = self.per_sample_dtype or dtype
         chunk = self.chunk_steps or store_policy.chunk_steps(
             metas, batch_size, np.dtype(dtype).itemsize)
+        # -- issue 23: the optimizer's SDE parameters for the analysis (optimizer_state.py)
+        from trajlab.record.optimizer_state import with_optimizer_spec
+
+        user = with_optimizer_spec(self.metadata, self.optimizer,
+                                   [layer.target.param for layer in self._layers])
+        # -- end issue 23
         meta = store_policy.new_meta(
             metas=metas, dtype=dtype, ps_dtype=ps_dtype, every=self.every, chunk=chunk,
-            sampler=self.sampler, dataset_size=self.dataset_size, user=self.metadata,
+            sampler=self.sampler, dataset_size=self.dataset_size, user=user,
             probe=self.probe is not None, model=self._summary)
         self._run_meta = meta
         self._writer.create(meta, batch_size)
