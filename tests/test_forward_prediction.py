@@ -85,3 +85,29 @@ def test_no_probe_no_prediction(runs):
     assert np.isnan(ds.logK_pred_mean.values[1:]).all()
     assert "probe" in ds.attrs["prediction"]
     assert np.isfinite(ds.K_pathwise.values).all()
+
+
+def test_the_recorder_stores_the_optimizer_spec(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    import trajlab
+    from trajlab.sde.optimizer import OptimizerSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.8, nesterov=True,
+                          weight_decay=1e-3)
+    X, Y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(X), Y).backward()
+            rec.log(indices=torch.arange(8))
+            opt.step()
+    user = trajlab.open_run(tmp_path / "r.zarr").meta.user
+    assert OptimizerSpec.from_dict(user["optimizer_spec"]) == OptimizerSpec(
+        "momentum", momentum=0.8, nesterov=True, weight_decay=1e-3)
+    ds = analyze(tmp_path / "r.zarr", progress=False, scheduler="synchronous")
+    assert ds.attrs["optimizer_source"] == "the run's metadata"
+    assert ds.attrs["optimizer_theory"] == THEORY_MOMENTUM

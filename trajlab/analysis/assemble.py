@@ -86,6 +86,12 @@ def fill_probe_gaps(x: np.ndarray, probed: np.ndarray, time: np.ndarray) -> np.n
     return out
 
 
+def _defined(x: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Rows whose value stands (computed, or undefined because the step is): the others (no
+    expected gradient within reach) are interpolated by :func:`fill_probe_gaps`."""
+    return np.isfinite(x) | ~np.isfinite(K)
+
+
 def integrals(v: Mapping[str, np.ndarray], *, every: int) -> dict[str, np.ndarray]:
     """Series-wide variables at the start of each row (first row = initial values).
 
@@ -106,17 +112,23 @@ def integrals(v: Mapping[str, np.ndarray], *, every: int) -> dict[str, np.ndarra
     transfer = (v["transfer_first"], v["transfer_rest"], v["transfer_gain"],
                 float(np.nan_to_num(v["transfer_ratio"][0])))
     probed = np.asarray(v["flow_full_gradient"], dtype=bool)
-    flow = fill_probe_gaps(v["flow_expected"], probed, time)
-    mean, _ = forward_prediction(flow, v["drift_noise_update"], np.zeros_like(flow), dt,
-                                 transfer=transfer, direct=v["drift_decoupled"])
+    # the expected update's drift is already the optimizer's (its recursion run on expected
+    # gradients); only the noise is carried forward by the transfer weights (docs/math.md 8)
+    flow = fill_probe_gaps(v["flow_expected"], _defined(v["flow_expected"], K), time)
+    zero = np.zeros_like(flow)
+    mean, _ = forward_prediction(zero, v["drift_noise_update"], zero, dt, transfer=transfer,
+                                 direct=flow + v["drift_decoupled"])
     out["K_pred_mean"] = K[0][None, :] + mean
     flow_sgd = fill_probe_gaps(np.where(probed, v["drift_flow"], np.nan), probed, time)
     out["K_pred_mean_sgd"] = K[0][None, :] + _int(flow_sgd + v["drift_noise"], dt)
     z0 = v["logK"][0]
     net_probed = np.asarray(v["flow_probed"], dtype=bool)
-    lflow = fill_probe_gaps(v["logK_flow_expected"], net_probed, time)
-    mean, var = forward_prediction(lflow, v["logK_noise_update"], v["logK_diffusion2_update"],
-                                   net_dt, transfer=transfer, direct=v["logK_drift_decoupled"])
+    lflow = fill_probe_gaps(v["logK_flow_expected"],
+                            _defined(v["logK_flow_expected"], v["logK"]), time)
+    zero = np.zeros_like(lflow)
+    mean, var = forward_prediction(zero, v["logK_noise_update"], v["logK_diffusion2_update"],
+                                   net_dt, transfer=transfer,
+                                   direct=lflow + v["logK_drift_decoupled"])
     out["logK_pred_mean"] = z0 + mean
     out["logK_pred_var"] = var
     out["logK_pred_mean_sgd"] = z0 + _int(

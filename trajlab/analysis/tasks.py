@@ -224,71 +224,138 @@ def _forward_terms(plan: Plan, c: ChunkInputs, rows: tuple[int, int],
     spec, _ = plan_optimizer(plan)
     K = out["K"]
     out["drift_decoupled"] = -spec.decoupled * K
+    P = None
     if not spec.preconditioned:
-        out["flow_expected"] = np.where(out["flow_full_gradient"],
-                                        out["drift_flow"] - spec.l2 * K, np.nan)
         out["drift_noise_update"] = out["drift_noise"].copy()
         out["diffusion2_update"] = out["diffusion2"].copy()
         out["noise_proj_update"] = out["noise_proj"].copy()
-        return
-    _adam_terms(plan, c, rows, out, noisy, spec)
+    else:
+        P = _adam_terms(plan, c, rows, out, noisy, spec)
+    out["flow_expected"] = _expected_flow(plan, c, rows, spec, P)
+
+
+def _expected_flow(plan: Plan, c: ChunkInputs, rows: tuple[int, int], spec, P
+                   ) -> np.ndarray:
+    """``-u1^T E[d_t] v1`` at the measured weights of each row, with ``E[d_t]`` the update
+    of the optimizer's recursion run on expected gradients (docs/math.md §8): the probe's
+    gradient, linearly interpolated (row by row) between probed rows; the recursion starts
+    :func:`~trajlab.sde.optimizer.memory_rows` rows before the chunk (or at the run's first
+    row). NaN where no probe is within reach or no preconditioner is known."""
+    from trajlab.sde.optimizer import expected_updates, memory_rows
+
+    n = rows[1] - rows[0]
+    out = np.full(n, np.nan)
+    if c.probed is None:
+        return out
+    run = plan_run(plan)
+    r0, r1 = rows
+    lo = max(0, r0 - memory_rows(spec)) if plan.every == 1 else r0
+    probe_all = run.root_rows(["probe"])["probe"].astype(bool)
+    later = np.flatnonzero(probe_all[r1:])
+    hi = r1 + (int(later[0]) + 1 if later.size else 0)
+    v = run.layer_rows(c.lm.name, ["probe_grad", "weight"], (lo, hi))
+    steps = run.root_rows(["step"], (lo, hi))["step"].astype(np.int64)
+    have = probe_all[lo:hi] & np.isfinite(v["probe_grad"]).all(axis=(1, 2))
+    if not have.any():
+        return out
+    grads = v["probe_grad"].astype(np.float64)
+    known = np.flatnonzero(have)
+    for i in np.flatnonzero(~have):  # linear in the row between the nearest probed rows
+        j = np.searchsorted(known, i)
+        a, b = known[max(j - 1, 0)], known[min(j, known.size - 1)]
+        w = 0.0 if a == b else (i - a) / (b - a)
+        grads[i] = (1 - w) * grads[a] + w * grads[b]
+    grads = grads + spec.l2 * v["weight"].astype(np.float64)
+    m = r1 - lo
+    Pfull = None
+    if spec.preconditioned:
+        if P is None:
+            return out
+        Pfull = torch.ones((m, *grads.shape[1:]), dtype=F64)  # rows before the chunk: unused
+        Pfull[r0 - lo:] = P
+    if plan.every > 1:  # the recursion between recorded rows is unknown: its small-lr limit
+        Ed = _t(grads[:m]) * spec.effective_coefficient()
+        if Pfull is not None:
+            Ed = Ed * Pfull
+    else:
+        Ed = expected_updates(_t(grads[:m]), steps[:m], spec, P=Pfull)
+    Ed = Ed[r0 - lo:]
+    W = _t(c.vals["weight"])
+    ok = torch.isfinite(W).all(-1).all(-1) & torch.isfinite(Ed).all(-1).all(-1)
+    if not bool(ok.any()):
+        return out
+    U, S, Vh = torch.linalg.svd(W[ok], full_matrices=False)
+    u, vv = U[..., :, 0], Vh[..., 0, :]
+    out[ok.numpy()] = (-(u[:, None, :] @ Ed[ok] @ vv[:, :, None])[:, 0, 0]).numpy()
+    return out
 
 
 def _adam_terms(plan: Plan, c: ChunkInputs, rows: tuple[int, int],
-                out: dict[str, np.ndarray], noisy: np.ndarray, spec) -> None:
-    """Adam's preconditioned terms. The second moment before each step is rebuilt from the
-    run's batch gradients of the earlier steps (a slow statistic taken from the run; the
-    step's own g^2 is replaced by E[g^2] = grad L^2 + diag(Sigma)). Needs every=1 and the
-    run recorded from step 0; exact per-sample sketches only (elsewhere NaN, attrs say why)."""
+                out: dict[str, np.ndarray], noisy: np.ndarray, spec) -> torch.Tensor | None:
+    """Adam's preconditioned noise terms and its preconditioner P (T, m, n) per row.
+
+    The second moment is Adam's recursion run from the run's first step on E[g_s^2] =
+    (grad L_s + lambda W_s)^2 + diag(Sigma_s) at probed rows (probe and per-sample
+    information), and on the earlier steps' realised g_s^2 (unbiased for it) elsewhere; the
+    step's own g^2 is always replaced by E[g^2] (docs/math.md 8). Expected second moments
+    keep P consistent with the first moment rebuilt from expected gradients: a coordinate
+    the batches have not hit yet has a realised v of 0 but a small nonzero grad L. Needs
+    every=1 and the run recorded from step 0; exact per-sample sketches only (else NaN)."""
     from trajlab.sde.optimizer import adam_preconditioner, preconditioned_noise_terms
-    from trajlab.sde.sketch import noise_diag
 
     run = plan_run(plan)
     first_step = int(run.root_rows(["step"], (0, 1))["step"][0])
     if plan.every != 1 or first_step != 0 or not (c.kind.per_sample and c.kind.exact):
-        return  # stays NaN
+        return None  # stays NaN
     lm, b2 = c.lm, spec.betas[1]
     r0, r1 = rows
     steps = run.root_rows(["step"], rows)["step"].astype(np.int64)
     # Adam's v before row r0, from the run's rows [0, r0) (read in pieces)
-    v = np.zeros(lm.shape)
+    v = torch.zeros(lm.shape, dtype=F64)
     piece = max(1, plan.chunk_rows)
     for a in range(0, r0, piece):
         b = min(r0, a + piece)
         prev = read_chunk(plan, plan.layers.index(lm), (a, b))
         g = _batch_grads(prev) + spec.l2 * np.nan_to_num(prev.vals["weight"].astype(np.float64))
         for t in range(b - a):
-            v = b2 * v + (1 - b2) * g[t] ** 2
-    g_now = _batch_grads(c) + spec.l2 * c.vals["weight"].astype(np.float64)
-    probe = c.vals.get("probe_grad")
+            sq = _expected_sq(prev, t, spec)
+            v = b2 * v + (1 - b2) * (sq if sq is not None else _t(g[t]) ** 2)
+    Ps = torch.full((r1 - r0, *lm.shape), float("nan"), dtype=F64)
     for i in range(r1 - r0):
         t = int(steps[i])
-        if noisy[i]:
+        sq = _expected_sq(c, i, spec)
+        if sq is None and t > 0:
+            sq = v / (1 - b2**t)  # no probe: the bias-corrected second moment so far
+        if noisy[i] and sq is not None:
             b = int(c.batch[i])
-            tens = c.tensors(slice(i, i + 1), b)
-            G = _dense_samples(c.kind, tens)[0]                       # (B, m, n)
-            W = _t(c.vals["weight"][i])
-            gbar = G.mean(0)
-            full = None
-            if probe is not None and c.probed is not None and c.probed[i]:
-                full = _t(probe[i]) + spec.l2 * W
-            sd = noise_diag(c.kind.name, {k: x[0] for k, x in tens.items()}, gbar, batch_size=b)
-            if full is not None:
-                sq = full**2 + sd
-            elif t > 0:
-                sq = _t(v) / (1 - b2**t)
-            else:
-                sq = None
-            if sq is not None:
-                P = adam_preconditioner(_t(v), sq, t, spec)
-                grad = full if full is not None else torch.full_like(W, float("nan"))
-                terms = preconditioned_noise_terms(W, P, grad, G, _t(out["lr"][i]),
-                                                   population=plan.options.population)
-                out["flow_expected"][i] = float(terms["flow"])
-                out["drift_noise_update"][i] = float(terms["drift_noise"])
-                out["diffusion2_update"][i] = float(terms["diffusion2"])
-                out["noise_proj_update"][i, :b] = terms["noise_proj"].numpy()
-        v = b2 * v + (1 - b2) * g_now[i] ** 2
+            G = _dense_samples(c.kind, c.tensors(slice(i, i + 1), b))[0]   # (B, m, n)
+            P = adam_preconditioner(v, sq, t, spec)
+            Ps[i] = P
+            terms = preconditioned_noise_terms(_t(c.vals["weight"][i]), P, torch.zeros_like(P),
+                                               G, _t(out["lr"][i]),
+                                               population=plan.options.population)
+            out["drift_noise_update"][i] = float(terms["drift_noise"])
+            out["diffusion2_update"][i] = float(terms["diffusion2"])
+            out["noise_proj_update"][i, :b] = terms["noise_proj"].numpy()
+        v = b2 * v + (1 - b2) * (sq if sq is not None else torch.zeros_like(v))
+    return Ps
+
+
+def _expected_sq(c: ChunkInputs, i: int, spec) -> torch.Tensor | None:
+    """E[g~^2] = (grad L + lambda_L2 W)^2 + diag(Sigma) at row ``i`` of a chunk (None without
+    a probe or per-sample information there)."""
+    from trajlab.sde.sketch import noise_diag
+
+    probe = c.vals.get("probe_grad")
+    b = int(c.batch[i])
+    if probe is None or c.probed is None or not c.probed[i] or b < 2 or not c.kind.per_sample:
+        return None
+    tens = c.tensors(slice(i, i + 1), b)
+    one = {k: x[0] for k, x in tens.items()}
+    gbar = c.kind.mean_gradient(one) if c.kind.implies_grad else _t(c.vals["grad"][i])
+    sd = noise_diag(c.kind.name, one, gbar, batch_size=b)
+    full = _t(probe[i]) + spec.l2 * _t(c.vals["weight"][i])
+    return full**2 + sd
 
 
 def _batch_grads(c: ChunkInputs) -> np.ndarray:

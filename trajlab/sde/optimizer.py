@@ -27,9 +27,13 @@ top singular pair (directions frozen over the ~1/(1-mu) steps the buffer remembe
   + sum_{t<T} direct_t eta_t``,
 * variance: ``Var[Z_T] = sum_s diff2_s A_{s,T}^2 / eta_s``,
 
-with ``flow_s`` the expected-gradient rate, ``noise_s`` the second-order (Itô) noise rate,
-``diff2_s`` the squared diffusion, all of SGD's form at unit coefficient and step ``s``, and
-``direct`` a drift outside the recursion (AdamW's decoupled decay ``-lambda``). For SGD this is
+with ``noise_s`` the second-order (Itô) noise rate and ``diff2_s`` the squared diffusion, of
+SGD's form at unit coefficient and step ``s``, and ``direct`` a drift applied as is. The
+analysis passes ``flow = 0`` and the expected update's drift as ``direct``: the optimizer's
+recursion run on expected gradients (:func:`expected_updates`) projected at each step's
+measured directions (carrying ``flow_s`` with the directions of step ``s`` missed the
+rotation of the top pair while a gradient stays in the buffer), plus AdamW's decoupled
+decay ``-lambda``. For SGD this is
 the paper's integral form exactly; for momentum it is the stochastic modified equation of Li,
 Tai & E (2019), whose small-lr limit is SGD with lr ``eta (1 - d) / (1 - mu)``; for Adam it
 follows the SDE of Malladi, Lyu, Panigrahi & Arora (NeurIPS 2022) with the preconditioner
@@ -356,3 +360,35 @@ def preconditioned_noise_terms(W: Tensor, P: Tensor, grad: Tensor, G: Tensor, lr
         "diffusion2": eta * scale * (c * c).sum(-1),
         "noise_proj": c,
     }
+
+
+def expected_updates(grads: Tensor, steps: np.ndarray, spec: OptimizerSpec, *,
+                     P: Tensor | None = None) -> Tensor:
+    """The expected updates ``E[d_t]`` (T, m, n) of the optimizer's recursion run on expected
+    gradients ``grads`` (T, m, n; L2 decay included), rows ``steps`` consecutive.
+
+    The fast state starts empty at the first row (PyTorch's momentum buffer takes the first
+    gradient as is; Adam's first moment starts at 0 with its bias correction from ``steps``).
+    ``P`` (T, m, n): Adam's preconditioner per row (required for Adam/AdamW).
+    """
+    out = torch.empty_like(grads)
+    if spec.kind == "sgd":
+        return grads.clone()
+    state = None
+    for i in range(grads.shape[0]):
+        g = grads[i]
+        if spec.kind == "momentum":
+            mu, d = spec.momentum, spec.dampening
+            state = g.clone() if state is None else mu * state + (1 - d) * g
+            out[i] = g + mu * state if spec.nesterov else state
+        else:
+            b1 = spec.betas[0]
+            state = (1 - b1) * g if state is None else b1 * state + (1 - b1) * g
+            out[i] = P[i] * state / (1 - b1 ** (int(steps[i]) + 1))
+    return out
+
+
+def memory_rows(spec: OptimizerSpec, tol: float = 1e-12) -> int:
+    """Rows of history after which the fast state has forgotten a gradient to ``tol``."""
+    r = spec.memory
+    return 0 if r <= 0 else int(math.ceil(math.log(tol) / math.log(r)))
