@@ -1,0 +1,147 @@
+"""Optimizer validation (issue 23): does the forward prediction's band hold for the optimizers
+people use?
+
+R runs from one initialisation, differing only in the sampling seed, per optimizer. For each:
+the coverage (how many runs end with log K_net inside their own 95% band), the predicted sd
+against the sd of the residual (measured - predicted) across runs, and the predicted sd against
+the spread of the measured log K_net itself. Targets (issue 23): coverage >= 3/4 of the runs,
+pred sd / residual sd in [0.5, 2], pred sd / spread >= 0.3.
+
+The predictions are trajlab's (docs/math.md §8): the paper covers SGD only (PAPER.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trajlab.recipes import TrainConfig, record_digits
+from trajlab.sde import Z95
+
+__all__ = ["CASES", "Case", "band_numbers", "optimizer_validation"]
+
+#: Issue 23's targets.
+COVERAGE_TARGET = 0.75
+RESIDUAL_RANGE = (0.5, 2.0)
+SPREAD_MIN = 0.3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer setting of the study: a name and the TrainConfig fields it changes."""
+
+    name: str
+    optimizer: str
+    lr: float
+    probe_every: int = 1
+    weight_decay: float = 0.0
+
+
+#: The default cases: SGD with the probe at every step, every 10 steps (interpolated) and
+#: without one (no prediction), momentum 0.9, Adam, AdamW.
+CASES: tuple[Case, ...] = (
+    Case("SGD, probe every step", "sgd", 0.05),
+    Case("SGD, probe every 10 steps", "sgd", 0.05, probe_every=10),
+    Case("SGD, no probe", "sgd", 0.05, probe_every=0),
+    Case("SGD momentum 0.9", "momentum", 0.01),
+    Case("Adam", "adam", 0.002),
+    Case("AdamW (lambda 0.01)", "adamw", 0.002, weight_decay=0.01),
+)
+
+
+def band_numbers(Z: np.ndarray, mean: np.ndarray, var: np.ndarray) -> dict[str, Any]:
+    """The three figures of issue 23 from R runs' final measured log K_net ``Z``, predicted
+    mean and variance (each (R,)). NaN predictions give ``coverage = None`` (no prediction)."""
+    Z, mean, var = (np.asarray(a, dtype=np.float64) for a in (Z, mean, var))
+    R = Z.size
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        return {"runs": R, "coverage": None, "pred_sd_over_residual_sd": None,
+                "pred_sd_over_spread": None, "passes": None,
+                "note": "no prediction (NaN): the runs have no full-data probe"}
+    sd = np.sqrt(np.maximum(var, 0.0))
+    inside = int((np.abs(Z - mean) <= Z95 * sd).sum())
+    resid_sd = float(np.std(Z - mean, ddof=1))
+    spread = float(np.std(Z, ddof=1))
+    r1 = float(sd.mean() / resid_sd) if resid_sd > 0 else math.inf
+    r2 = float(sd.mean() / spread) if spread > 0 else math.inf
+    passes = (inside >= COVERAGE_TARGET * R and RESIDUAL_RANGE[0] <= r1 <= RESIDUAL_RANGE[1]
+              and r2 >= SPREAD_MIN)
+    return {"runs": R, "coverage": inside, "pred_sd_over_residual_sd": r1,
+            "pred_sd_over_spread": r2, "mean_residual": float(np.mean(Z - mean)),
+            "pred_sd": float(sd.mean()), "residual_sd": resid_sd, "spread": spread,
+            "passes": bool(passes)}
+
+
+def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
+                         model: str = "mlp", hidden: int = 32, batch_size: int = 32,
+                         dtype: str = "float64", init_seed: int = 0,
+                         cases: Sequence[Case] = CASES, scheduler: Any = "synchronous",
+                         progress: bool = False, echo: bool = True) -> dict[str, Any]:
+    """Record ``runs`` runs per case from one initialisation, analyse them and write
+    ``optimizer_validation.json`` into ``out``.
+
+    Returns
+    -------
+    dict
+        ``config``, ``cases`` (name -> :func:`band_numbers` plus the case's settings and
+        theory), ``verdict`` (one line per case), ``runtime_s``.
+    """
+    from trajlab.analysis import analyze
+
+    if runs < 2:
+        raise ValueError(f"runs must be at least 2 (spreads across runs), got {runs}")
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {
+        "config": {"runs": runs, "steps": steps, "model": model, "hidden": hidden,
+                   "batch_size": batch_size, "dtype": dtype, "init_seed": init_seed,
+                   "data": "scikit-learn digits"},
+        "targets": {"coverage_fraction": COVERAGE_TARGET, "pred_sd_over_residual_sd":
+                    list(RESIDUAL_RANGE), "pred_sd_over_spread_min": SPREAD_MIN},
+        "cases": {}, "verdict": []}
+    for case in cases:
+        Z, M, V = [], [], []
+        theory = None
+        for r in range(runs):
+            cfg = TrainConfig(model=model, hidden=hidden, steps=steps, batch_size=batch_size,
+                              lr=case.lr, optimizer=case.optimizer, dtype=dtype,
+                              probe_every=case.probe_every, weight_decay=case.weight_decay,
+                              init_seed=init_seed, sampling_seed=r)
+            store = out / "runs" / f"{_slug(case.name)}-{r:02d}.zarr"
+            record_digits(store, cfg, overwrite=True, progress=progress)
+            ds = analyze(store, progress=progress, scheduler=scheduler)
+            last = ds.isel(step=-1)
+            Z.append(float(last.logK))
+            M.append(float(last.logK_pred_mean))
+            V.append(float(last.logK_pred_var))
+            theory = ds.attrs.get("optimizer_theory")
+        nums = band_numbers(np.array(Z), np.array(M), np.array(V))
+        result["cases"][case.name] = {**asdict(case), "theory": theory, **nums}
+        line = _line(case.name, nums)
+        result["verdict"].append(line)
+        if echo:
+            print(line, flush=True)
+    result["runtime_s"] = time.perf_counter() - t0
+    (out / "optimizer_validation.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _line(name: str, n: dict[str, Any]) -> str:
+    if n["coverage"] is None:
+        return f"{name}: no prediction ({n['note']})"
+    verdict = "meets" if n["passes"] else "misses"
+    return (f"{name}: coverage {n['coverage']}/{n['runs']}, pred sd / residual sd "
+            f"{n['pred_sd_over_residual_sd']:.2f}, pred sd / spread of measured "
+            f"{n['pred_sd_over_spread']:.2f}: {verdict} the targets")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
