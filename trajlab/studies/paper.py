@@ -471,7 +471,13 @@ def theory_vs_measurement(out: str | Path, *, config: TrainConfig | None = None,
     return _finish(out, "theory", {
         "study": "theory_vs_measurement",
         "title": "theory vs measurement (paper Fig. 2)",
-        "claim": "the SDE's expected path and 95% band track the measured K per layer and K_net",
+        "claim": "paper Fig. 2 (PAPER.md): the Lipschitz constant predicted from the layer "
+                 "dynamics, network dynamics, integral form and statistics theorems closely "
+                 "agrees with the measured one; tested here as: the forward prediction's "
+                 "expected path and 95% band track the measured K per layer and K_net",
+        "setting": "paper: five-layer ConvNet on CIFAR-10 and CIFAR-100, 30,000 steps; here: "
+                   f"the digits {cfg.model} of the config, {cfg.steps} steps, a full-data "
+                   f"probe every {cfg.probe_every} steps",
         "supported": ok, "runs": per_run, "figures": figs, "verdict": verdict,
         "criterion": "|K_net mean error at the end| < 10% and >= 90% of steps inside the band",
     }, t0, echo=echo)
@@ -534,15 +540,45 @@ def convergence(out: str | Path, *, config: TrainConfig | None = None,
             f"{100 * ns['sigma_Z2_blockdiag_var_share']:.0f}% of Σ s²/K² (rest: covariances)"
             + (f"; loss {num['loss']['first_10pct']:.3f} -> {num['loss']['last_10pct']:.4f}"
                if "loss" in num else ""))
-        ok &= num["noise_share"]["late"] > 0.5
+        checks = fig3_checks(num)
+        num["fig3_checks"] = checks
+        verdict.append(f"{lab}: Fig. 3 (i) flow primary: {_yes(checks['i_flow_primary'])}; "
+                       f"(ii) covariances dominate the noise: "
+                       f"{_yes(checks['ii_covariances_dominate'])}; (iii) κ_Z significant and "
+                       f"positive late: {_yes(checks['iii_kappa_significant_late'])}")
+        ok &= all(checks.values())
     return _finish(out, "convergence", {
         "study": "convergence",
         "title": "a long run toward convergence (paper Fig. 3)",
-        "claim": "near convergence the gradient flow vanishes and the noise-driven terms "
-                 "(κ_Z, Itô) dominate the drift of log K_net",
+        "claim": "paper Fig. 3 (PAPER.md): (i) the drift of the optimisation trajectory (the "
+                 "gradient-flow term) plays the primary role; (ii) the covariances dominate the "
+                 "noise contributions; (iii) the noise-curvature term κ_Z stays significant "
+                 "near convergence and makes K grow slowly and steadily",
+        "setting": "paper: five-layer ConvNet on CIFAR-10, one run of 344,370 steps, final "
+                   "training loss 9.75e-3; here: the digits model of the config, "
+                   f"{cfg.steps} steps (see 'runs' for the losses)",
         "supported": ok, "runs": per_run, "figures": figs, "verdict": verdict,
-        "criterion": "late-phase noise share (|∫κ|+|∫Itô|)/(|∫flow|+|∫κ|+|∫Itô|) > 0.5",
+        "criterion": "(i) |∫flow| > |∫κ_Z| + |∫Itô| over the run; (ii) variances carry < 50% "
+                     "of κ_Z and of Σ s²/K²; (iii) late ∫κ_Z > 0 and ≥ 5% of the late "
+                     "|measured ΔZ|",
     }, t0, echo=echo)
+
+
+def fig3_checks(num: dict[str, Any]) -> dict[str, bool]:
+    """Paper Fig. 3's findings (i)-(iii) (PAPER.md) on :func:`drift_budget`'s numbers."""
+    whole, late = num["integrated"]["whole"], num["integrated"]["late"]
+    ns = num["noise_split_var_share"]["network"]
+    return {
+        "i_flow_primary": bool(abs(whole["flow"]) > abs(whole["kappa"]) + abs(whole["ito"])),
+        "ii_covariances_dominate": bool(ns["kappa_Z_var_share"] < 0.5
+                                        and ns["sigma_Z2_blockdiag_var_share"] < 0.5),
+        "iii_kappa_significant_late": bool(
+            late["kappa"] > 0 and late["kappa"] >= 0.05 * abs(late["measured_delta_Z"])),
+    }
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
 
 
 # ---------------------------------------------------------------------------- study 3
@@ -577,8 +613,12 @@ def sampling_orders(out: str | Path, *, config: TrainConfig | None = None, order
     ok = num["inside_ref_band_fraction"] >= 0.9 and 0.5 <= num["sd_ratio"] <= 2
     return _finish(out, "orders", {
         "study": "sampling_orders", "title": "sampling trajectory (paper Fig. 4)",
-        "claim": "runs from one initialisation that differ only in sampling order spread out, "
-                 "and the SDE's log-normal band describes that spread",
+        "claim": "paper Fig. 4 (PAPER.md) shows the predicted effect of the mini-batch "
+                 "sampling trajectory on Lipschitz continuity; tested here as: runs from one "
+                 "initialisation that differ only in sampling order spread out, and the SDE's "
+                 "log-normal band describes that spread",
+        "setting": "paper: CIFAR (inset of 50 steps at t = 23,000); here: the digits model of "
+                   "the config",
         "supported": ok, "numbers": num, "sampling_seeds": seeds, "figures": [fig],
         "verdict": verdict,
         "criterion": ">= 90% of orders end inside order 0's predicted 95% band and the final "
