@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,6 +17,55 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import trajlab
+
+
+#: Seconds a test waits for a state that background work reaches by itself (a writer commits
+#: its rows, a child process exits). Only a bound on failure: every wait ends as soon as the
+#: state is there, so this may be generous; a loaded CI machine can be 10x slower than a laptop.
+DEADLINE = 120.0
+
+
+def wait_until(condition, what: str, *, timeout: float = DEADLINE) -> None:
+    """Poll ``condition()`` until it is true; fail, naming ``what``, after ``timeout`` s.
+
+    For synchronising with background threads and processes: never sleep a fixed time and
+    hope the other side got there.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {timeout:.0f} s: {what}"
+        time.sleep(0.01)
+
+
+CRASH_WORKER = str(Path(__file__).with_name("crash_worker.py"))
+
+
+@contextlib.contextmanager
+def held_worker(*args: str, hold_at: int):
+    """Run ``crash_worker.py *args --hold-at hold_at``; yield the process once it holds there
+    (a point of its progress, not a moment in time), SIGKILL it when the block ends.
+
+    The worker's background writer works on while the worker holds, so a kill lands wherever
+    the writer happens to be. A worker that never gets there fails the test within DEADLINE.
+    """
+    proc = subprocess.Popen([sys.executable, CRASH_WORKER, *args, "--hold-at", str(hold_at)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(DEADLINE, proc.kill)  # a stuck worker fails, never hangs
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if lines[-1] == f"held {hold_at}":
+                break
+        else:
+            raise AssertionError(f"the worker ended without holding at {hold_at}: {lines}")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=DEADLINE)
+        watchdog.cancel()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def reference_per_sample_grads(model: nn.Module, loss_fn, X, Y) -> dict[str, torch.Tensor]:
@@ -105,3 +162,39 @@ def assert_close_to_scale(actual, expected, *, rel: float = 1e-10, scale: float 
         f"{err_msg}: {int(bad.sum())} of {b.size} elements differ by more than {rel:g} x "
         f"max(|expected|, scale={scale:.3g}); worst at {worst}: actual {a[bad][:3].tolist()}, "
         f"expected {b[bad][:3].tolist()}")
+
+
+#: Analysis variables that are differences of larger terms (0 up to rounding for plain SGD, a
+#: measured increment of K): their rounding is that of the terms they are made from.
+SCALE_OF = {
+    "drift_optimizer": ("drift_optimizer", "drift_flow"),
+    "drift_noise_cov": ("drift_noise_cov", "drift_noise", "drift_noise_var"),
+    "diffusion2_cov": ("diffusion2_cov", "diffusion2", "diffusion2_var"),
+    "drift_discretization": ("drift_discretization", "drift_noise"),
+    "drift": ("drift", "drift_flow", "drift_noise"),
+    "pathwise_increment": ("pathwise_increment", "K"),
+    "logK_drift_optimizer": ("logK_drift_optimizer", "logK_drift"),
+}
+
+
+def assert_analyses_close(got, expected, *, rel: float = 1e-10, names=None) -> None:
+    """Every variable of ``expected`` (an analysis Dataset or a dict of arrays) in ``got``, equal
+    to rounding: floats within ``rel`` of the variable's scale (:data:`SCALE_OF`, see
+    :func:`assert_close_to_scale`), everything else exactly.
+
+    For results of different code paths (chunked and whole, another scheduler, other thread
+    counts), whose last bits may differ on another CPU or BLAS kernel. Results of one code path
+    computed twice are compared with ``np.testing.assert_array_equal`` instead.
+    """
+    def values(ds, k):
+        v = ds[k]
+        return np.asarray(getattr(v, "values", v))
+
+    for k in names if names is not None else list(expected.keys()):
+        a, b = values(got, k), values(expected, k)
+        if not np.issubdtype(b.dtype, np.floating):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+            continue
+        terms = [np.abs(values(expected, j)) for j in SCALE_OF.get(k, (k,)) if j in expected]
+        scale = max(float(t[np.isfinite(t)].max(initial=0.0)) for t in terms)
+        assert_close_to_scale(a, b, rel=rel, scale=scale, err_msg=k)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import zarr
-from helpers import mlp64, train
+from helpers import DEADLINE, mlp64, train
 
 import trajlab
 from trajlab.cli import main as cli_main
@@ -89,7 +89,7 @@ def test_unreachable_object_store_is_one_line(tmp_path):
            "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
            "AWS_EC2_METADATA_DISABLED": "true"}
     p = subprocess.run([sys.executable, "-m", "trajlab.cli", "info", "s3://bucket/run.zarr"],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       capture_output=True, text=True, env=env, timeout=DEADLINE)
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert "s3://bucket/run.zarr" in p.stderr or "URL" in p.stderr
@@ -98,7 +98,7 @@ def test_unreachable_object_store_is_one_line(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "trajlab.cli", "--debug", "info",
                         str(tmp_path / "none.zarr")], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=DEADLINE)
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
@@ -118,6 +118,6 @@ def test_info_lists_what_is_and_is_not_recorded(tmp_path, capsys):
 
 def test_module_entry_point_runs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "trajlab.cli", "--help"], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=DEADLINE)
     assert p.returncode == 0 and "analyze" in p.stdout
     assert trajlab.__version__

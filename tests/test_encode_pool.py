@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEADLINE, wait_until
 from torch import nn
 
 import trajlab
@@ -17,7 +18,7 @@ from trajlab.record.writer import BackgroundWriter
 from trajlab.store.encode_pool import EncodePool
 from trajlab.store.run_store import RunStoreWriter
 
-WAIT = 10.0  # seconds: generous bounds on waits that should end at once
+WAIT = DEADLINE  # seconds: bounds on waits that end at once (only a failing test waits)
 
 
 def test_tasks_results_and_errors_through_futures():
@@ -147,10 +148,7 @@ def test_producer_asks_for_help_while_the_writer_is_behind():
     store.release.set()
     assert done.wait(WAIT)
     t.join(WAIT)
-    for _ in range(int(WAIT / 0.01)):
-        if bw._queue.qsize() == 0:
-            break
-        threading.Event().wait(0.01)
+    wait_until(lambda: bw._queue.qsize() == 0, "the writer takes every queued item")
     bw.create(None, 1)  # the writer caught up
     assert store.assists == [True, False]
     bw.close()

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import wait_until
 from torch import nn
 
 import trajlab
@@ -66,13 +67,11 @@ def test_writer_and_encoders_run_below_training(tmp_path):
             opt.step()
         writer = rec._writer._thread
         store = rec._writer.writer
-        for _ in range(500):  # the writer thread starts the encoders at its first whole chunk
-            pool = getattr(store, "_executor", None)
-            if pool is not None and pool._threads:
-                break
-            threading.Event().wait(0.01)
+        # the writer thread starts the encoders at its first whole chunk
+        wait_until(lambda: getattr(store, "_executor", None) is not None
+                   and store._executor._threads, "the writer starts its encoder threads")
+        pool = store._executor
         assert _nice(writer.native_id) == min(19, main + BACKGROUND_NICE)
-        assert pool is not None and pool._threads
         assert all(_nice(t.native_id) == min(19, main + BACKGROUND_NICE)
                    for t in pool._threads)
     assert _nice(threading.get_native_id()) == main

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +14,16 @@ import torch
 import torch.nn.functional as F
 import zarr
 import zarr.storage
-from helpers import mlp64, train
+from helpers import held_worker, mlp64, train, wait_until
 
 import trajlab
 from trajlab.store.lock import StoreLockedError
 
-WORKER = str(Path(__file__).with_name("crash_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 import crash_worker
 
-STEPS = 40
-
-
-def _run_worker(*args, kill_after: float | None = None) -> int:
-    proc = subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE, text=True)
-    if kill_after is None:
-        proc.communicate(timeout=300)
-        return proc.returncode
-    line = proc.stdout.readline()  # "recording" / "analysing": the store exists from here on
-    assert line.strip() in ("recording", "analysing", "done"), line
-    time.sleep(kill_after)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    return proc.returncode
+STEPS = 40  # recorded steps of a crash run (chunk_steps=4)
+CHUNKS = 14  # analysis chunks of a crash run's analysis (chunk_rows=3)
 
 
 @pytest.fixture(scope="module")
@@ -62,50 +47,88 @@ def _assert_rows_equal(run, ref, n):
         np.testing.assert_array_equal(run.root[v].values, ref.root[v].values[:n])
 
 
-def _crash_trial(tmp_path, reference_run, seed):
-    rng = random.Random(seed)
-    store = str(tmp_path / f"crash{seed}.zarr")
-    _run_worker("record", store, str(STEPS), kill_after=rng.uniform(0.0, 1.5))
-    run = trajlab.open_run(store)
+def _committed_rows_after_a_kill(store: str, ref) -> int | None:
+    """What a kill may leave: no store at all (killed before the writer laid it out: None), or
+    a store that opens, verifies, and holds 0 or more committed rows equal to the uninterrupted
+    run's (their number). Never a store that cannot be opened or read."""
+    try:
+        run = trajlab.open_run(store)
+    except FileNotFoundError:
+        return None
     n = run.n_steps
-    _assert_rows_equal(run, reference_run, n)
-    # The lock of the killed process is stale; a resumed run takes it over and appends.
-    assert _run_worker("record", store, str(STEPS), "--resume") == 0
+    _assert_rows_equal(run, ref, n)
+    assert run.verify() == []
+    return n
+
+
+def _crash_trial(tmp_path, reference_run, hold_at: int, committed: int = 0, *,
+                 name: str = "crash") -> int | None:
+    """Kill a recording held after training step ``hold_at`` once ``committed`` rows are
+    committed; check what is left, resume and compare the whole run."""
+    store = str(tmp_path / f"{name}.zarr")
+    with held_worker("record", store, str(STEPS), hold_at=hold_at):
+        wait_until(lambda: crash_worker.committed_steps(store) >= committed,
+                   f"{committed} committed rows")
+    n = _committed_rows_after_a_kill(store, reference_run)
+    assert committed <= (n or 0) <= hold_at + 1
+    # The lock of the killed process is stale; a resumed run (here, in this process) takes it
+    # over and appends (or records from the start where there was no store).
+    crash_worker.record(store, STEPS, resume=True)
     _assert_rows_equal(trajlab.open_run(store), reference_run, STEPS)
     return n
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_sigkill_while_recording_keeps_committed_steps(tmp_path, reference_run, seed):
-    _crash_trial(tmp_path, reference_run, seed)
+def test_sigkill_before_the_store_exists_leaves_no_store_and_resumes(tmp_path, reference_run):
+    """Killed after entering the Recorder, before the first step: no store (the writer lays it
+    out at the first step), and a resume records the whole run."""
+    assert _crash_trial(tmp_path, reference_run, hold_at=-1) is None
+    assert not (tmp_path / "crash.zarr.lock").exists()
+
+
+@pytest.mark.parametrize("hold_at,committed", [(0, 0), (13, 6)],
+                         ids=["while-laid-out", "mid-run"])
+def test_sigkill_while_recording_keeps_committed_steps(tmp_path, reference_run, hold_at,
+                                                       committed):
+    _crash_trial(tmp_path, reference_run, hold_at, committed)
 
 
 @pytest.mark.slow
 def test_sigkill_while_recording_many_trials(tmp_path, reference_run):
-    committed = [_crash_trial(tmp_path, reference_run, 100 + s) for s in range(24)]
-    assert len(set(committed)) > 3  # the kills landed at different moments
+    """24 kills at drawn points: after a drawn step, with no wait (the writer anywhere behind
+    the training) or once the rows up to the step before are committed."""
+    rng = random.Random(100)
+    committed = []
+    for trial in range(24):
+        hold_at = rng.randrange(-1, STEPS - 1)
+        wait_for = max(hold_at, 0) if trial % 2 else 0
+        committed.append(_crash_trial(tmp_path, reference_run, hold_at, wait_for,
+                                      name=f"trial{trial}"))
+    assert len(set(committed)) > 3  # the kills left stores of different lengths
 
 
-def _analysis_crash_trial(tmp_path, reference_run, seed):
-    rng = random.Random(seed)
-    out = str(tmp_path / f"an{seed}.zarr")
+def _analysis_crash_trial(tmp_path, reference_run, hold_at: int):
+    """Kill an analysis held before writing chunk ``hold_at``; a rerun equals an uninterrupted
+    analysis."""
+    out = str(tmp_path / f"an{hold_at}.zarr")
     full = trajlab.analyze(reference_run, scheduler="synchronous", chunk_rows=3, progress=False)
-    _run_worker("analyze", str(reference_run.store), out, kill_after=rng.uniform(0.2, 2.0))
+    with held_worker("analyze", str(reference_run.store), out, hold_at=hold_at):
+        pass
     resumed = trajlab.analyze(reference_run, out=out, scheduler="synchronous", chunk_rows=3,
                               progress=False)
     for k in full.data_vars:
         np.testing.assert_array_equal(resumed[k].values, full[k].values, err_msg=k)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_sigkill_while_analysing_then_rerun_equals_uninterrupted(tmp_path, reference_run, seed):
-    _analysis_crash_trial(tmp_path, reference_run, seed)
+@pytest.mark.parametrize("hold_at", [0, 5])
+def test_sigkill_while_analysing_then_rerun_equals_uninterrupted(tmp_path, reference_run,
+                                                                 hold_at):
+    _analysis_crash_trial(tmp_path, reference_run, hold_at)
 
 
 @pytest.mark.slow
 def test_sigkill_while_analysing_many_trials(tmp_path, reference_run):
-    for s in range(20):
-        _analysis_crash_trial(tmp_path, reference_run, 100 + s)
+    for hold_at in range(-1, CHUNKS):
+        _analysis_crash_trial(tmp_path, reference_run, hold_at)
 
 
 # --------------------------------------------------------------------------- storage faults
@@ -139,7 +162,8 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
         with rec:
             for step in range(20):
                 if step == 9:  # let the writer commit what it has (no fixed sleep: loaded CI)
-                    _wait(lambda: trajlab.open_run(tmp_path / "full.zarr").n_steps >= 1)
+                    wait_until(lambda: crash_worker.committed_steps(tmp_path / "full.zarr")
+                               >= 1, "a committed row before the disk fills")
                     DiskFullStore.fail = True
                 idx = torch.randint(0, len(X), (8,), generator=g)
                 opt.zero_grad()
@@ -152,7 +176,8 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
                     raised = e
                     opt.step()  # the user's training goes on after handling it
                 if step == 10:  # the writer meets the full disk before training goes on
-                    _wait(lambda: rec._writer is None or rec._writer.error is not None)
+                    wait_until(lambda: rec._writer is None or rec._writer.error is not None,
+                               "the writer meets the full disk")
     DiskFullStore.fail = False
     if on_error == "raise":
         assert raised is not None and "No space left" in str(raised)
@@ -163,15 +188,6 @@ def test_storage_failure_keeps_training_and_committed_steps(tmp_path, on_error):
     assert 1 <= run.n_steps <= 12
     assert "No space left" in (run.meta.truncated or "")
     _assert_rows_equal(run, trajlab.open_run(ref), run.n_steps)
-
-
-def _wait(condition, timeout: float = 60.0) -> None:
-    """Poll ``condition`` until true (the writer works in the background); fail after
-    ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the background writer did not get there in time"
-        time.sleep(0.01)
 
 
 class _nullcontext:
@@ -225,14 +241,7 @@ def test_analysing_while_recording_reads_committed_steps(tmp_path):
             F.cross_entropy(model(X[idx]), Y[idx]).backward()
             rec.log(indices=idx)
             opt.step()
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if trajlab.open_run(store).n_steps >= 6:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)
+        wait_until(lambda: crash_worker.committed_steps(store) >= 6, "6 committed rows")
         run = trajlab.open_run(store)  # a snapshot: the committed rows at this moment
         n = run.n_steps
         ds = trajlab.analyze(run, scheduler="synchronous", progress=False)

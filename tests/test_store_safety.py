@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from helpers import ConvModel, mlp64, train
+from helpers import ConvModel, mlp64, train, wait_until
 
 import trajlab
 from trajlab.cli import main as cli_main
@@ -218,10 +217,8 @@ def test_a_store_with_no_committed_row_yet_reads_as_empty(tmp_path, capsys):
         F.cross_entropy(model(X), torch.zeros(8, dtype=torch.long)).backward()
         rec.log()
         opt.step()
-        for _ in range(100):  # the writer lays the store out; nothing is committed yet
-            if (store / "layers" / "2" / "weight" / "zarr.json").exists():
-                break
-            threading.Event().wait(0.05)
+        wait_until((store / "layers" / "2" / "weight" / "zarr.json").exists,
+                   "the writer lays the store out")  # nothing is committed yet
         run = trajlab.open_run(store)
         assert run.n_steps == 0 and run.layer("2").weight.shape[0] == 0
         assert cli_main(["info", str(store)]) == 0
@@ -301,6 +298,13 @@ class _FullDisk(zarr.storage.WrapperStore):
         return await self._store.set(key, value)
 
 
+def _committed(store: Path) -> int:
+    try:
+        return trajlab.open_run(store).n_steps
+    except FileNotFoundError:  # not laid out yet
+        return 0
+
+
 def test_a_full_disk_still_gets_the_truncation_marker(tmp_path):
     X = torch.randn(64, 6, dtype=torch.float64)
     Y = torch.randint(0, 4, (64,))
@@ -312,16 +316,18 @@ def test_a_full_disk_still_gets_the_truncation_marker(tmp_path):
         with trajlab.Recorder(model, store, optimizer=opt, chunk_steps=2,
                               flush_seconds=0) as rec:
             for s in range(8):
-                if s == 4:
-                    threading.Event().wait(0.3)  # the writer commits what it has
+                if s == 4:  # the writer commits a row, then the disk is full
+                    wait_until(lambda: _committed(tmp_path / "full.zarr") >= 1,
+                               "a committed row before the disk fills")
                     _FullDisk.fail = True
                 idx = torch.arange(8 * s, 8 * s + 8)
                 opt.zero_grad()
                 F.cross_entropy(model(X[idx]), Y[idx]).backward()
                 rec.log(indices=idx)
                 opt.step()
-                if s == 5:
-                    threading.Event().wait(0.3)
+                if s == 5:  # the writer meets the full disk while training goes on
+                    wait_until(lambda: rec._writer is None or rec._writer.error is not None,
+                               "the writer meets the full disk")
     _FullDisk.fail = False
     run = trajlab.open_run(tmp_path / "full.zarr")
     assert 1 <= run.n_steps <= 5

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr.storage
+from helpers import held_worker, wait_until
 from test_writer import _assert_same_store, _record, use_writer
 
 import trajlab
@@ -22,7 +20,10 @@ from trajlab.record.process_writer import ProcessWriter, make_writer, record_byt
 from trajlab.record.writer import BackgroundWriter, PendingRecord
 from trajlab.store.run_store import RunStoreWriter
 
-TESTS = str(Path(__file__).parent)
+sys.path.insert(0, str(Path(__file__).parent))
+import crash_worker  # noqa: E402
+
+STEPS = 40  # recorded steps of a crash run
 
 
 @pytest.fixture
@@ -141,17 +142,6 @@ def test_make_writer_falls_back_to_the_thread_for_non_path_stores(tmp_path):
         make_writer("fiber", local)
 
 
-WORKER = f"""
-import sys
-sys.path.insert(0, {TESTS!r})
-import trajlab.record.recorder as R
-from trajlab.record.process_writer import ProcessWriter
-R.BackgroundWriter = ProcessWriter
-import crash_worker
-crash_worker.record(sys.argv[1], int(sys.argv[2]), "--resume" in sys.argv)
-"""
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -160,39 +150,58 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted crash-worker run (the thread writer: the process writer writes the
+    same bits, test_process_writes_the_thread_store_bit_for_bit)."""
+    store = tmp_path_factory.mktemp("ref") / "run.zarr"
+    crash_worker.record(str(store), STEPS, resume=False)
+    return trajlab.open_run(store)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("kill_after", [0.3, 1.0])
-def test_sigkill_with_a_writer_process_keeps_committed_steps(tmp_path, kill_after):
-    steps = 40
-    ref = tmp_path / "ref.zarr"
-    subprocess.run([sys.executable, "-c", WORKER, str(ref), str(steps)], check=True,
-                   capture_output=True, timeout=300)
-    store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(store), str(steps)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "recording"
-    time.sleep(kill_after)
-    children = _children(proc.pid) if proc.poll() is None else []
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    deadline = time.time() + 10
-    while time.time() < deadline and any(Path(f"/proc/{c}").exists()
-                                         and "Z" not in _state(c) for c in children):
-        time.sleep(0.05)
-    assert not [c for c in children if Path(f"/proc/{c}").exists() and "Z" not in _state(c)]
-    run, reference = trajlab.open_run(store), trajlab.open_run(ref)
-    n = run.n_steps
-    assert run.steps.tolist() == list(range(n))
-    for name in reference.layers:
-        a = run.layer(name).compute()
-        b = reference.layer(name).isel(step=slice(0, n)).compute()
-        for v in a.data_vars:
-            if v != "update_stored":
-                np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=f"{name}/{v}")
+@pytest.mark.parametrize("hold_at,committed", [(0, 0), (13, 6)],
+                         ids=["while-laid-out", "mid-run"])
+def test_sigkill_with_a_writer_process_keeps_committed_steps(tmp_path, reference_run, hold_at,
+                                                            committed):
+    """The training process is killed while held after step ``hold_at`` (once ``committed``
+    rows are in): its writer process exits by itself, the committed rows are intact, and a
+    resume finishes the run."""
+    store = str(tmp_path / "crash.zarr")
+    with held_worker("record", store, str(STEPS), "--writer", "process",
+                     hold_at=hold_at) as proc:
+        children = _children(proc.pid)
+        assert children, "the worker records through a writer process"
+        wait_until(lambda: crash_worker.committed_steps(store) >= committed,
+                   f"{committed} committed rows")
+    wait_until(lambda: not any(_alive(c) for c in children),
+               "the writer process exits once the training process is gone")
+    try:
+        run = trajlab.open_run(store)
+    except FileNotFoundError:  # killed before the writer laid the store out
+        n = 0
+    else:
+        n = run.n_steps
+        _assert_rows_equal(run, reference_run, n)
+        assert run.verify() == []
+    assert committed <= n <= hold_at + 1
     # resume after the crash (the stale lock is taken over) and finish the run
-    subprocess.run([sys.executable, "-c", WORKER, str(store), str(steps), "--resume"],
-                   check=True, capture_output=True, timeout=300)
-    assert trajlab.open_run(store).steps.tolist() == list(range(steps))
+    crash_worker.record(store, STEPS, resume=True, writer="process")
+    _assert_rows_equal(trajlab.open_run(store), reference_run, STEPS)
+
+
+def _assert_rows_equal(run, ref, n):
+    assert run.steps.tolist() == list(range(n))
+    for name in ref.layers:
+        a = run.layer(name).compute()
+        b = ref.layer(name).isel(step=slice(0, n)).compute()
+        for v in a.data_vars:
+            if v != "update_stored":  # a run's last row stores its update; a resumed one not
+                np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=f"{name}/{v}")
 
 
 def _state(pid: int) -> str:
