@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ConvModel, mlp64, reference_per_sample_grads
+from helpers import ConvModel, assert_analyses_close, mlp64, reference_per_sample_grads
 
 import trajlab
 from trajlab.analysis import analyze, open_analysis
@@ -105,8 +105,10 @@ def test_dask_result_equals_eager_loop(mlp_run):
     plan = make_plan(run, None, None, run.n_steps, AnalysisOptions())
     for li, name in enumerate(run.layers):
         eager = tasks_module.layer_chunk(plan, li, (0, run.n_steps))
-        for k in ("K", "drift_flow", "drift_noise", "diffusion2", "pathwise_increment"):
-            np.testing.assert_array_equal(ds[k].sel(layer=name).values, eager[k])
+        # chunks of 5 rows against all rows at once: equal up to rounding (another batch shape
+        # may take another BLAS kernel)
+        assert_analyses_close(ds.sel(layer=name), eager, names=(
+            "K", "drift_flow", "drift_noise", "diffusion2", "pathwise_increment"))
 
 
 def test_pathwise_reconstruction_tracks_measured_K(tmp_path):
@@ -140,8 +142,7 @@ def test_two_process_cluster_equals_threads(mlp_run, tmp_path):
     a = analyze(store, scheduler="threads", progress=False)
     b = analyze(store, out=tmp_path / "an.zarr", workers=2, progress=False).compute()
     assert set(a.data_vars) <= set(b.data_vars)
-    for k in a.data_vars:
-        np.testing.assert_allclose(b[k].values, a[k].values, rtol=1e-12, atol=1e-300)
+    assert_analyses_close(b, a)  # other processes, other thread counts: equal up to rounding
     assert list(b.layer.values) == ["0", "2"]
 
 

@@ -8,30 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_close_to_scale
+from helpers import assert_analyses_close, assert_close_to_scale
 
 import trajlab
 from trajlab.errors import StoreError
 
 DATA = Path(__file__).parent / "data"
 #: Relative tolerance of a fresh analysis against the stored expectation, in units of each
-#: variable's scale: another CPU or BLAS kernel changes the last bits (about 1e-16 of the scale),
-#: a real change of the analysis shows far above 1e-10.
+#: variable's scale (helpers.SCALE_OF): another CPU or BLAS kernel changes the last bits (about
+#: 1e-16 of the scale), a real change of the analysis shows far above 1e-10.
 REL = 1e-10
-#: Variables that are differences of larger terms (0 up to rounding where the optimizer is plain
-#: SGD, e.g. at the first step with momentum): their rounding is that of the terms.
-SCALE_OF = {"drift_optimizer": ("drift_optimizer", "drift_flow")}
 
 
 def assert_matches_expected(ds, expected: dict) -> None:
-    """Every expected variable of ``ds`` within REL of its scale (see SCALE_OF)."""
-    def scale(k):
-        return max(float(np.nanmax(np.abs(np.array(expected[j], dtype=float))))
-                   for j in SCALE_OF.get(k, (k,)))
-
-    for k, v in expected.items():
-        assert_close_to_scale(ds[k].values, np.array(v, dtype=float), rel=REL, scale=scale(k),
-                              err_msg=k)
+    assert_analyses_close(ds, {k: np.array(v, dtype=float) for k, v in expected.items()},
+                          rel=REL)
 
 
 def test_golden_v1_store_opens_and_analyses_identically(tmp_path):
