@@ -100,12 +100,16 @@ def continuity(name: str, stored_after: np.ndarray, now: torch.Tensor, *,
                last_step: int | None = None) -> str | None:
     """A message when the weights at the first resumed step are not where the stored run left
     them (weights not restored from the checkpoint of that step), else None."""
-    now_np = now.detach().to("cpu", torch.float64).numpy()
-    ref = np.asarray(stored_after, dtype=np.float64)
+    stored = np.asarray(stored_after)
+    dtype = stored.dtype if stored.dtype.kind == "f" else np.dtype(np.float64)
+    # compared in the stored dtype: the stored weight plus the stored update may differ from the
+    # applied weights by a rounding of that dtype (the update is stored as after - before)
+    now_np = now.detach().to("cpu", torch.float64).numpy().astype(dtype).astype(np.float64)
+    ref = stored.astype(np.float64)
     if not np.all(np.isfinite(ref)):
         return None
     diff = float(np.linalg.norm(now_np - ref) / max(np.linalg.norm(ref), 1e-300))
-    if diff == 0.0:
+    if diff <= 8 * float(np.finfo(dtype).eps):
         return None
     at = f" (step {last_step})" if last_step is not None else ""
     return (f"layer {name!r}: the weights at the first resumed step differ from where the "
