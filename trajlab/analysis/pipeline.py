@@ -291,8 +291,8 @@ def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
                                                                  chunk_nodes))
         nodes += chunk_nodes
         owners += [i] * len(chunk_nodes)
-    with engine.scheduler_context(scheduler, workers=workers,
-                                  torch_threads=torch_threads) as where:
+    with _workers_exit_with_us(scheduler), engine.scheduler_context(
+            scheduler, workers=workers, torch_threads=torch_threads) as where:
         def on_result(k: int, _) -> None:
             if k in finishers and opened is not None:
                 j = jobs[finishers[k]]
@@ -306,6 +306,53 @@ def _compute(jobs: list[_Job], scheduler, workers, progress, torch_threads,
         if vals is not None:
             results.setdefault(i, {})[ci] = vals
     return results
+
+
+def _workers_exit_with_us(scheduler: Any):
+    """For Dask's "processes" scheduler: each worker process exits as soon as this process is
+    gone (killed, even with SIGKILL). Its workers hold both ends of the pool's task queue, so
+    on their own they would wait for the next task forever. Any initializer the user set in
+    ``dask.config`` ("multiprocessing.initializer") still runs."""
+    import contextlib
+    import functools
+
+    import dask
+
+    if scheduler != "processes":
+        return contextlib.nullcontext()
+    user = dask.config.get("multiprocessing.initializer", None)
+    return dask.config.set({"multiprocessing.initializer": functools.partial(
+        exit_with_parent, os.getpid(), user)})
+
+
+def exit_with_parent(parent: int, then: Any = None) -> None:
+    """Initializer of a worker process: exit when process ``parent`` is gone.
+
+    On Linux the kernel kills the worker when its parent dies (``PR_SET_PDEATHSIG``); on every
+    platform a daemon thread also checks the parent twice a second. ``then``: a further
+    initializer to run."""
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        except Exception:  # noqa: BLE001 - the watch below remains
+            pass
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the request above took effect
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="trajlab-parent-watch", daemon=True).start()
+    if then is not None:
+        then()
 
 
 def _prepare_store(job: _Job, overwrite: bool) -> AnalysisStore | None:
