@@ -317,3 +317,26 @@ def test_an_exactly_restored_model_is_not_reported_as_not_restored():
         assert continuity("fc", stored_after, torch.from_numpy(after)) is None
         moved = torch.from_numpy(after) * (1 + 1e-4)
         assert "not restored" in continuity("fc", stored_after, moved)
+
+
+def test_a_stopped_recording_names_the_steps_it_kept(tmp_path, monkeypatch):
+    """A full disk noticed at step 21 was reported as "stopped at step 21" while the last
+    committed step was 10; the warning now names the committed steps, read from the store."""
+    import errno
+
+    from trajlab.store.run_store import RunStoreWriter
+
+    real = RunStoreWriter.append
+
+    def append(self, records):
+        if self.committed >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, records)
+
+    monkeypatch.setattr(RunStoreWriter, "append", append)
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    with pytest.warns(RuntimeWarning, match=r"Steps 0 to 3 \(4 recorded\) are committed"):
+        train(mlp64(), X, Y, steps=12, store=tmp_path / "r.zarr",
+              recorder_kwargs={"chunk_steps": 2, "flush_seconds": 0})
+    assert trajlab.open_run(tmp_path / "r.zarr").n_steps == 4

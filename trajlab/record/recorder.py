@@ -1087,13 +1087,14 @@ class Recorder:
             # no live writer thread: mark it here (else the writer marks it when it closes)
             with contextlib.suppress(Exception):
                 self._store_writer.set_truncated(reason)
+        kept = _committed_steps(self.store, self.storage_options)
         if self.on_error == "raise":
             raise RecorderError(f"trajlab: recording stopped at step {self._step}: "
-                                f"{reason}") from err
+                                f"{reason}. {kept}") from err
         warnings.warn(
             f"trajlab: recording into {show(self.store)} stopped at step {self._step} ({reason}); "
-            "training continues. Steps committed before are kept; the store is marked "
-            "truncated.", RuntimeWarning, stacklevel=user_stacklevel())
+            f"training continues. {kept}; the store is marked truncated.", RuntimeWarning,
+            stacklevel=user_stacklevel())
 
     def _emit_nonfinite_warning(self) -> None:
         if self._nonfinite_seen and "nonfinite" not in self._warned:
@@ -1103,6 +1104,22 @@ class Recorder:
                 f"trajlab: NaN or Inf in the gradient of layer {n!r} at step {s}; recorded and "
                 "flagged (variable 'nonfinite'), recording continues", RuntimeWarning,
                 stacklevel=user_stacklevel())
+
+
+def _committed_steps(store: Any, storage_options: dict | None) -> str:
+    """What a stopped recording kept, read from the store itself (the writer that committed
+    may be another process, and rows may have been waiting when it failed)."""
+    try:
+        from trajlab.store.reader import open_run
+
+        run = open_run(store, storage_options=storage_options)
+        if run.n_steps == 0:
+            return "No step was committed"
+        first = int(run.rows.root_rows(["step"], (0, 1))["step"][0])
+        last = int(run.rows.root_rows(["step"], (run.n_steps - 1, run.n_steps))["step"][0])
+        return f"Steps {first} to {last} ({run.n_steps} recorded) are committed and kept"
+    except Exception:  # noqa: BLE001 - the store may be unreadable (e.g. its disk is gone)
+        return "Steps committed before are kept"
 
 
 # ----------------------------------------------------------------------------- validation
