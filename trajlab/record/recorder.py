@@ -253,6 +253,13 @@ class Recorder:
         targets, self._summary = plan(self.model, optimizer, layers, batch_dim=batch_dim)
         targets = _untie(self.model, targets, self._summary, explicit=layers is not None)
         self._layers = [_Layer(t) for t in targets]
+        complex_ = [layer.name for layer in self._layers if layer.target.param.is_complex()]
+        if complex_:  # σ1 of a complex matrix and its SDE are not what trajlab computes
+            raise RecorderError(
+                f"complex parameters are not supported (layers {', '.join(complex_[:4])}"
+                f"{' and more' if len(complex_) > 4 else ''} are {self._layers[0].target.param.dtype}"
+                "): trajlab records real weight matrices; pass layers=[...] naming the real ones, "
+                "or record a real-valued model")
         self._mixing = [] if not self.per_sample else mixing_layers(self.model)
         if self._mixing:  # refused before any other notice about the model
             raise RecorderError(mixing_message(self._mixing))
