@@ -340,3 +340,12 @@ def test_a_stopped_recording_names_the_steps_it_kept(tmp_path, monkeypatch):
         train(mlp64(), X, Y, steps=12, store=tmp_path / "r.zarr",
               recorder_kwargs={"chunk_steps": 2, "flush_seconds": 0})
     assert trajlab.open_run(tmp_path / "r.zarr").n_steps == 4
+
+
+def test_a_complex_model_is_refused_up_front(tmp_path):
+    """complex64 models got a misleading SelfCheckError at the first step."""
+    model = torch.nn.Linear(4, 3).to(torch.complex64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(trajlab.RecorderError, match="complex parameters are not supported"):
+        trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt)
+    assert not (tmp_path / "r.zarr").exists()

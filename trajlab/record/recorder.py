@@ -257,8 +257,7 @@ class Recorder:
         if complex_:  # σ1 of a complex matrix and its SDE are not what trajlab computes
             raise RecorderError(
                 f"complex parameters are not supported (layers {', '.join(complex_[:4])}"
-                f"{' and more' if len(complex_) > 4 else ''} are {self._layers[0].target.param.dtype}"
-                "): trajlab records real weight matrices; pass layers=[...] naming the real ones, "
+                f"{' and more' if len(complex_) > 4 else ''} are complex): trajlab records real weight matrices; pass layers=[...] naming the real ones, "
                 "or record a real-valued model")
         self._mixing = [] if not self.per_sample else mixing_layers(self.model)
         if self._mixing:  # refused before any other notice about the model
