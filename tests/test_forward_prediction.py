@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import trajlab.analysis.tasks as tasks
-from trajlab.analysis import analyze
+from trajlab.analysis import analyze, tasks
 from trajlab.analysis.assemble import integrals
 from trajlab.recipes import TrainConfig, record_digits
 from trajlab.sde.optimizer import THEORY_ADAM, THEORY_MOMENTUM, THEORY_PATHWISE, THEORY_SGD

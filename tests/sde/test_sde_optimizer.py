@@ -15,6 +15,7 @@ from trajlab.sde.optimizer import (
     preconditioned_noise_terms,
     transfer_weights,
 )
+from trajlab.spectral import hessian_quadform_proj
 
 F64 = torch.float64
 SPECS = {
@@ -135,8 +136,6 @@ def _one_step_prediction(spec, W, G, B, state, t, lr):
     var = lr * c0**2 * rescale * terms["diffusion2"]
     return float(mean), float(var), c0
 
-
-from trajlab.spectral import hessian_quadform_proj  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -20,6 +20,7 @@ from trajlab.sde import Z95, integrate
 from trajlab.sde.optimizer import OptimizerSpec, forward_prediction
 from trajlab.store import Run
 
+
 def parse_optimizer(text: str) -> OptimizerSpec:
     """An :class:`OptimizerSpec` from a kind name or its JSON (``AnalysisOptions.optimizer``)."""
     text = str(text).strip()

@@ -284,7 +284,7 @@ def _expected_flow(plan: Plan, c: ChunkInputs, rows: tuple[int, int], spec, P
     ok = torch.isfinite(W).all(-1).all(-1) & torch.isfinite(Ed).all(-1).all(-1)
     if not bool(ok.any()):
         return out
-    U, S, Vh = torch.linalg.svd(W[ok], full_matrices=False)
+    U, _, Vh = torch.linalg.svd(W[ok], full_matrices=False)
     u, vv = U[..., :, 0], Vh[..., 0, :]
     out[ok.numpy()] = (-(u[:, None, :] @ Ed[ok] @ vv[:, :, None])[:, 0, 0]).numpy()
     return out

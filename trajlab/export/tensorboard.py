@@ -100,9 +100,7 @@ def scalar_rows(ds: xr.Dataset) -> Iterator[tuple[int, list[tuple[str, float]]]]
 def scalar_descriptions(ds: xr.Dataset) -> dict[str, str]:
     """Tag -> description (from :data:`trajlab.analysis.VARIABLES`) of every exported tag of a
     :func:`select` result; TensorBoard shows it beside the chart."""
-    from trajlab.analysis.variables import describe
-
-    from trajlab.analysis.variables import theory_of
+    from trajlab.analysis.variables import describe, theory_of
 
     opt = ds.attrs.get("optimizer_theory")
 

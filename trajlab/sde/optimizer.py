@@ -293,7 +293,7 @@ def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarr
         T = idx[K + 1:]
         mean[T] += cm[T - K - 1]
         var[T] += cv[T - K - 1]
-    for k in range(0, K + 1):  # the last K + 1 sources of each row: A_{s,T} = P[s, T-1-s]
+    for k in range(K + 1):  # the last K + 1 sources of each row: A_{s,T} = P[s, T-1-s]
         T = idx[k + 1:]
         s = T - 1 - k
         m_, v_ = terms(s, P[s, k])
@@ -391,4 +391,4 @@ def expected_updates(grads: Tensor, steps: np.ndarray, spec: OptimizerSpec, *,
 def memory_rows(spec: OptimizerSpec, tol: float = 1e-12) -> int:
     """Rows of history after which the fast state has forgotten a gradient to ``tol``."""
     r = spec.memory
-    return 0 if r <= 0 else int(math.ceil(math.log(tol) / math.log(r)))
+    return 0 if r <= 0 else math.ceil(math.log(tol) / math.log(r))

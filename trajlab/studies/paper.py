@@ -305,7 +305,11 @@ def run_summary(ds: xr.Dataset, loss: np.ndarray | None = None, *, window: int =
     out = {
         "K_net_start": float(np.exp(Z[0])), "K_net_end": float(np.exp(Z[-1])),
         "delta_Z": float(Z[-1] - Z[0]),
-        "pred_delta_Z": _integral(parts["total"], dt),
+        # forward predictions (docs/math.md 8): the paper's SGD SDE and the optimizer's SDE
+        "pred_delta_Z": float(ds.logK_pred_mean_sgd.values[-1] - Z[0]),
+        "forward_pred_delta_Z": float(ds.logK_pred_mean.values[-1] - Z[0]),
+        # the drift budget along the run (flow from the batch gradient at unprobed steps)
+        "int_mu_Z": _integral(parts["total"], dt),
         "int_flow": _integral(parts["flow"], dt), "int_kappa": _integral(parts["kappa"], dt),
         "int_ito": _integral(parts["ito"], dt),
         "pathwise_delta_Z": float(np.log(ds.K_net_pathwise.values[-1]) - Z[0]),
@@ -784,7 +788,8 @@ _INIT_SCALE = _SweepStudy(
     claim="the initialisation scale sets K(0) and changes the later growth of K and the "
           "balance of the drift terms (descriptive: no direction stated)",
     criterion="descriptive study",
-    summary_keys={"delta_Z": "measured ΔZ", "pred_delta_Z": "SDE ∫μ_Z dt",
+    summary_keys={"delta_Z": "measured ΔZ",
+                  "pred_delta_Z": "SDE for SGD (paper), forward prediction",
                   "int_flow": "∫ gradient flow", "int_kappa": "∫ κ_Z"},
     summary_ylabel="change of log K_net over the run", logx=True,
     numbers=lambda sweep, rows, s: {
@@ -812,7 +817,8 @@ def _decay_numbers(sweep: Sweep, rows: Rows, lam: list) -> dict[str, Any]:
         r.update({f"grad_check_{k}": v for k, v in c.items()})
         r["int_drift_optimizer"] = _integral(
             np.asarray(ds.logK_drift_optimizer.values, dtype=np.float64), _dt(ds))
-        r["pred_delta_Z_with_optimizer"] = r["pred_delta_Z"] + r["int_drift_optimizer"]
+        # pathwise bookkeeping (the realised update's optimizer drift), not a prediction
+        r["int_mu_Z_plus_pathwise_optimizer"] = r["int_mu_Z"] + r["int_drift_optimizer"]
         # the finite-step term the SDE leaves out (debiased when the batch gradient is used)
         r["int_discretization"] = _integral(
             np.asarray(ds.logK_discretization.values, dtype=np.float64), _dt(ds))
@@ -824,16 +830,17 @@ def _decay_numbers(sweep: Sweep, rows: Rows, lam: list) -> dict[str, Any]:
 
 
 def _decay_verdict(num: dict[str, Any], rows: Rows, lam: list) -> list[str]:
-    with_disc = [r["pred_delta_Z_with_optimizer"] + r["int_discretization"] for r in rows]
+    with_disc = [r["forward_pred_delta_Z"] + r["int_discretization"] for r in rows]
     return [
         (f"λ = {', '.join(_fmt(x) for x in lam)}: ΔZ {_list(_col(rows, 'delta_Z'), '+.3f')} "
         f"({num['delta_Z_trend']}); K_net(T) {_list(_col(rows, 'K_net_end'))}"),
-        (f"SDE from .grad predicts ΔZ {_list(_col(rows, 'pred_delta_Z'), '+.3f')}; with the "
-        f"optimizer drift ∫logK_drift_optimizer dt "
-        f"({_list(_col(rows, 'int_drift_optimizer'), '+.3f')}; −λLt = "
-        f"{_list(_col(rows, 'decay_term_reference'), '+.3f')}): "
-        f"{_list(_col(rows, 'pred_delta_Z_with_optimizer'), '+.3f')} (+ discretisation ∫d dt: "
-        f"{_list(with_disc, '+.3f')}); pathwise {_list(_col(rows, 'pathwise_delta_Z'), '+.3f')}"),
+        (f"paper's SGD SDE (.grad, no decay) predicts ΔZ "
+        f"{_list(_col(rows, 'pred_delta_Z'), '+.3f')}; the SDE of SGD with L2 decay (forward "
+        f"prediction, docs/math.md 8): {_list(_col(rows, 'forward_pred_delta_Z'), '+.3f')} "
+        f"(+ discretisation ∫d dt: {_list(with_disc, '+.3f')}); pathwise reconstruction "
+        f"{_list(_col(rows, 'pathwise_delta_Z'), '+.3f')}, its optimizer drift "
+        f"∫logK_drift_optimizer dt {_list(_col(rows, 'int_drift_optimizer'), '+.3f')} "
+        f"(−λLt = {_list(_col(rows, 'decay_term_reference'), '+.3f')})"),
         "recorded .grad excludes the decay: λ estimated from update vs grad = "
         + _list(_col(rows, "grad_check_wd_estimate"), ".2g")
         + f" (set: {', '.join(_fmt(x) for x in lam)}); ||update + lr·grad|| / ||update|| = "
@@ -845,8 +852,8 @@ _WEIGHT_DECAY = _SweepStudy(
     name="weight_decay", param="weight_decay", axis="weight decay λ", title="weight decay",
     claim="weight decay suppresses the growth of K", criterion="ΔZ decreases with λ",
     summary_keys={"delta_Z": "measured ΔZ",
-                  "pred_delta_Z": "SDE ∫μ_Z dt (from .grad: no decay)",
-                  "pred_delta_Z_with_optimizer": "SDE ∫(μ_Z + logK_drift_optimizer) dt",
+                  "pred_delta_Z": "SDE for SGD (paper), from .grad: no decay",
+                  "forward_pred_delta_Z": "SDE for SGD with L2 decay (forward prediction)",
                   "pathwise_delta_Z": "pathwise (recorded update)"},
     summary_ylabel="change of log K_net over the run",
     numbers=_decay_numbers, verdict=_decay_verdict,
