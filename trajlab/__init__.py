@@ -7,7 +7,7 @@ Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients`
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+from trajlab._version import __version__
 
 import trajlab.export  # noqa: F401  (trajlab.export.to_tensorboard; tensorboard loads lazily)
 import trajlab.plot.accessor  # noqa: F401  (registers ds.lipschitz)

@@ -429,7 +429,7 @@ def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:
 def _create(plan: Plan, run_info: dict[str, Any], target) -> AnalysisStore:
     import dataclasses
 
-    from trajlab import __version__
+    from trajlab._version import __version__
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta = dataclasses.replace(plan.meta(created=created, version=__version__),

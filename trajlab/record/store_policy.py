@@ -48,7 +48,7 @@ def chunk_steps(metas: Sequence[LayerMeta], batch_size: int, itemsize: int) -> i
 def new_meta(*, metas: Sequence[LayerMeta], dtype: str, ps_dtype: str, every: int,
              chunk: int, sampler: str, dataset_size: int | None, user: dict[str, Any],
              probe: bool, model: dict[str, Any]) -> RunMeta:
-    from trajlab import __version__
+    from trajlab._version import __version__
 
     return RunMeta(
         format_version=FORMAT_VERSION,
