@@ -287,6 +287,8 @@ def _expected_flow(plan: Plan, c: ChunkInputs, rows: tuple[int, int], spec, P
     U, _, Vh = torch.linalg.svd(W[ok], full_matrices=False)
     u, vv = U[..., :, 0], Vh[..., 0, :]
     out[ok.numpy()] = (-(u[:, None, :] @ Ed[ok] @ vv[:, :, None])[:, 0, 0]).numpy()
+    if spec.kind == "sgd":  # no state to carry: between probes the integrals interpolate the
+        out[~have[r0 - lo:r1 - lo]] = np.nan  # rate itself, as for the paper's *_sgd
     return out
 
 
