@@ -43,7 +43,7 @@ def test_a_run_whose_padding_fills_whole_sample_chunks_is_readable(tmp_path):
     absent; reading them used to call zarr's sync() inside its own event loop (SyncError)."""
     store = tmp_path / "r.zarr"
     batches = [4, 8, 6, 12, 16, 5, 20, 8, 9, 24]
-    model, X, Y, losses = _record_varying_batches(store, batches, chunk_steps=4)
+    *_, losses = _record_varying_batches(store, batches, chunk_steps=4)
     run = trajlab.open_run(store)
     assert run.verify() == []
     np.testing.assert_array_equal(run.root_rows(["batch_size"])["batch_size"], batches)

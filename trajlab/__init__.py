@@ -1,7 +1,7 @@
 """trajlab: record PyTorch training runs and analyse the Lipschitz dynamics of SGD offline.
 
 Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients`,
-:func:`register_rule` (and, from the analysis layer, :func:`analyze`, :func:`open_analysis`,
+:func:`register_rule`, :func:`estimate` (a cost plan), and, from the analysis layer, :func:`analyze`, :func:`open_analysis`,
 :func:`open_analyses`). Every error trajlab raises on purpose is a :class:`TrajlabError`.
 """
 
@@ -12,6 +12,7 @@ from trajlab._version import __version__
 import trajlab.export  # noqa: F401  (trajlab.export.to_tensorboard; tensorboard loads lazily)
 import trajlab.plot.accessor  # noqa: F401  (registers ds.lipschitz)
 from trajlab.analysis import analyze, open_analyses, open_analysis
+from trajlab.cost import estimate
 from trajlab.errors import (
     RecorderError,
     SelfCheckError,
@@ -42,6 +43,7 @@ __all__ = [
     "WithIndices",
     "__version__",
     "analyze",
+    "estimate",
     "open_analyses",
     "open_analysis",
     "open_run",
