@@ -1,8 +1,8 @@
 """trajlab: record PyTorch training runs and analyse the Lipschitz dynamics of SGD offline.
 
 Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients`,
-:func:`register_rule`, :func:`estimate` (a cost plan), and, from the analysis layer, :func:`analyze`, :func:`open_analysis`,
-:func:`open_analyses`). Every error trajlab raises on purpose is a :class:`TrajlabError`.
+:func:`register_rule`, :func:`estimate` (a cost plan) and, from the analysis layer,
+:func:`analyze`, :func:`open_analysis`, :func:`open_analyses`. Every error trajlab raises on purpose is a :class:`TrajlabError`.
 """
 
 from __future__ import annotations
