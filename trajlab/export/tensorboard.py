@@ -22,11 +22,13 @@ import xarray as xr
 #: Each series' description starts with its theory (``attrs["theory"]``: the SDE of the
 #: optimizer that was used for ``*_pred*``, "SDE for SGD (paper)" for ``*_sgd`` and the SGD terms,
 #: "pathwise reconstruction" for what the realised updates give).
-LAYER_SCALARS: tuple[str, ...] = ("K", "K_pred_mean", "drift_flow", "drift_noise", "drift",
-                                  "drift_optimizer", "diffusion2")
+LAYER_SCALARS: tuple[str, ...] = ("K", "K_pred_mean", "K_pred_mean_sgd", "K_pathwise",
+                                  "drift_flow", "drift_noise", "drift", "drift_optimizer",
+                                  "diffusion2")
 #: Network variables written, one tag ``trajlab/net/<variable>`` each.
 NETWORK_SCALARS: tuple[str, ...] = ("K_net", "logK", "logK_pred_mean", "K_net_pred_lower",
-                                    "K_net_pred_upper", "logK_drift", "logK_diffusion2")
+                                    "K_net_pred_upper", "logK_pred_mean_sgd", "K_net_pathwise",
+                                    "logK_drift", "logK_diffusion2")
 
 _INSTALL = 'pip install "trajlab[tensorboard]"'
 
@@ -130,12 +132,17 @@ def to_tensorboard(
     optimizer step), so the curves line up with the training curves the user logged for the
     same run. Tags:
 
-    * ``trajlab/<variable>/<layer>`` for :data:`LAYER_SCALARS`: measured ``K``, the predicted
-      ``K_pred_mean``, the drift terms ``drift_flow``, ``drift_noise``, ``drift``,
-      ``drift_optimizer`` and ``diffusion2``;
+    * ``trajlab/<variable>/<layer>`` for :data:`LAYER_SCALARS`: measured ``K``, the forward
+      prediction ``K_pred_mean`` (the SDE of the optimizer that was used), the paper's SGD SDE
+      ``K_pred_mean_sgd``, the pathwise reconstruction ``K_pathwise``, the drift terms
+      ``drift_flow``, ``drift_noise``, ``drift``, ``drift_optimizer`` (pathwise) and
+      ``diffusion2``;
     * ``trajlab/net/<variable>`` for :data:`NETWORK_SCALARS`: ``K_net``, ``logK``,
       ``logK_pred_mean``, the predicted 95% band ``K_net_pred_lower`` / ``K_net_pred_upper``,
-      ``logK_drift`` and ``logK_diffusion2``.
+      ``logK_pred_mean_sgd``, ``K_net_pathwise``, ``logK_drift`` and ``logK_diffusion2``.
+
+    Every description starts with the series' theory in brackets ("[SDE for SGD (paper)]",
+    "[SDE for SGD with momentum (trajlab, after Li, Tai & E)]", "[pathwise reconstruction]").
 
     Values are stored as float32 (TensorBoard's scalar type); NaN and ±inf values are not
     written. Each call writes a new event file (suffix ``.trajlab``) and never touches others.
