@@ -205,6 +205,19 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
                       "drift/diffusion and the predictions are NaN" if no_noise else
                       "estimated from the recorded per-sample gradients")
     attrs["k_net"] = k_net_statement(m, meta["layers"])
+    spec, _ = resolve_optimizer(opts.get("optimizer"), m.user)
+    if spec.preconditioned:
+        inexact = [lm.name for lm in m.layers if lm.name in meta["layers"]
+                   and not (sketch_kind(lm.sketch).per_sample and sketch_kind(lm.sketch).exact)]
+        why = []
+        if inexact:
+            why.append("layers " + ", ".join(inexact) + " have no exact per-sample sketch "
+                       "(Adam's preconditioned noise P*Omega needs the per-sample gradients)")
+        if m.every != 1:
+            why.append(f"every={m.every} (Adam's second moment is rebuilt step by step)")
+        if why:
+            attrs["prediction_unavailable"] = ("the Adam prediction is NaN: " + "; ".join(why)
+                                               + " (docs/math.md 8)")
     optimizer = m.user.get("optimizer") if isinstance(m.user, dict) else None
     if optimizer:
         attrs["optimizer"] = str(optimizer)
