@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
+from trajlab.integrations import ddp as _ddp
 from trajlab.record import checks, store_policy
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
@@ -225,6 +226,8 @@ class Recorder:
                             f"{type(probe).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(model(x), y) -> mean loss")
+        model, self._dist = _ddp.detect(model)  # DistributedDataParallel: its module
+        self._ddp_stopped = False  # every rank agreed to stop recording (see _before_step_ddp)
         self._compiled = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
         self.model = model._orig_mod if self._compiled else model
         self.optimizer = optimizer
@@ -326,6 +329,54 @@ class Recorder:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Recorder:
+        if self._dist is not None:
+            return self._enter_ddp()
+        return self._enter()
+
+    def _enter_ddp(self) -> Recorder:
+        """DDP: rank 0 opens the store (lock, resume) and tells every rank the next step's
+        index, or why it could not start, so that all ranks start or fail together."""
+        d = self._dist
+        if d.writes:
+            try:
+                self._enter()
+            except BaseException as e:
+                _ddp.broadcast(("error", f"{type(e).__name__}: {e}"), d)
+                raise
+            _ddp.broadcast(("ok", self._step), d)
+            return self
+        what, value = _ddp.broadcast(None, d)
+        if what == "error":
+            raise RecorderError(f"trajlab: rank 0 could not start recording: {value}")
+        self._step = int(value)
+        self._hook_optimizer()
+        self._active = True
+        if self.recording:
+            self._arm()
+        return self
+
+    def _hook_optimizer(self) -> None:
+        before, after = self._before_step, self._after_step
+        wrap = self._wrap_closure
+
+        def pre_hook(opt, args, kwargs):  # plain functions (see _arm)
+            # args: (optimizer, closure?) as step() was called (the optimizer first)
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if callable(closure):  # forward and backward run inside step(closure)
+                closure = wrap(closure)
+                if "closure" in kwargs:
+                    return args, {**kwargs, "closure": closure}
+                return (args[0], closure, *args[2:]), kwargs
+            before(opt, args, kwargs)
+            return None
+
+        def post_hook(opt, args, kwargs):
+            after(opt, args, kwargs)
+
+        self._step_handles.append(self.optimizer.register_step_pre_hook(pre_hook))
+        self._step_handles.append(self.optimizer.register_step_post_hook(post_hook))
+
+    def _enter(self) -> Recorder:
         self._lock = StoreLock(self.store, what="recorder")
         self._lock.acquire()
         try:
@@ -340,26 +391,7 @@ class Recorder:
                 on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
                 on_tick=self._lock.refresh,
             )
-            before, after = self._before_step, self._after_step
-
-            wrap = self._wrap_closure
-
-            def pre_hook(opt, args, kwargs):  # plain functions (see _arm)
-                # args: (optimizer, closure?) as step() was called (the optimizer first)
-                closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-                if callable(closure):  # forward and backward run inside step(closure)
-                    closure = wrap(closure)
-                    if "closure" in kwargs:
-                        return args, {**kwargs, "closure": closure}
-                    return (args[0], closure, *args[2:]), kwargs
-                before(opt, args, kwargs)
-                return None
-
-            def post_hook(opt, args, kwargs):
-                after(opt, args, kwargs)
-
-            self._step_handles.append(self.optimizer.register_step_pre_hook(pre_hook))
-            self._step_handles.append(self.optimizer.register_step_post_hook(post_hook))
+            self._hook_optimizer()
         except BaseException:
             self._remove(self._step_handles)
             if self._writer is not None:
@@ -449,7 +481,9 @@ class Recorder:
         if self._lock is not None:
             self._lock.release()
         self._emit_nonfinite_warning()
-        if self._n_recorded == 0 and self._stopped_reason is None and "empty" not in self._warned:
+        follower = self._dist is not None and not self._dist.writes  # DDP: rank 0 writes
+        if (self._n_recorded == 0 and self._stopped_reason is None and not follower
+                and "empty" not in self._warned):
             self._warned.add("empty")
             if self._failure is not None:
                 why = (f"the training loop raised {type(self._failure).__name__}: "
@@ -682,6 +716,54 @@ class Recorder:
         return closure_then_assemble
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._dist is not None:
+            self._before_step_ddp()
+            return
+        self._before_step_local()
+
+    def _before_step_ddp(self) -> None:
+        """DDP, at a recorded step (every rank): the captures go to rank 0, which joins them
+        (rank order), assembles and checks the step as one batch; its verdict reaches every
+        rank, so all record, stop or raise together (trajlab.integrations.ddp)."""
+        d = self._dist
+        if (not self._active or self._suspended or self._ddp_stopped
+                or self._step % self.every != 0):
+            return
+        if self._resume_check is not None:
+            self._check_continuity()
+        gathered = _ddp.gather(_ddp.payload(self._layers, self._micro, self._stopped_reason), d)
+        verdict, error = None, None
+        if d.writes:
+            try:
+                stopped = _ddp.merge(self._layers, self._micro, gathered)
+                if stopped is not None and self._stopped_reason is None:
+                    self._stop(RecorderError(f"recording stopped on {stopped}"), where="step")
+                self._before_step_local()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+                verdict = ("SelfCheckError" if isinstance(e, SelfCheckError) else
+                           "RecorderError", f"{type(e).__name__}: {e}")
+            if verdict is None and self._stopped_reason is not None:
+                verdict = ("stop", self._stopped_reason)
+        verdict = _ddp.broadcast(verdict, d)
+        if verdict is not None and verdict[0] == "stop":
+            self._ddp_stopped = True
+        if d.writes:
+            if error is not None:
+                raise error
+            return
+        self._reset_step()  # this rank's captures are on rank 0 now
+        if verdict is None:
+            return
+        kind, msg = verdict
+        if kind == "stop":
+            self._stopped_reason = f"rank 0 stopped recording: {msg}"
+            self._remove(self._layer_handles)
+            return
+        cls = SelfCheckError if kind == "SelfCheckError" else RecorderError
+        raise cls(f"trajlab (rank 0): {msg}")
+
+    def _before_step_local(self) -> None:
         if self._resume_check is not None:
             self._check_continuity()
         if not self.recording:
