@@ -87,3 +87,32 @@ def test_a_rank_that_dies_loses_nothing_committed(tmp_path):
     run = trajlab.open_run(tmp_path / "ddp.zarr")
     assert run.steps.tolist() == [0, 1, 2, 3]
     assert run.verify() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["hf", "lightning"])
+def test_trainers_under_ddp(tmp_path, which):
+    """The Hugging Face Trainer and Lightning (strategy="ddp") under torchrun with 2 gloo
+    processes, each with its RecorderCallback: one store, the global batch (2 ranks x 2
+    micro-batches) per optimizer step, the weights rank 0's optimizer saw (its own hook)."""
+    pytest.importorskip("transformers" if which == "hf" else "lightning",
+                        reason=f"{which} is not installed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(trajlab.__file__).parent.parent)}
+    store, snaps = tmp_path / "run.zarr", tmp_path / "snaps.pt"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), str(WORKER.parent / "ddp_trainers_worker.py"),
+                          which, str(store), str(snaps)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    run = trajlab.open_run(store)
+    assert run.steps.tolist() == [0, 1, 2, 3]
+    assert run.root.batch_size.values.tolist() == [16 if which == "hf" else 64] * 4
+    name = "transformer.h.0.mlp.c_fc" if which == "hf" else "net.0"
+    want = torch.stack(torch.load(snaps)).numpy()
+    np.testing.assert_array_equal(run.layer(name).weight.values, want)

@@ -55,6 +55,24 @@ def detect(model: nn.Module) -> tuple[nn.Module, Dist | None]:
     return model.module, Dist(dist.get_rank(group), dist.get_world_size(group), group)
 
 
+def current() -> Dist | None:
+    """The default process group as a Dist when torch.distributed runs several processes
+    (for trainers whose callbacks see the unwrapped module: the Hugging Face Trainer and
+    Lightning under DDP), else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def attach(recorder: Any, d: Dist | None) -> None:
+    """Make a Recorder built on the unwrapped module record as the ranks of ``d`` (call before
+    entering it)."""
+    if d is not None:
+        recorder._dist = d
+
+
 def _cpu(t: Any) -> Any:
     return t.detach().cpu() if isinstance(t, Tensor) else t
 
@@ -64,9 +82,10 @@ def payload(layers: list[Any], micros: list[Micro], stopped: str | None) -> dict
     micro-batches' loss, indices and sizes, and whether it stopped recording."""
     return {
         "stopped": stopped,
-        "layers": [[(c.micro, c.batch, {k: _cpu(v) for k, v in c.tensors.items()},
-                     _cpu(c.per_sample), c.eps, c.forwards_seen) for c in layer.captures]
-                   if layer.failed is None else repr(layer.failed) for layer in layers],
+        "layers": {layer.name: [(c.micro, c.batch, {k: _cpu(v) for k, v in c.tensors.items()},
+                                 _cpu(c.per_sample), c.eps, c.forwards_seen)
+                                for c in layer.captures]
+                   if layer.failed is None else repr(layer.failed) for layer in layers},
         "micros": [(_cpu(m.indices), m.loss, m.batch) for m in micros],
     }
 
@@ -99,15 +118,15 @@ def merge(layers: list[Any], micros: list[Micro], gathered: list[dict[str, Any]]
         if g["stopped"]:
             return f"rank {r}: {g['stopped']}"
     n_micro = {len(g["micros"]) for g in gathered}
-    for i, layer in enumerate(layers):
-        failed = next((g["layers"][i] for g in gathered if isinstance(g["layers"][i], str)),
-                      None)
+    for layer in layers:
+        got = [g["layers"].get(layer.name, "not captured on this rank") for g in gathered]
+        failed = next((c for c in got if isinstance(c, str)), None)
         if failed is not None:
             if layer.failed is None:
                 layer.failed = RuntimeError(f"on another rank: {failed}")
             continue
         device = layer.target.param.device
-        per_rank = [{c[0]: c for c in g["layers"][i]} for g in gathered]
+        per_rank = [{c[0]: c for c in caps} for caps in got]
         keys = sorted(per_rank[0])
         if any(sorted(p) != keys for p in per_rank):
             layer.failed = RuntimeError("the ranks ran different numbers of forward passes "

@@ -50,6 +50,7 @@ def _build() -> type:
     from transformers import TrainerCallback
 
     import trajlab
+    from trajlab.integrations import ddp as _ddp
 
     class RecorderCallback(TrainerCallback):
         """Record a ``transformers.Trainer`` run into a trajlab run store.
@@ -100,6 +101,9 @@ def _build() -> type:
                 "seed": int(args.seed)})
             rec = trajlab.Recorder(model, self.store, optimizer=optimizer, metadata=meta,
                                    **opts)
+            # several processes (torchrun): the Trainer's model is wrapped in DDP, callbacks
+            # see the module; record as the ranks of the default group (rank 0 writes)
+            _ddp.attach(rec, _ddp.current())
             rec.__enter__()
             self.recorder = rec
             self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
@@ -137,8 +141,14 @@ def _build() -> type:
             values = [v for v, _ in losses]
             # normalised over the whole accumulated batch (num_items_in_batch): the step's
             # loss is their sum; else each is its micro-batch's mean
-            total = math.fsum(values) if all(s for _, s in losses) else (
-                math.fsum(values) / len(values))
+            if all(s for _, s in losses):
+                total = math.fsum(values)
+                if getattr(args, "average_tokens_across_devices", False):
+                    # the token count is every process's: this rank's sum is its share of
+                    # the global mean; the recorder averages the ranks' losses
+                    total *= max(1, int(getattr(args, "world_size", 1) or 1))
+            else:
+                total = math.fsum(values) / len(values)
             rec.log(loss=total)
 
         def on_step_end(self, args, state, control, **kwargs):

@@ -53,6 +53,7 @@ def _bases() -> tuple[type, ...]:
 
 def _build() -> type:
     import trajlab
+    from trajlab.integrations import ddp as _ddp
 
     class RecorderCallback(*_bases()):
         """Record a Lightning training run into a trajlab run store.
@@ -96,6 +97,9 @@ def _build() -> type:
             self._accumulate = int(trainer.accumulate_grad_batches)
             rec = trajlab.Recorder(pl_module, self.store, optimizer=optimizers[0],
                                    metadata=meta, **opts)
+            # strategy="ddp": callbacks see the unwrapped module; record as the ranks of the
+            # default group (rank 0 writes)
+            _ddp.attach(rec, _ddp.current())
             rec.__enter__()
             self.recorder = rec
 

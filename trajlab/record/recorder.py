@@ -735,6 +735,8 @@ class Recorder:
         verdict, error = None, None
         if d.writes:
             try:
+                if self.per_sample and self._n_recorded == 0 and self._run_meta is None:
+                    self._drop_broadcast()  # on this rank's own batch sizes, before joining
                 stopped = _ddp.merge(self._layers, self._micro, gathered)
                 if stopped is not None and self._stopped_reason is None:
                     self._stop(RecorderError(f"recording stopped on {stopped}"), where="step")
@@ -745,13 +747,17 @@ class Recorder:
                            "RecorderError", f"{type(e).__name__}: {e}")
             if verdict is None and self._stopped_reason is not None:
                 verdict = ("stop", self._stopped_reason)
-        verdict = _ddp.broadcast(verdict, d)
+        verdict, kept = _ddp.broadcast((verdict, self.layer_names if d.writes else None), d)
         if verdict is not None and verdict[0] == "stop":
             self._ddp_stopped = True
         if d.writes:
             if error is not None:
                 raise error
             return
+        if kept != self.layer_names:  # rank 0 left layers out (broadcast over the batch)
+            for layer in self._layers:
+                layer.dropped = layer.name not in kept
+            self._layers = [layer for layer in self._layers if not layer.dropped]
         self._reset_step()  # this rank's captures are on rank 0 now
         if verdict is None:
             return
