@@ -64,7 +64,7 @@ def band_numbers(Z: np.ndarray, mean: np.ndarray, var: np.ndarray) -> dict[str, 
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
         return {"runs": R, "coverage": None, "pred_sd_over_residual_sd": None,
                 "pred_sd_over_spread": None, "passes": None,
-                "note": "no prediction (NaN): the runs have no full-data probe"}
+                "note": "the runs have no full-data probe"}
     sd = np.sqrt(np.maximum(var, 0.0))
     inside = int((np.abs(Z - mean) <= Z95 * sd).sum())
     resid_sd = float(np.std(Z - mean, ddof=1))
@@ -109,7 +109,7 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
         "cases": {}, "verdict": []}
     for case in cases:
         Z, M, V = [], [], []
-        theory = None
+        theory = why = None
         for r in range(runs):
             cfg = TrainConfig(model=model, hidden=hidden, steps=steps, batch_size=batch_size,
                               lr=case.lr, optimizer=case.optimizer, dtype=dtype,
@@ -123,7 +123,10 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
             M.append(float(last.logK_pred_mean))
             V.append(float(last.logK_pred_var))
             theory = ds.attrs.get("optimizer_theory")
+            why = ds.attrs.get("prediction_unavailable")
         nums = band_numbers(np.array(Z), np.array(M), np.array(V))
+        if nums["coverage"] is None and why:
+            nums["note"] = why
         result["cases"][case.name] = {**asdict(case), "theory": theory, **nums}
         line = _line(case.name, nums)
         result["verdict"].append(line)
