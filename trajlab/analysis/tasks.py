@@ -284,9 +284,12 @@ def _expected_flow(plan: Plan, c: ChunkInputs, rows: tuple[int, int], spec, P
     ok = torch.isfinite(W).all(-1).all(-1) & torch.isfinite(Ed).all(-1).all(-1)
     if not bool(ok.any()):
         return out
-    U, _, Vh = torch.linalg.svd(W[ok], full_matrices=False)
-    u, vv = U[..., :, 0], Vh[..., 0, :]
-    out[ok.numpy()] = (-(u[:, None, :] @ Ed[ok] @ vv[:, :, None])[:, 0, 0]).numpy()
+    # -u1^T E[d] v1 with the analysis's spectrum kernel (no full SVD; SVD form where the gap
+    # is small): E[d] passed as the "full-data gradient" of the noise-free terms
+    Wk, Ek = W[ok], Ed[ok]
+    terms = resolvent_layer_terms(Wk, Ek, Ek, _t(c.vals["lr"].astype(np.float64))[ok],
+                                  grad_full=Ek, gap_tol=plan.options.gap_tol)
+    out[ok.numpy()] = terms["drift_flow"].numpy()
     if spec.kind == "sgd":  # no state to carry: between probes the integrals interpolate the
         out[~have[r0 - lo:r1 - lo]] = np.nan  # rate itself, as for the paper's *_sgd
     return out
