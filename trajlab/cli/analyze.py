@@ -7,6 +7,11 @@ import time
 from pathlib import Path
 
 from trajlab.cli._args import add_storage_options, positive_int, step_range, unit_interval
+from trajlab.cli._util import prediction_line
+
+#: How to get a forward prediction where a run has none.
+PROBE_HINT = ("record the run with a full-data probe (trajlab.Recorder(..., "
+              "probe=trajlab.FullGradientProbe(...)))")
 
 
 def add_parser(sub) -> None:
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     took = time.perf_counter() - t0
     for ds, out in zip(datasets, outs):
         print(f"analysed {ds.sizes['step']} steps x {ds.sizes['layer']} layers -> {out}")
+        line = prediction_line(ds, missing=PROBE_HINT)
+        print(f"  {line}" if len(datasets) > 1 else line)
     print(f"done in {took:.1f} s; open with trajlab.open_analysis({outs[0]!r})"
           + (" or trajlab.open_analyses([...])" if len(outs) > 1 else ""))
     return 0

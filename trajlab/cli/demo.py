@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from trajlab.cli._args import batch_size, nonnegative_int, positive_float, positive_int
-from trajlab.cli._util import human, save_figure
+from trajlab.cli._util import human, prediction_line, save_figure
 
 
 def add_parser(sub) -> None:
@@ -86,19 +86,8 @@ def _analysis(store: Path, out: Path, args: argparse.Namespace) -> int:
     last = ds.isel(step=-1).compute()
     err = float(np.abs(last.K_pathwise - last.K).max() / last.K.max())
     print(f"pathwise reconstruction of K at the last step: max relative error {err:.1e}")
-    from trajlab.sde import Z95
-
-    theory = ds.attrs.get("optimizer_theory", "SDE")
-    pred = float(last.logK_pred_mean - ds.logK[0])
-    if np.isfinite(pred):
-        print(f"log K_net: measured change {float(last.logK - ds.logK[0]):+.3f}; the {theory}, "
-              f"a forward prediction (expected gradient from the probe, never the realised "
-              f"updates), predicts {pred:+.3f} (± {Z95 * float(np.sqrt(last.logK_pred_var)):.3f},"
-              f" 95%)")
-    else:
-        print(f"log K_net: measured change {float(last.logK - ds.logK[0]):+.3f}; no forward "
-              "prediction: it needs the expected gradient, run with --probe-every k (a "
-              "full-data gradient every k steps)")
+    print(prediction_line(ds, missing="run with --probe-every k (a full-data gradient every k "
+                                      "steps)"))
     path = out / "theory_vs_measured.png"
     save_figure(ds.lipschitz.plot_validation(), path)
     save_figure(ds.lipschitz.plot_drift(), out / "drift_decomposition.png")

@@ -40,6 +40,60 @@ class Target:
         return self.rule.parameter(self.module, self.matrix)
 
 
+class ModelSummary(dict):
+    """What the recorder records of a model (``rec.summary``): a dict, as stored in the run's
+    metadata (``parameters``, ``weight_parameters``, ``modules``, ``not_a_bound``), that prints
+    as a readable table: recorded modules (how), modules not recorded (why), and why the
+    product of the recorded norms may not bound the network. Long lists are cut to
+    :attr:`SHOWN` rows each (``summary["modules"]`` holds all)."""
+
+    SHOWN = 12
+
+    def __repr__(self) -> str:
+        mods = list(self.get("modules") or [])
+        rec = [m for m in mods if m.get("recorded")]
+        skipped = [m for m in mods if not m.get("recorded")]
+        total = int(self.get("weight_parameters") or 0)
+        covered = sum(int(m.get("recorded_parameters") or 0) for m in rec)
+        share = f" ({100 * covered / total:.0f}%)" if total else ""
+        lines = [f"trajlab model summary: {len(rec)} of {len(mods)} modules with parameters "
+                 f"recorded; {covered:,} of {total:,} weight-matrix parameters{share}"]
+        width = min(32, max((len(m.get("name") or "<model>") for m in mods), default=7))
+        kind = min(18, max((len(str(m.get("type", ""))) for m in mods), default=4))
+
+        def row(m: dict[str, Any], text: str) -> str:
+            name = _shorten(m.get("name") or "<model>", width)
+            return (f"    {name:<{width}}  {_shorten(str(m.get('type', '')), kind):<{kind}}  "
+                    f"{int(m.get('parameters') or 0):>10,} params  {text}")
+
+        for title, group, text in (("recorded", rec, lambda m: _shorten(m.get("how", ""), 90)),
+                                   ("not recorded", skipped, lambda m: m.get("why", ""))):
+            if not group:
+                continue
+            lines.append(f"  {title} ({len(group)}):")
+            lines += [row(m, text(m)) for m in group[:self.SHOWN]]
+            if len(group) > self.SHOWN:
+                lines.append(f"    ... and {len(group) - self.SHOWN} more "
+                             "(summary['modules'] lists every module)")
+        for why in self.get("not_a_bound") or []:
+            lines.append(f"  K_net is not a Lipschitz bound: {why}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:  # IPython / Jupyter
+        p.text("ModelSummary(...)" if cycle else repr(self))
+
+
+def _shorten(text: str, n: int) -> str:
+    """``text`` cut in the middle to ``n`` characters ("…" marks the cut)."""
+    text = str(text)
+    if len(text) <= n:
+        return text
+    head = (n - 1) // 2
+    return text[:head] + "…" + text[len(text) - (n - 1 - head):]
+
+
 def _name(matrix_part: str, module_name: str) -> str:
     return f"{module_name}:{matrix_part}" if matrix_part else module_name
 
@@ -93,8 +147,9 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
     Returns
     -------
     targets : the recorded matrices, in module order.
-    summary : ``parameters``, ``weight_parameters``, ``modules`` (name, type, parameters,
-        recorded, recorded_parameters, how or why), ``not_a_bound`` (reasons).
+    summary : a :class:`ModelSummary` (a dict that prints as a table): ``parameters``,
+        ``weight_parameters``, ``modules`` (name, type, parameters, recorded,
+        recorded_parameters, how or why), ``not_a_bound`` (reasons).
     """
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     modules = dict(model.named_modules())
@@ -193,12 +248,12 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
                             + "; ".join(f"{e['name'] or '<model>'}: {e['why']}"
                                         for e in entries if not e["recorded"])[:500])
     total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-    summary = {
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "weight_parameters": int(total),
-        "modules": entries,
-        "not_a_bound": not_a_bound(model),
-    }
+    summary = ModelSummary(
+        parameters=int(sum(p.numel() for p in model.parameters())),
+        weight_parameters=int(total),
+        modules=entries,
+        not_a_bound=not_a_bound(model),
+    )
     return candidates, summary
 
 
