@@ -120,3 +120,48 @@ def test_pytorch_lightning_import(tmp_path):
     assert run.steps.tolist() == [0, 1, 2, 3]
     np.testing.assert_array_equal(run.layer("net.0").weight.values,
                                   torch.stack([r["W"] for r in seen]).numpy())
+
+
+def test_manual_optimisation(tmp_path):
+    """automatic_optimization = False: manual_backward and opt.step() in training_step are
+    recorded like a plain loop (one step per opt.step(), the weights its hook saw)."""
+    from trajlab.integrations.lightning import RecorderCallback
+
+    class Manual(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.manual_backward(loss)
+            opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+    L.seed_everything(0, verbose=False)
+    X, Y = load_digits(flatten=True, split="train")
+    trainer = L.Trainer(max_epochs=1, callbacks=[RecorderCallback(tmp_path / "run.zarr"),
+                                                 spy_callback(L, seen)],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1,
+                        default_root_dir=str(tmp_path))
+    module = Manual()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(TensorDataset(X[:64], Y[:64]), batch_size=16))
+    run = trajlab.open_run(tmp_path / "run.zarr")
+    assert run.steps.tolist() == [0, 1, 2, 3]
+    assert run.root.batch_size.values.tolist() == [16] * 4
+    np.testing.assert_array_equal(run.layer("net.0").weight.values,
+                                  torch.stack([r["W"] for r in seen]).numpy())
+    for s, ref in enumerate(seen):
+        mean = trajlab.per_sample_gradients(run, "net.0", s).grads.astype(np.float64).mean(0)
+        want = ref["grad"].double().numpy()
+        assert np.abs(mean - want).max() <= 1e-5 * np.abs(want).max()
