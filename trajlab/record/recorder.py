@@ -76,12 +76,17 @@ class Recorder:
     ----------
     model : nn.Module
         The model being trained (also a ``torch.compile``'d module: the recorder attaches to
-        the module it wraps and keeps its hooks installed).
+        the module it wraps and keeps its hooks installed; or a ``DistributedDataParallel``
+        model, on every rank: rank 0 writes one store with every rank's samples, see
+        docs/integrations.md).
     store : str, path or zarr store
         Where to write (path, ``file://`` or fsspec URL, or a ``zarr.storage.LocalStore``).
     optimizer : torch.optim.Optimizer
         The optimizer whose ``step()`` defines a training step. The update it applies is
         recorded as is (any optimizer: momentum, weight decay, Adam, per-group learning rates).
+        Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are
+        unwrapped to the torch optimizer they hold; ``step(closure)`` is recorded when the
+        closure returns.
     every : int
         Record steps whose index is a multiple of ``every``.
     layers : sequence of str, optional
