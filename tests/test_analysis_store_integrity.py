@@ -157,10 +157,11 @@ def test_rerun_repairs_the_step_coordinate(copy):
     np.testing.assert_array_equal(ds.step.values, ref.step.values)
 
 
-def test_a_missing_array_is_refused_with_the_fix(copy):
+@pytest.mark.parametrize("array", ["drift", "_done"])
+def test_a_missing_array_is_refused_with_the_fix(copy, array):
     run, out, _ = copy
-    shutil.rmtree(out / "drift")
-    with pytest.raises(StoreCorruptError, match=r"'drift'.*overwrite"):
+    shutil.rmtree(out / array)
+    with pytest.raises(StoreCorruptError, match=rf"'{array}'.*overwrite"):
         _analyze_again(run, out)
     ds = trajlab.analyze(run, out=out, chunk_rows=CHUNK, scheduler="synchronous",
                          progress=False, overwrite=True)

@@ -219,12 +219,23 @@ class AnalysisStore:
         return self._done_markers()[0]
 
     def _done_markers(self) -> tuple[np.ndarray, list[ChunkProblem]]:
-        arr = self.group[DONE]
+        """(done-marker of every step chunk, a problem for each marker that cannot be read;
+        one with chunk None when the marker array itself is gone)."""
+        try:
+            arr = self.group[DONE]
+        except Exception as e:  # noqa: BLE001 - KeyError (deleted), a damaged zarr.json
+            rows = self.meta.rows[1] - self.meta.rows[0]
+            n = -(-rows // max(1, self.meta.chunk_rows))
+            why = "missing" if isinstance(e, KeyError) else f"unreadable ({e!r})"
+            return np.zeros(n, dtype=bool), [ChunkProblem(DONE, None, (
+                f"array {DONE!r} (the done-markers) is {why}: its metadata (zarr.json) was "
+                "deleted or damaged"))]
         try:
             return np.asarray(arr[:], dtype=bool), []
         except Exception:  # noqa: BLE001 - a damaged marker: find it, one chunk at a time
-            pass
+            return self._done_one_by_one(arr)
 
+    def _done_one_by_one(self, arr: zarr.Array) -> tuple[np.ndarray, list[ChunkProblem]]:
         async def one(i: int) -> bool | Exception:
             try:
                 return bool((await arr._async_array.getitem(slice(i, i + 1)))[0])
@@ -471,4 +482,4 @@ def _fill(dtype: str):
     return False if kind == "b" else (-1 if kind in "iu" else np.nan)
 
 
-__all__ = ["DONE", "AnalysisStore", "CheckedArray", "ChunkProblem", "STEP", "repair_hint"]
+__all__ = ["DONE", "STEP", "AnalysisStore", "CheckedArray", "ChunkProblem", "repair_hint"]
