@@ -259,24 +259,44 @@ def test_drift_optimizer_is_zero_for_sgd_and_minus_lambda_K_for_weight_decay(tmp
     np.testing.assert_allclose(wd.logK_drift_optimizer, -0.01 * 2, rtol=1e-9)
 
 
-def test_simulated_paths_match_the_lognormal_prediction(mlp_run):
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_simulated_paths_match_the_lognormal_prediction(tmp_path, momentum):
+    """The paths' law is the default forward prediction's (logK_pred_mean, logK_pred_var),
+    with momentum too, where the noise a step injects is carried to later steps."""
     from trajlab.analysis import simulate_paths
 
-    ds = analyze(mlp_run[0], scheduler="synchronous", progress=False)
+    torch.manual_seed(0)
+    X = torch.randn(128, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (128,))
+    model = mlp64()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+    probe = trajlab.FullGradientProbe([(X, Y)], F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt, loss_fn=F.cross_entropy,
+                          probe=probe) as rec:
+        for _ in range(16):
+            idx = torch.randint(0, len(X), (8,), generator=g)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), Y[idx])
+            loss.backward()
+            rec.log(loss=loss, indices=idx, inputs=X[idx], targets=Y[idx])
+            opt.step()
+    ds = analyze(tmp_path / "r.zarr", scheduler="synchronous", progress=False)
+    mean, var = float(ds.logK_pred_mean[-1]), float(ds.logK_pred_var[-1])
+    assert np.isfinite(mean) and var > 0
     paths = simulate_paths(ds, n_paths=4000, seed=1)
     assert paths.dims == ("path", "step") and paths.sizes["step"] == ds.sizes["step"]
+    assert paths.attrs["theory"] == ds.logK_pred_mean.attrs["theory"]
     z = np.log(paths.isel(step=-1).values)
-    # simulate_paths integrates the per-step coefficients logK_drift + logK_drift_optimizer
-    # (batch-gradient flow, realised update); logK_pred_mean is now a forward prediction that
-    # never contains them (docs/math.md 8), so the paths are checked against their own integral
-    dt = ds.net_dt.values
-    mu = ds.logK_drift.values + np.nan_to_num(ds.logK_drift_optimizer.values)
-    mean = float(ds.logK[0]) + float((mu * dt)[:-1].sum())
-    var = float((ds.logK_diffusion2.values * dt)[:-1].sum())
-    assert abs(z.mean() - mean) < 5 * np.sqrt(var / 4000) + 1e-12
+    assert abs(z.mean() - mean) < 5 * np.sqrt(var / 4000)
     assert abs(z.var() / var - 1) < 0.15
     again = simulate_paths(ds, n_paths=4000, seed=1)
     np.testing.assert_array_equal(again.values, paths.values)  # seeded, no global RNG
+    stored = analyze(tmp_path / "r.zarr", out=tmp_path / "a.zarr", scheduler="synchronous",
+                     progress=False)  # a stored analysis names its theories too
+    for k in ("logK_pred_mean", "K_net_pred_upper", "logK_pred_mean_sgd", "K_pathwise"):
+        assert stored[k].attrs["theory"] == ds[k].attrs["theory"], k
+    assert "momentum" in ds.logK_pred_mean.attrs["theory"].lower() or momentum == 0
 
 
 def test_analysing_a_run_that_is_being_recorded_says_so(mlp_run):

@@ -131,6 +131,7 @@ def analyze(
     population: int | str | None = "auto",
     gap_tol: float = 1e-3,
     conv_definition: str = "matrix",
+    optimizer: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
@@ -165,6 +166,9 @@ def analyze(
     conv_definition : "matrix" (default): convolution K and SDE terms use the reshaped kernel
         (MATH.md §6a), exact for the recorded sketch. "operator": additionally compute the exact
         operator norm of each convolution (``K_operator``, ``K_net_operator``; §6b).
+    optimizer : the optimizer whose SDE the default prediction integrates ("sgd", "momentum",
+        "nesterov", "adam", "adamw"; see :class:`trajlab.analysis.AnalysisOptions`); None
+        (default): the one the run recorded.
     overwrite : replace an existing analysis store (never anything else).
     progress : progress bar on the terminal.
     storage_options : fsspec options for ``out`` and for the runs given as URLs
@@ -208,7 +212,7 @@ def analyze(
         if pop == "auto":
             pop = r.meta.dataset_size if r.meta.sampler == "reshuffle" else None
         opts = AnalysisOptions(gradient=gradient, population=pop, gap_tol=gap_tol,
-                               conv_definition=conv_definition)
+                               conv_definition=conv_definition, optimizer=optimizer)
         jobs.append(_Job(r, make_plan(r, layers, steps, chunk_rows, opts), o, storage_options))
         if StoreLock(r.store, what="recorder").live_writer():
             warnings.warn(f"trajlab: {r.store!r} is still being recorded (a live recorder holds "
@@ -528,7 +532,9 @@ def open_analysis(store: Any, *, storage_options: dict | None = None, run: Run |
     if run is None:
         ds.attrs.update({k: v for k, v in st.meta.run_info.items()
                          if k in ("every", "sampler")})
-    return ds
+    from trajlab.analysis.assemble import annotate
+
+    return annotate(ds)  # each prediction, SDE term and reconstruction names its theory
 
 
 def open_analyses(paths: str | Sequence[Any], *, storage_options: dict | None = None,
@@ -648,9 +654,13 @@ def _coordinate(values: list[Any]) -> np.ndarray | None:
 
 
 def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.DataArray:
-    """Euler–Maruyama paths of the network SDE dZ = mu dt + sigma_Z dB with the recorded
-    coefficients (MATH.md §4), for distribution plots. The drift is the one of
-    ``logK_pred_mean`` (the optimizer that was used).
+    """Paths of log K_net whose law at every step is the default forward prediction's
+    (``logK_pred_mean``, ``logK_pred_var``: the SDE of the optimizer that was used, docs/math.md
+    §8), for distribution plots: Euler–Maruyama steps of dZ = mu dt + sigma dB with mu dt and
+    sigma² dt the prediction's increments of mean and variance. For SGD this is the paper's SDE
+    (MATH.md §4); with momentum or Adam the noise a step injects is carried forward by the
+    prediction, so its increments, not each step's own diffusion, drive the paths. Never the
+    realised update (the pathwise reconstruction).
 
     Parameters
     ----------
@@ -669,15 +679,19 @@ def simulate_paths(ds: xr.Dataset, *, n_paths: int = 200, seed: int = 0) -> xr.D
         raise ValueError(f"simulate_paths takes one run; this dataset holds {ds.sizes['run']} "
                          "along 'run' (trajlab.open_analyses): pick one with ds.isel(run=i) "
                          "or ds.sel(run=...)")
-    # like logK_pred_mean: an undefined rate (no per-sample information) makes the paths NaN
-    # from there on, never a silently noise-free simulation
-    mu = np.asarray(ds["logK_drift"].values, dtype=np.float64)
-    mu = mu + np.nan_to_num(np.asarray(ds["logK_drift_optimizer"].values, dtype=np.float64))
-    s2 = np.asarray(ds["logK_diffusion2"].values, dtype=np.float64)
-    dt = np.asarray(ds["net_dt"].values, dtype=np.float64)
-    z0 = float(ds["logK"].values[0])
-    paths = euler_maruyama(z0, torch.from_numpy(mu[:-1]), torch.from_numpy(s2[:-1]),
-                           torch.from_numpy(dt[:-1]), n_paths=n_paths, seed=seed)
+    # like logK_pred_mean: an undefined prediction (no probe, no per-sample information) makes
+    # the paths NaN from there on, never a silently noise-free simulation
+    mean = np.asarray(ds["logK_pred_mean"].values, dtype=np.float64)
+    var = np.asarray(ds["logK_pred_var"].values, dtype=np.float64)
+    dt = np.asarray(ds["net_dt"].values, dtype=np.float64)[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = np.diff(mean) / dt
+        s2 = np.maximum(np.diff(var), 0.0) / dt
+    z0 = float(mean[0])
+    paths = euler_maruyama(z0, torch.from_numpy(mu), torch.from_numpy(s2),
+                           torch.from_numpy(dt), n_paths=n_paths, seed=seed)
+    theory = ds["logK_pred_mean"].attrs.get("theory", "the default forward prediction")
     return xr.DataArray(np.exp(paths.numpy()), dims=("path", "step"),
                         coords={"step": ds["step"].values},
-                        attrs={"description": "K_net along Euler-Maruyama paths of the SDE"})
+                        attrs={"description": f"K_net along paths whose law at each step is "
+                               f"the forward prediction's ({theory})", "theory": theory})
