@@ -141,8 +141,8 @@ def analysis_report(path, *, verify: bool = False, progress: bool = False,
     st = AnalysisStore.open(path, storage_options=storage_options)
     m = st.meta
     n_rows = m.rows[1] - m.rows[0]
-    layers = ", ".join(m.layers[:8]) + (f", ... ({len(m.layers)} layers)"
-                                        if len(m.layers) > 8 else "")
+    layers = ", ".join(m.layers if len(m.layers) <= 6
+                       else [*m.layers[:3], "...", *m.layers[-2:]])
     lines = [f"analysis store {path}",
              f"format      analysis v{m.format_version}, created {m.created}, trajlab "
              f"{m.trajlab_version}",
