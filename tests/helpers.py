@@ -68,6 +68,15 @@ def held_worker(*args: str, hold_at: int):
     assert proc.returncode == -signal.SIGKILL
 
 
+#: Keys the recorder itself adds to a run's user metadata (its optimizer's description, cd0554c).
+RECORDER_USER_KEYS = ("optimizer_spec", "optimizer_spec_unavailable")
+
+
+def user_metadata(run) -> dict:
+    """The metadata the user gave the Recorder, as stored (without :data:`RECORDER_USER_KEYS`)."""
+    return {k: v for k, v in run.meta.user.items() if k not in RECORDER_USER_KEYS}
+
+
 def reference_per_sample_grads(model: nn.Module, loss_fn, X, Y) -> dict[str, torch.Tensor]:
     """Per-sample gradients of every parameter with torch.func (independent of trajlab)."""
     params = {k: v.detach() for k, v in model.named_parameters()}

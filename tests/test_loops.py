@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import mlp64, reference_per_sample_grads
+from helpers import mlp64, reference_per_sample_grads, user_metadata
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -416,7 +416,9 @@ def test_elementwise_grad_edit_is_refused_clearly_and_keeps_committed_steps(tmp_
 # --------------------------------------------------------------------------- predictions
 def _train(model, opt, X, Y, store, *, steps, batch=16, clip=None, sched=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    with trajlab.Recorder(model, store, optimizer=opt, loss_fn=F.cross_entropy,
+    # the forward prediction's expected gradient: the full-data probe (docs/math.md 8)
+    probe = trajlab.FullGradientProbe([(X, Y)], F.cross_entropy, every=1)
+    with trajlab.Recorder(model, store, optimizer=opt, loss_fn=F.cross_entropy, probe=probe,
                           sampler="with_replacement", metadata={"optimizer": type(opt).__name__}
                           ) as rec:
         for _ in range(steps):
@@ -826,7 +828,7 @@ def test_small_misuses_are_named(tmp_path, capsys):
             opt.step()
     run = trajlab.open_run(tmp_path / "r.zarr")
     assert list(run.layers) == ["2"]
-    assert run.meta.user == {"lr": 0.5, "seed": 3, "scale": 2.0}
+    assert user_metadata(run) == {"lr": 0.5, "seed": 3, "scale": 2.0}
     ds = trajlab.analyze(run, layers="2", scheduler="synchronous", progress=False)
     assert list(ds.layer.values) == ["2"]
     from trajlab.cli import main as cli_main
