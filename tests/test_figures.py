@@ -39,8 +39,9 @@ def record_and_analyse(path, *, n_layers=2, momentum=0.0, every=1, steps=12, per
     model = mlp(n_layers)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
     g = torch.Generator().manual_seed(0)
+    probe = trajlab.FullGradientProbe([(X, Y)], F.cross_entropy)  # the prediction's grad L
     with trajlab.Recorder(model, path, optimizer=opt, loss_fn=F.cross_entropy, every=every,
-                          per_sample=per_sample,
+                          per_sample=per_sample, probe=probe,
                           metadata={"optimizer": "momentum" if momentum else "sgd"}) as rec:
         for _ in range(steps):
             idx = torch.randint(0, len(X), (8,), generator=g)
@@ -156,15 +157,16 @@ def test_pathwise_not_drawn_when_all_nan(runs):
 def test_momentum_run_draws_optimizer_aware_and_sgd_predictions(runs):
     ds = runs["momentum"]
     assert figures.optimizer_aware(ds)
+    theory = ds.K_pred_mean.attrs["theory"]
+    assert "momentum" in theory and ds.K_pred_mean_sgd.attrs["theory"] == "SDE for SGD (paper)"
     fig = ds.lipschitz.plot_validation()
     try:
         labels = legend_labels(fig)
-        for label in (figures.SDE_OPT_LABEL, figures.SDE_SGD_LABEL, figures.NET_OPT_LABEL,
-                      figures.NET_SGD_LABEL):
+        for label in (f"{theory}: predicted mean of K", "SDE for SGD (paper): predicted mean of K",
+                      f"{theory}: exp E[Z]", "SDE for SGD (paper): exp E[Z]"):
             assert label in labels
-        assert figures.SDE_LABEL not in labels
         sgd_lines = [ln for ax in fig.axes for ln in ax.get_lines()
-                     if ln.get_label() == figures.SDE_SGD_LABEL]
+                     if ln.get_label() == "SDE for SGD (paper): predicted mean of K"]
         assert sgd_lines and all(ln.get_alpha() < 1 for ln in sgd_lines)  # the fainter line
         np.testing.assert_allclose(sgd_lines[0].get_ydata(), ds.K_pred_mean_sgd[:, 0])
         assert "momentum" in fig._suptitle.get_text()
@@ -172,12 +174,16 @@ def test_momentum_run_draws_optimizer_aware_and_sgd_predictions(runs):
         plt.close(fig)
     fig = ds.lipschitz.plot_band()
     try:
-        assert "SDE (paper, SGD): predicted median" in legend_labels(fig)
+        assert "SDE for SGD (paper): predicted median" in legend_labels(fig)
+        assert f"{theory}: predicted median" in legend_labels(fig)
     finally:
         plt.close(fig)
     fig = ds.lipschitz.plot_drift()
-    try:
-        assert "SDE (optimizer-aware) μ_Z + μ_opt + discretisation" in legend_labels(fig)
+    try:  # the realised update's drift is a reconstruction, never labelled a prediction
+        labels = legend_labels(fig)
+        assert ("pathwise reconstruction: μ_Z + realised optimizer drift + discretisation"
+                in labels)
+        assert not [t for t in labels if "optimizer-aware" in t]
     finally:
         plt.close(fig)
 
@@ -189,12 +195,12 @@ def test_plain_sgd_run_draws_one_prediction(runs):
         fig = plot()
         try:
             labels = legend_labels(fig)
-            assert not [t for t in labels if "paper, SGD" in t or "optimizer-aware" in t]
+            assert not [t for t in labels if "paper, SGD" in t or "optimizer" in t]
         finally:
             plt.close(fig)
     fig = ds.lipschitz.plot_validation()
     try:
-        assert figures.SDE_LABEL in legend_labels(fig)
+        assert "SDE for SGD (paper): predicted mean of K" in legend_labels(fig)
     finally:
         plt.close(fig)
 
@@ -251,7 +257,7 @@ def test_weights_only_run_draws_no_prediction_and_says_why(runs):
     try:
         labels = legend_labels(fig)
         assert any(lab.startswith("gradient flow") for lab in labels)
-        assert any(lab.startswith("optimizer μ_opt") for lab in labels)
+        assert any(lab.startswith("pathwise: realised optimizer drift") for lab in labels)
         assert not any("κ_Z" in lab or "Itô" in lab or lab.startswith("SDE") for lab in labels)
     finally:
         plt.close(fig)

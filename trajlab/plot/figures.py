@@ -70,12 +70,13 @@ NEEDS: dict[str, tuple[str, ...]] = {
 #: then name it "optimizer-aware" and draw the SGD-only prediction as a second, fainter line.
 SGD_RTOL = 1e-4
 
-#: Legend labels of the predictions.
+#: Legend labels of the predictions where a variable has no ``attrs["theory"]`` (analyses
+#: written before it); otherwise :func:`prediction_label` names the theory.
 SDE_LABEL = "SDE: K(0)+∫μ dt"
-SDE_OPT_LABEL = "SDE (optimizer-aware): K(0)+∫(μ+μ_opt)dt"
+SDE_OPT_LABEL = "SDE (optimizer's): forward prediction of K"
 SDE_SGD_LABEL = "SDE (paper, SGD): K(0)+∫μ dt"
 NET_LABEL = "SDE: exp E[Z]"
-NET_OPT_LABEL = "SDE (optimizer-aware): exp E[Z]"
+NET_OPT_LABEL = "SDE (optimizer's): exp E[Z]"
 NET_SGD_LABEL = "SDE (paper, SGD): exp E[Z]"
 
 #: Style of the SGD-only prediction drawn behind the optimizer-aware one.
@@ -353,7 +354,7 @@ def plot_validation(
     right giving each full name (:func:`layer_labels`).
 
     For an optimizer other than plain SGD (see :func:`optimizer_aware`) the drawn prediction is
-    the optimizer-aware one, K(0)+∫(μ+μ_opt)dt, and the paper's SGD prediction (``*_sgd``) is
+    the forward prediction with the optimizer's SDE, and the paper's SGD prediction (``*_sgd``) is
     drawn as a fainter dotted line. The network panel's title says when ``K_net`` is not a
     Lipschitz bound of the network (``attrs['k_net']``) and what it covers.
     """
@@ -446,8 +447,9 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     averages over ``window`` steps, raw rates faint behind.
 
     For an optimizer other than plain SGD (:func:`optimizer_aware`) the optimizer's drift
-    ``logK_drift_optimizer`` is shown as a further part, ``total μ_Z`` is labelled as the
-    paper's SGD drift, and the integrated panel adds the optimizer-aware SDE."""
+    ``logK_drift_optimizer`` (the pathwise reconstruction of what the realised updates added, a
+    measurement, not a prediction) is shown as a further part, ``total μ_Z`` is labelled as the
+    paper's SGD drift, and the integrated panel adds that pathwise reconstruction."""
     ds = _one_run(ds, "plot_drift")
     plt = _plt()
     x = ds.step.values
@@ -465,7 +467,8 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
         ("discretisation (not in SDE)", ds.logK_discretization.values, "C4"),
     ]
     if aware:
-        parts.append(("optimizer μ_opt = Σ μ_opt,ℓ/K_ℓ", ds.logK_drift_optimizer.values, "C5"))
+        parts.append(("pathwise: realised optimizer drift Σ μ_opt,ℓ/K_ℓ",
+                      ds.logK_drift_optimizer.values, "C5"))
     # a part that is undefined throughout (no per-sample information: the noise terms and the
     # total) is neither drawn nor listed, and no SDE sum is drawn without it
     have_total = bool(np.isfinite(parts[3][1]).any())
@@ -495,7 +498,7 @@ def plot_drift(ds: xr.Dataset, *, window: int = 25):
     if aware and have_total:
         opt = sgd + np.nan_to_num(ds.logK_drift_optimizer.values)
         b.plot(x, np.cumsum(opt * dt), color="C0", lw=1.2, ls="-.",
-               label="SDE (optimizer-aware) μ_Z + μ_opt + discretisation")
+               label="pathwise reconstruction: μ_Z + realised optimizer drift + discretisation")
     b.plot(x, ds.logK.values - ds.logK.values[0], color="k", lw=1.6, label="measured Z(t) − Z(0)")
     b.set_xlabel("step")
     b.set_ylabel("integrated contribution to log K_net")
