@@ -3,7 +3,9 @@ the fix."""
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +351,53 @@ def test_a_complex_model_is_refused_up_front(tmp_path):
     with pytest.raises(trajlab.RecorderError, match="complex parameters are not supported"):
         trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt)
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_a_writer_process_starts_while_another_thread_reads_stdin(tmp_path):
+    """multiprocessing's start-up closes sys.stdin in the child, which waited forever on the
+    stdin buffer's lock when a thread of the training process was reading stdin at the fork:
+    the writer never wrote, training blocked on the full queue."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        torch.set_num_threads(1)
+        threading.Thread(target=sys.stdin.readline, daemon=True).start()
+        import time; time.sleep(0.2)  # the reader holds the stdin buffer's lock from now on
+        from helpers import mlp64, train
+        X = torch.randn(64, 6, dtype=torch.float64); Y = torch.randint(0, 4, (64,))
+        train(mlp64(), X, Y, steps=30, store={str(tmp_path / "r.zarr")!r},
+              recorder_kwargs={{"writer": "process", "queue_size": 2, "chunk_steps": 4}})
+        print("done", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # stdin stays open (communicate() would close it and end the reader's wait)
+        proc.wait(timeout=240)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for pid in _descendants(proc.pid):
+            os.kill(pid, 9)
+        proc.communicate()
+        raise AssertionError("recording hung: the writer process never started") from None
+    finally:
+        proc.stdin.close()
+    assert proc.returncode == 0 and out.strip() == "done", err[-2000:]
+    assert trajlab.open_run(tmp_path / "r.zarr").n_steps == 30
+
+
+def _descendants(pid: int) -> list[int]:
+    from pathlib import Path as P
+
+    out = []
+    for task in P(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out + [d for c in out for d in _descendants(c)]

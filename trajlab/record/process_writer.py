@@ -31,7 +31,9 @@ import mmap
 import multiprocessing
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +109,7 @@ class ProcessWriter(QueuedProducer):
         self.n_slots = max(2, int(queue_size))
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._pending_create: tuple | None = None
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: _ForkedChild | None = None
         self._stopping = False  # the child was told to stop (its exit is then expected)
         self._closed = threading.Event()
         # set while this process waits on the writer (QueuedProducer._writer_behind); the child
@@ -174,15 +176,13 @@ class ProcessWriter(QueuedProducer):
         self._next_slot = 0
         self._to_child, child_in = ctx.Pipe(duplex=False)[::-1]
         reports, self._to_parent = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_child_main, name="trajlab-writer",
-            args=(self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
-                  self._free, self.flush_seconds, os.getpid(), (self._to_child, reports),
-                  self._behind_flag),
-            daemon=True)
+        _lookup_prctl()
         gc.freeze()  # the child never collects (and finalizes) the training process's objects
         try:
-            self._proc.start()
+            self._proc = _ForkedChild(
+                _child_main, (self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
+                              self._free, self.flush_seconds, os.getpid(),
+                              (self._to_child, reports), self._behind_flag))
         finally:
             gc.unfreeze()
         child_in.close()
@@ -296,8 +296,6 @@ class ProcessWriter(QueuedProducer):
 def _died(exitcode: int | None) -> RuntimeError:
     """The error of a writer process that ended without being told to."""
     if exitcode is not None and exitcode < 0:
-        import signal
-
         try:
             how = f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
@@ -318,6 +316,51 @@ def _as_numpy(record: PendingRecord) -> StepRecord:
 
 
 # ----------------------------------------------------------------------------- child process
+class _ForkedChild:
+    """The writer process, forked directly (``os.fork``), with the part of
+    :class:`multiprocessing.Process`'s interface the writer uses.
+
+    Not a ``multiprocessing.Process``: its start-up in the child closes ``sys.stdin``, which
+    waits forever on the stdin buffer's lock when another thread of the training process was
+    reading stdin at the fork (a lock the child inherits held, with no thread to release it).
+    The child here runs ``target(*args)`` and leaves with ``os._exit``, touching nothing else.
+    """
+
+    def __init__(self, target: Callable[..., Any], args: tuple) -> None:
+        self.exitcode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child
+            try:
+                target(*args)
+            finally:
+                os._exit(1)  # target leaves with its own os._exit; this only if it raised
+
+    def _reap(self, flags: int) -> None:
+        if self.exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped by another thread meanwhile
+                return
+            if pid == self.pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+
+    def is_alive(self) -> bool:
+        self._reap(os.WNOHANG)
+        return self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            self._reap(0)
+            return
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
 def _child_main(*args: Any) -> None:
     """The writer process. It leaves with ``os._exit``: no interpreter shutdown, so nothing the
     training process had buffered (stdout, atexit handlers) runs or prints twice."""
@@ -329,14 +372,27 @@ def _child_main(*args: Any) -> None:
         os._exit(code)
 
 
+_PRCTL: list = []  # libc's prctl, looked up in the training process before the fork
+
+
+def _lookup_prctl() -> None:
+    """Find libc's ``prctl`` now, in the training process: the child must not ``dlopen``
+    (the loader's lock may have been held by another thread at the fork)."""
+    if not _PRCTL:
+        try:
+            import ctypes
+
+            _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (OSError, AttributeError):  # not Linux
+            _PRCTL.append(None)
+
+
 def _die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when the training process's feeder thread (the one
     that forked it) is gone, so that an orphan never writes after a new writer took the store
     (Linux; elsewhere the child's own checks of its parent and pipe remain)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if _PRCTL and _PRCTL[0] is not None:
+        _PRCTL[0](1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != parent:
         os._exit(0)  # the parent died before the request above took effect
 
