@@ -401,3 +401,25 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
     return out + [d for c in out for d in _descendants(c)]
+
+
+def test_a_parameter_added_to_the_optimizer_mid_run_is_named(tmp_path):
+    """A parameter group added mid-run was silently not recorded."""
+    X = torch.randn(64, 6, dtype=torch.float64)
+    Y = torch.randint(0, 4, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4),
+                                torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+    opt = torch.optim.SGD([*model[0].parameters(), *model[2].parameters()], lr=0.05)
+    with pytest.warns(RuntimeWarning, match=r"added to the optimizer by step 3 are not "
+                      r"recorded: 4\.weight"):
+        with trajlab.Recorder(model, tmp_path / "r.zarr", optimizer=opt,
+                              layers=["0", "2"]) as rec:
+            for s in range(6):
+                if s == 3:
+                    opt.add_param_group({"params": list(model[4].parameters())})
+                idx = torch.arange(8) + s
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), Y[idx]).backward()
+                rec.log(indices=idx)
+                opt.step()
+    assert trajlab.open_run(tmp_path / "r.zarr").n_steps == 6

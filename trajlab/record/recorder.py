@@ -304,6 +304,7 @@ class Recorder:
         self._probe_grads: dict[str, Tensor] | None = None
         self._nonfinite_seen: list[tuple[int, str]] = []
         self._warned: set[str] = set()
+        self._n_params = _count_params(self.optimizer)  # what the optimizer steps at the start
         self._resume_check: dict[str, np.ndarray] | None = None
         self._run_meta = None  # the metadata this recording writes (set when the store is made)
         self._failure: BaseException | None = None
@@ -777,6 +778,8 @@ class Recorder:
     def _before_step_local(self) -> None:
         if self._resume_check is not None:
             self._check_continuity()
+        if _count_params(self.optimizer) != self._n_params:
+            self._param_groups_changed()
         if not self.recording:
             return
         self._raise_if_writer_failed()
@@ -1165,6 +1168,23 @@ class Recorder:
                 live[n].copy_(b)
 
     # ------------------------------------------------------------------ failures
+    def _param_groups_changed(self) -> None:
+        """The optimizer's parameters changed since the recorder was made (add_param_group, a
+        group edited): those added are not recorded (layers are planned once); say so, once."""
+        self._n_params = _count_params(self.optimizer)
+        known = {id(layer.target.param) for layer in self._layers}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        added = [names.get(id(p), f"<a {tuple(p.shape)} tensor outside the model>")
+                 for g in self.optimizer.param_groups for p in g["params"]
+                 if id(p) not in known and p.dim() >= 2]
+        if added:
+            self._warn_once(
+                "params_added",
+                f"parameters added to the optimizer by step {self._step} are not recorded: "
+                f"{', '.join(added[:4])}{f' and {len(added) - 4} more' if len(added) > 4 else ''}"
+                ". The recorder plans its layers when it is created; to record them, close it "
+                "and start a new Recorder into a new store (a store's layers are fixed)")
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -1203,6 +1223,11 @@ class Recorder:
                 f"trajlab: NaN or Inf in the gradient of layer {n!r} at step {s}; recorded and "
                 "flagged (variable 'nonfinite'), recording continues", RuntimeWarning,
                 stacklevel=user_stacklevel())
+
+
+def _count_params(optimizer: torch.optim.Optimizer) -> int:
+    """How many parameters the optimizer steps (cheap: one length per group)."""
+    return sum(len(g["params"]) for g in optimizer.param_groups)
 
 
 def _committed_steps(store: Any, storage_options: dict | None) -> str:
