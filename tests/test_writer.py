@@ -107,8 +107,8 @@ class _Calls:
 
 
 #: What an unrecorded step may run: the optimizer step hooks counting steps.
-STEP_COUNTER = {"pre_hook", "post_hook", "_before_step", "_after_step", "recording",
-                "_reset_step", "_disarm", "_remove"}
+STEP_COUNTER = {"pre_hook", "post_hook", "_before_step", "_before_step_local", "_after_step",
+                "recording", "_reset_step", "_disarm", "_remove"}
 #: ... and, on the step before a recorded one, installing the hooks for it.
 ARMING = {"_arm", "forward_callback", "install", "_forward_callback"}
 #: The user's own call of ``Recorder.log`` validates its arguments on every step.

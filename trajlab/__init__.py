@@ -2,7 +2,8 @@
 
 Top-level API: :class:`Recorder`, :func:`open_run`, :func:`per_sample_gradients`,
 :func:`register_rule`, :func:`estimate` (a cost plan) and, from the analysis layer,
-:func:`analyze`, :func:`open_analysis`, :func:`open_analyses`. Every error trajlab raises on purpose is a :class:`TrajlabError`.
+:func:`analyze`, :func:`open_analysis`, :func:`open_analyses`. Every error trajlab raises on
+purpose is a :class:`TrajlabError`.
 """
 
 from __future__ import annotations

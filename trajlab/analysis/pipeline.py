@@ -215,9 +215,9 @@ def analyze(
                                conv_definition=conv_definition, optimizer=optimizer)
         jobs.append(_Job(r, make_plan(r, layers, steps, chunk_rows, opts), o, storage_options))
         if StoreLock(r.store, what="recorder").live_writer():
-            warnings.warn(f"trajlab: {r.store!r} is still being recorded (a live recorder holds "
-                          f"its lock): analysing its {r.n_steps} committed steps; analyse again "
-                          "once the recording ends for the rest", UserWarning, stacklevel=2)
+            warnings.warn(f"trajlab: {show(r.store)} is still being recorded (a live recorder "
+                          f"holds its lock): analysing its {r.n_steps} committed steps; analyse "
+                          "again once the recording ends for the rest", UserWarning, stacklevel=2)
     if not (isinstance(torch_threads, int) and torch_threads >= 1):
         raise ValueError(f"torch_threads must be an integer >= 1, got {torch_threads!r}")
     locks = [StoreLock(j.out, what="analysis") for j in jobs if j.out is not None]
@@ -426,7 +426,7 @@ def _mismatch(out, old: AnalysisMeta, plan: Plan) -> str:
                f"{plan.steps[0]}..{plan.steps[1]}); the run may have grown since")
     else:
         why = "it was computed with other layers or options"
-    return (f"{out!r} holds an analysis that does not match this request: {why}. Pass "
+    return (f"{show(out)} holds an analysis that does not match this request: {why}. Pass "
             "overwrite=True (--overwrite) to recompute it, or choose another path")
 
 

@@ -265,8 +265,9 @@ class Recorder:
         if complex_:  # σ1 of a complex matrix and its SDE are not what trajlab computes
             raise RecorderError(
                 f"complex parameters are not supported (layers {', '.join(complex_[:4])}"
-                f"{' and more' if len(complex_) > 4 else ''} are complex): trajlab records real weight matrices; pass layers=[...] naming the real ones, "
-                "or record a real-valued model")
+                f"{' and more' if len(complex_) > 4 else ''} are complex): trajlab records "
+                "real weight matrices; pass layers=[...] naming the real ones, or record a "
+                "real-valued model")
         self._mixing = [] if not self.per_sample else mixing_layers(self.model)
         if self._mixing:  # refused before any other notice about the model
             raise RecorderError(mixing_message(self._mixing))
@@ -778,10 +779,10 @@ class Recorder:
     def _before_step_local(self) -> None:
         if self._resume_check is not None:
             self._check_continuity()
-        if _count_params(self.optimizer) != self._n_params:
-            self._param_groups_changed()
         if not self.recording:
             return
+        if _count_params(self.optimizer) != self._n_params:  # at recorded steps only
+            self._param_groups_changed()
         self._raise_if_writer_failed()
         if self._stopped_reason is not None:
             return
