@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RecorderCallback", "causal_lm_loss"]
+__all__ = ["RecorderCallback", "causal_lm_loss"]  # noqa: F822 (built lazily, __getattr__)
 
 
 def causal_lm_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
@@ -49,8 +49,8 @@ def causal_lm_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
 def _build() -> type:
     from transformers import TrainerCallback
 
-    import trajlab
-    from trajlab.integrations import ddp as _ddp
+    from trajlab.record import Recorder
+    from trajlab.record import ddp as _ddp
 
     class RecorderCallback(TrainerCallback):
         """Record a ``transformers.Trainer`` run into a trajlab run store.
@@ -68,7 +68,7 @@ def _build() -> type:
                                 "pass optimizer=")
             self.store = store
             self.options = dict(recorder_options)
-            self.recorder: trajlab.Recorder | None = None
+            self.recorder: Recorder | None = None
             self._losses: list[tuple[float, bool]] = []
             self._hook = None
 
@@ -99,7 +99,7 @@ def _build() -> type:
                 "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
                                                  args.lr_scheduler_type)),
                 "seed": int(args.seed)})
-            rec = trajlab.Recorder(model, self.store, optimizer=optimizer, metadata=meta,
+            rec = Recorder(model, self.store, optimizer=optimizer, metadata=meta,
                                    **opts)
             # several processes (torchrun): the Trainer's model is wrapped in DDP, callbacks
             # see the module; record as the ranks of the default group (rank 0 writes)

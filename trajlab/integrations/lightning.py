@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RecorderCallback"]
+__all__ = ["RecorderCallback"]  # noqa: F822 (built lazily, __getattr__)
 
 
 def _bases() -> tuple[type, ...]:
@@ -52,8 +52,8 @@ def _bases() -> tuple[type, ...]:
 
 
 def _build() -> type:
-    import trajlab
-    from trajlab.integrations import ddp as _ddp
+    from trajlab.record import Recorder
+    from trajlab.record import ddp as _ddp
 
     class RecorderCallback(*_bases()):
         """Record a Lightning training run into a trajlab run store.
@@ -71,7 +71,7 @@ def _build() -> type:
                                 "pass optimizer=")
             self.store = store
             self.options = dict(recorder_options)
-            self.recorder: trajlab.Recorder | None = None
+            self.recorder: Recorder | None = None
             self._accumulate = 1
             self._batch: Any = None
 
@@ -95,7 +95,7 @@ def _build() -> type:
                 "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
                 "precision": str(trainer.precision)})
             self._accumulate = int(trainer.accumulate_grad_batches)
-            rec = trajlab.Recorder(pl_module, self.store, optimizer=optimizers[0],
+            rec = Recorder(pl_module, self.store, optimizer=optimizers[0],
                                    metadata=meta, **opts)
             # strategy="ddp": callbacks see the unwrapped module; record as the ranks of the
             # default group (rank 0 writes)

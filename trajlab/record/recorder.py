@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
-from trajlab.integrations import ddp as _ddp
 from trajlab.record import checks, store_policy
+from trajlab.record import ddp as _ddp
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.probe import FullGradientProbe
 from trajlab.record.process_writer import ProcessWriter, make_writer
@@ -731,7 +731,7 @@ class Recorder:
     def _before_step_ddp(self) -> None:
         """DDP, at a recorded step (every rank): the captures go to rank 0, which joins them
         (rank order), assembles and checks the step as one batch; its verdict reaches every
-        rank, so all record, stop or raise together (trajlab.integrations.ddp)."""
+        rank, so all record, stop or raise together (trajlab.record.ddp)."""
         d = self._dist
         if (not self._active or self._suspended or self._ddp_stopped
                 or self._step % self.every != 0):
