@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 blocks, default 20 steps, one analysis each")
     ap.add_argument("--steps", type=int, default=None,
-                    help="recorded steps at every=1 (default 120; --quick 20)")
+                    help="recorded steps at every=1 (default 100; --quick 20)")
     ap.add_argument("--steps-every10", type=int, default=None,
                     help="recorded steps at every=10 (default half of --steps)")
     ap.add_argument("--batch", default="128,256", help="batch sizes, comma-separated")
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where the stores go (default: tmp)")
     args = ap.parse_args(argv)
 
-    steps = args.steps if args.steps is not None else (20 if args.quick else 120)
+    steps = args.steps if args.steps is not None else (20 if args.quick else 100)
     steps10 = args.steps_every10 if args.steps_every10 is not None else max(2, steps // 2)
     blocks = args.blocks if args.blocks is not None else (2 if args.quick else 6)
     if min(steps, steps10, blocks) < 1:
