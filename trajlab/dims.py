@@ -10,3 +10,5 @@ OUT = "out"
 IN = "in"
 RANK = "rank"
 LAYER = "layer"
+#: The channels of every BatchNorm layer of a run, concatenated in module order.
+BN_CHANNEL = "bn_channel"

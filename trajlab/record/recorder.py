@@ -23,6 +23,7 @@ from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
 from trajlab.record import checks, store_policy
 from trajlab.record import ddp as _ddp
 from trajlab.record.basis import SubspaceTracker
+from trajlab.record.batchnorm import batchnorm_row
 from trajlab.record.probe import FullGradientProbe
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import Patches, supported_types
@@ -817,6 +818,7 @@ class Recorder:
         if self.per_sample and self._n_recorded == 0 and self._run_meta is None:
             self._drop_broadcast()
         first_micro = None
+        self._batchnorm_before = batchnorm_row(self.model)  # as the weights: before the update
         for layer in self._layers:
             layer.weight_before = layer.weight().detach().clone()
             if not self.per_sample:
@@ -1111,6 +1113,7 @@ class Recorder:
             "loss": math.fsum(losses) / len(losses) if losses else float("nan"),
             "indices": indices,
             "probe": np.bool_(self._probe_grads is not None),
+            **self._batchnorm_before,  # BatchNorm's gamma, running_var (record/batchnorm.py)
         }
         self._writer.put(self._to_host(root, layers))
         self._n_recorded += 1

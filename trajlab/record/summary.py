@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from trajlab.errors import RecorderError
+from trajlab.record.batchnorm import BATCHNORM, batchnorm_meta
 from trajlab.record.rules import LayerRule, Matrix, rule_for, supported_types
 
 #: Module types whose train mode mixes the samples of a batch.
-SAMPLE_MIXING: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+SAMPLE_MIXING: tuple[type[nn.Module], ...] = BATCHNORM
+#: Normalisation layers that no factor of K_net bounds (BatchNorm's eval-mode factor is in K_net).
+_NORMS = (nn.LayerNorm, nn.GroupNorm,
           nn.modules.instancenorm._InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
                                                    else ()))
 _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -56,8 +58,8 @@ class ModelSummary(dict):
         total = int(self.get("weight_parameters") or 0)
         covered = sum(int(m.get("recorded_parameters") or 0) for m in rec)
         share = f" ({100 * covered / total:.0f}%)" if total else ""
-        lines = [f"trajlab model summary: {len(rec)} of {len(mods)} modules with parameters "
-                 f"recorded; {covered:,} of {total:,} weight-matrix parameters{share}"]
+        lines = [(f"trajlab model summary: {len(rec)} of {len(mods)} modules with parameters "
+                  f"recorded; {covered:,} of {total:,} weight-matrix parameters{share}")]
         width = min(32, max((len(m.get("name") or "<model>") for m in mods), default=7))
         kind = min(18, max((len(str(m.get("type", ""))) for m in mods), default=4))
 
@@ -181,6 +183,10 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
                             f"{inside[mname]}, which no rule covers (its forward is never "
                             "called)"})
             continue
+        if rule is None and isinstance(m, BATCHNORM) and own:
+            entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
+                            "recorded": False, "why": _batchnorm_why(m)})
+            continue
         if rule is None:
             if own:
                 entries.append({"name": mname, "type": type(m).__name__, "parameters": n_params,
@@ -254,7 +260,21 @@ def plan(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str
         modules=entries,
         not_a_bound=not_a_bound(model),
     )
+    bn = batchnorm_meta(model)
+    if bn:  # the recorder stores their gamma and running_var (trajlab.record.batchnorm)
+        summary["batchnorm"] = bn
     return candidates, summary
+
+
+def _batchnorm_why(m: nn.Module) -> str:
+    """Why a BatchNorm layer is not a recorded layer, and what of it enters K_net."""
+    mode = "train" if m.training else "eval"
+    if m.running_var is None:
+        return (f"BatchNorm in {mode} mode without running statistics "
+                "(track_running_stats=False): no eval-mode factor bounds it")
+    return (f"BatchNorm in {mode} mode: its eval-mode factor max|gamma|/sqrt(running_var+eps) is "
+            "recorded at each recorded step and enters K_net where the network is a chain; "
+            "gamma has no SDE terms")
 
 
 def rule_for_name(modules: dict[str, nn.Module], name: str) -> bool:
@@ -272,6 +292,11 @@ def not_a_bound(model: nn.Module) -> list[str]:
                    "weight norms")
     if any(issubclass(k, _NORMS) for k in kinds):
         out.append("it contains normalisation layers, which are not 1-Lipschitz in general")
+    free = [n or "<model>" for n, m in model.named_modules()
+            if isinstance(m, BATCHNORM) and m.running_var is None]
+    if free:
+        out.append("BatchNorm layers without running statistics (track_running_stats=False) "
+                   f"normalise by batch statistics also in eval mode: {_names(free)}")
     if any(k.__name__ in _RESIDUAL_NAMES for k in kinds):
         out.append("it contains residual blocks (x + f(x) is bounded by 1 + Lip(f), not by "
                    "Lip(f))")
@@ -284,10 +309,24 @@ def mixing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, SAMPLE_MIXING) and m.training]
 
 
+#: Names a message lists before "and N more".
+SHOWN_NAMES = 8
+
+
+def _names(names: Sequence[str]) -> str:
+    """``a, b, c`` (the first :data:`SHOWN_NAMES`, then "and N more")."""
+    names = list(names)
+    more = len(names) - SHOWN_NAMES
+    return ", ".join(names[:SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
+
+
 def mixing_message(found: list[tuple[str, nn.Module]]) -> str:
-    names = ", ".join(f"{n or '<model>'} ({type(m).__name__})" for n, m in found[:4])
-    return (f"{names} mix the samples of a batch in train mode, so per-sample gradients are not "
-            "defined for this model. Record weights, batch gradients and updates only with "
-            "Recorder(..., per_sample=False) (the analysis then gives K, the flow drift and the "
-            "pathwise terms, without noise terms), or put these layers in eval mode, or use "
-            "GroupNorm/LayerNorm")
+    """The refusal of a model whose layers mix the samples of a batch: every such layer is
+    counted, the first :data:`SHOWN_NAMES` named ("and N more")."""
+    names = _names([f"{n or '<model>'} ({type(m).__name__})" for n, m in found])
+    return (f"layers that mix the samples of a batch in train mode ({len(found)}): {names}; "
+            "per-sample gradients are not defined for this model. "
+            "Record weights, batch gradients and updates only with Recorder(..., "
+            "per_sample=False) (the analysis then gives K, the flow drift and the pathwise "
+            "terms, without noise terms, and K_net includes each BatchNorm's eval-mode factor), "
+            "or put these layers in eval mode, or use GroupNorm/LayerNorm")

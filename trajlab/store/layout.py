@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from trajlab.dims import BN_CHANNEL
 from trajlab.sketches import Var, sketch_kind
 from trajlab.store.metadata import LayerMeta, RunMeta
 from trajlab.store.names import IN, LAYERS_GROUP, OUT, SAMPLE
@@ -35,6 +36,17 @@ ROOT_VARS: dict[str, Var] = {
     "indices": Var((SAMPLE,), "int64", "dataset indices of the batch's samples (-1 = padding "
                    "or not given)"),
     "probe": Var((), "bool", "whether a full-data gradient probe was computed at this step"),
+}
+
+#: Root-level variables of runs whose model has BatchNorm layers (``model["batchnorm"]`` in the
+#: metadata lists them: name, channels, eps), for their eval-mode factor in K_net
+#: (:mod:`trajlab.record.batchnorm`).
+BATCHNORM_VARS: dict[str, Var] = {
+    "bn_weight": Var((BN_CHANNEL,), "float64", "gamma of every BatchNorm layer before the update "
+                     "(1 without an affine weight), channels concatenated in module order"),
+    "bn_running_var": Var((BN_CHANNEL,), "float64", "running_var of every BatchNorm layer at "
+                          "the step (NaN without running statistics), channels concatenated in "
+                          "module order"),
 }
 
 #: Variables every layer group has (format 2).
@@ -98,7 +110,21 @@ class RunLayout:
     # ------------------------------------------------------------------ variables
     @property
     def root_vars(self) -> dict[str, Var]:
-        return dict(ROOT_VARS)
+        out = dict(ROOT_VARS)
+        if self.bn_channels:
+            out.update(BATCHNORM_VARS)
+        return out
+
+    @property
+    def bn_channels(self) -> int:
+        """Length of the ``bn_channel`` dimension: the channels of the model's BatchNorm
+        layers (0 without any)."""
+        bn = (self.meta.model or {}).get("batchnorm") or []
+        return int(sum(int(b.get("channels") or 0) for b in bn))
+
+    def sizes(self, sample_capacity: int) -> dict[str, int]:
+        """Length of every root dimension after ``step``."""
+        return {SAMPLE: sample_capacity, BN_CHANNEL: self.bn_channels}
 
     def layer_vars(self, lm: LayerMeta) -> dict[str, Var]:
         """Stored variables of one layer group."""
@@ -151,5 +177,5 @@ def layer_group_name(name: str) -> str:
     return name.replace("/", "_").replace(":", "__")
 
 
-__all__ = ["DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout", "Variant",
+__all__ = ["BATCHNORM_VARS", "DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout", "Variant",
            "layer_group_name"]

@@ -225,7 +225,7 @@ class Run:
         if dim == SAMPLE:
             return self.sample_capacity
         if lm is None:
-            return 0
+            return self.layout.sizes(self.sample_capacity).get(dim, 0)
         return {"out": lm.shape[0], "in": lm.shape[1], "rank": lm.rank}.get(dim, 0)
 
     def _derived(self, lm: LayerMeta, name: str, dims: tuple[str, ...], dtype) -> Any:

@@ -199,7 +199,7 @@ class RunStoreWriter:
         layout = RunLayout.for_meta(meta)
         c = meta.chunk_steps
         for name, var in layout.root_vars.items():
-            self._create(group, name, var, layout, c, {SAMPLE: sample_capacity})
+            self._create(group, name, var, layout, c, layout.sizes(sample_capacity))
         layers = group.create_group(LAYERS_GROUP)
         for lm in meta.layers:
             lg = layers.create_group(lm.group, attributes={LAYER_ATTR_KEY: lm.to_dict()})
