@@ -113,7 +113,9 @@ def test_info_lists_what_is_and_is_not_recorded(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "r.zarr")]) == 0
     out = capsys.readouterr().out
     assert "coverage" in out and "weight-matrix parameters recorded" in out
-    assert "K_net is not a Lipschitz bound here" in out
+    assert "not recorded: 1 (BatchNorm1d, 16 parameters): BatchNorm in eval mode" in out
+    assert "K_net is not a Lipschitz bound here" not in out  # a chain: BatchNorm's factor is in
+    assert "of 1 layers is recorded; the analysis includes it in K_net" in out
 
 
 def test_module_entry_point_runs(tmp_path):

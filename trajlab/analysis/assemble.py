@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from trajlab.analysis.batchnorm import batchnorm_statement
 from trajlab.analysis.variables import VARIABLES, theory_of, variables
 from trajlab.sde import Z95, integrate
 from trajlab.sde.optimizer import OptimizerSpec, forward_prediction
@@ -256,7 +257,7 @@ def k_net_statement(meta, layers) -> str:
         text += (". A Lipschitz bound of the network only if it is a feed-forward chain of "
                  "these layers with 1-Lipschitz activations (no residual connections, "
                  "attention or normalisation)")
-    return text
+    return text + batchnorm_statement(meta)
 
 
 def build_dataset(values: Mapping[str, np.ndarray], *, steps: np.ndarray, layers,

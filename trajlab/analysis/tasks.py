@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trajlab.analysis.batchnorm import batchnorm_chunk
 from trajlab.analysis.plan import Plan
 from trajlab.analysis.variables import variables
 from trajlab.errors import StoreError
@@ -470,6 +471,9 @@ def network_chunk(plan: Plan, rows: tuple[int, int], layer_results: list[dict[st
     with np.errstate(divide="ignore", invalid="ignore"):
         out["logK"] = np.log(st["K"]).sum(-1)
         out["K_net"] = np.exp(out["logK"])
+        out["K_net_batchnorm"], with_bn = batchnorm_chunk(run, rows)  # analysis/batchnorm.py
+        if with_bn:
+            out["K_net"] = out["K_net"] * out["K_net_batchnorm"]
         if plan.options.operator:
             out["K_net_operator"] = np.prod([r["K_operator"] for r in layer_results], axis=0)
         lr0 = st["lr"][:, :1]

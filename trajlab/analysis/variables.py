@@ -110,9 +110,14 @@ VARIABLES: dict[str, AnalysisVar] = {v.name: v for v in [
     _v("batch_size", NET_DIMS, _N, "batch size B of the step"),
     _v("net_dt", NET_DIMS, _N, "time step of the network SDE: the first analysed layer's lr "
        "x every (network rates are per unit of this time; `time` is its running sum)"),
-    _v("K_net", NET_DIMS, _N, "product of the analysed layers' K (see attrs 'k_net' for what "
-       "it covers and whether it bounds the network)"),
-    _v("logK", NET_DIMS, _N, "Z = log K_net"),
+    _v("K_net", NET_DIMS, _N, "product of the analysed layers' K, times K_net_batchnorm where "
+       "the network is a chain (see attrs 'k_net' for what it covers and whether it bounds the "
+       "network)"),
+    _v("K_net_batchnorm", NET_DIMS, _N, "product over the BatchNorm layers of their eval-mode "
+       "Lipschitz factor max_c |gamma_c|/sqrt(running_var_c + eps) (1 without BatchNorm); no "
+       "SDE terms"),
+    _v("logK", NET_DIMS, _N, "Z = sum_l log K_l over the analysed layers (log K_net without "
+       "BatchNorm factors): the state of the SDE"),
     _v("logK_drift", NET_DIMS, _N, "paper's SGD drift mu_Z of log K_net [per unit time]"),
     _v("logK_diffusion2", NET_DIMS, _N, "squared diffusion sigma_Z^2 of log K_net, full form "
        "with the cross-layer noise covariance [per unit time]"),

@@ -204,6 +204,12 @@ def _coverage(model: dict) -> list[str]:
                        f"{m.get('parameters', 0)} parameters): {m.get('why', '')}")
     for why in model.get("not_a_bound", []):
         out.append(f"  K_net is not a Lipschitz bound here: {why}")
+    if model.get("batchnorm"):
+        n = len(model["batchnorm"])
+        out.append(f"  BatchNorm: the eval-mode factor max|gamma|/sqrt(running_var+eps) of {n} "
+                   "layers is recorded; the analysis " + ("leaves it out of K_net (not a chain)"
+                                                          if model.get("not_a_bound") else
+                                                          "includes it in K_net"))
     return out
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from trajlab.sde.layer import noise_scale
 
-__all__ = ["NETWORK_KEYS", "network_terms"]
+__all__ = ["NETWORK_KEYS", "batchnorm_factors", "network_terms"]
 
 #: Keys returned by :func:`network_terms` (``logK_discretization`` only when its inputs are given).
 NETWORK_KEYS: tuple[str, ...] = (
@@ -113,3 +115,48 @@ def network_terms(
         flow2 = torch.where(flow_full_gradient, flow2, flow2 - diffusion2)
         out["logK_discretization"] = (w * (drift_discretization / K - flow2 / (2 * K2))).sum(-1)
     return out
+
+
+def batchnorm_factors(weight: Tensor, running_var: Tensor, eps: Sequence[float],
+                      channels: Sequence[int]) -> Tensor:
+    """Eval-mode Lipschitz factor of each BatchNorm layer, ``max_c |gamma_c| /
+    sqrt(running_var_c + eps)`` (docs/math.md, "BatchNorm").
+
+    In eval mode a BatchNorm layer is the per-channel affine map ``y_c = gamma_c (x_c - mu_c) /
+    sqrt(running_var_c + eps) + beta_c``: a diagonal scaling (over channels, the same at every
+    position) plus an offset, whose operator norm is the largest scale. The factor has no SDE
+    terms: ``running_var`` follows an exponential average of batch statistics, not gradient
+    steps.
+
+    Parameters
+    ----------
+    weight, running_var : Tensor (..., C)
+        ``gamma`` (1 without an affine weight) and ``running_var`` of every BatchNorm layer,
+        channels concatenated in layer order (``C = sum(channels)``).
+    eps : sequence of float (n_bn,)
+        Each layer's ``eps``.
+    channels : sequence of int (n_bn,)
+        Each layer's number of channels.
+
+    Returns
+    -------
+    Tensor (..., n_bn)
+        The factor of each layer (NaN where any of its entries is NaN: no running statistics,
+        or a row not recorded).
+    """
+    channels = [int(c) for c in channels]
+    if len(eps) != len(channels):
+        raise ValueError(f"eps gives {len(eps)} layers, channels {len(channels)}")
+    if weight.shape != running_var.shape or weight.shape[-1] != sum(channels):
+        raise ValueError(f"weight {tuple(weight.shape)} and running_var "
+                         f"{tuple(running_var.shape)} must both hold sum(channels) = "
+                         f"{sum(channels)} channels on the last dimension")
+    out = []
+    for w, v, e in zip(weight.split(channels, -1), running_var.split(channels, -1), eps):
+        scale = w.abs() / torch.sqrt(v + float(e))
+        top = scale.amax(-1)
+        out.append(torch.where(torch.isnan(scale).any(-1), torch.full_like(top, float("nan")),
+                               top))
+    if not out:
+        return weight.new_zeros((*weight.shape[:-1], 0))
+    return torch.stack(out, -1)
