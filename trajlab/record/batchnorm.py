@@ -44,10 +44,10 @@ def batchnorm_meta(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def batchnorm_row(model: nn.Module) -> dict[str, Tensor]:
-    """The root variables of one recorded step of ``model``: ``bn_weight`` (gamma, 1 without an affine
-    weight) and ``bn_running_var`` (NaN without running statistics), each (sum of channels,)
-    float64, fresh tensors on the modules' device (the recorder copies them to the host). Empty
-    without BatchNorm layers."""
+    """The root variables of one recorded step of ``model``: ``bn_weight`` (gamma, 1 without an
+    affine weight) and ``bn_running_var`` (NaN without running statistics), each (sum of
+    channels,) float64, fresh tensors on the modules' device (the recorder copies them to the
+    host). Empty without BatchNorm layers."""
     modules = batchnorm_modules(model)
     if not modules:
         return {}
@@ -56,8 +56,7 @@ def batchnorm_row(model: nn.Module) -> dict[str, Tensor]:
         for _, m in modules:
             var = m.running_var
             w = m.weight
-            dev = (w if w is not None else var).device if (w is not None or var is not None) \
-                else torch.device("cpu")
+            dev = next((t.device for t in (w, var) if t is not None), torch.device("cpu"))
             n = int(m.num_features)
             weights.append(w.detach().reshape(-1).to(torch.float64) if w is not None
                            else torch.ones(n, dtype=torch.float64, device=dev))

@@ -177,5 +177,5 @@ def layer_group_name(name: str) -> str:
     return name.replace("/", "_").replace(":", "__")
 
 
-__all__ = ["BATCHNORM_VARS", "DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout", "Variant",
-           "layer_group_name"]
+__all__ = ["BATCHNORM_VARS", "DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout",
+           "Variant", "layer_group_name"]
