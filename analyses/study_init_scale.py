@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Study 6: initialisation scale vs K trajectories and drift terms.
 
     python analyses/study_init_scale.py --out studies/init_scale
@@ -5,22 +6,17 @@
     python analyses/study_init_scale.py --out my --runs my_sweep_dir/
 
 Writes init_scale.json, init_scale.png and init_scale_drift.png into --out.
-Logic: trajlab.studies.paper.
+
+A thin entry point: the study is trajlab.studies.init_scale (also ``trajlab study init_scale``).
 """
 
 from __future__ import annotations
 
-from trajlab.studies.cli import study_config, study_kwargs, study_parser, values
-from trajlab.studies.paper import init_scale_sweep
+from trajlab.studies.registry import run_study
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = study_parser(__doc__, steps=600)
-    p.add_argument("--init-scales", type=float, nargs="+", default=[0.5, 1, 2],
-                   help="swept values (default: %(default)s)")
-    a = p.parse_args(argv)
-    swept = values(a.init_scales, [0.5, 2.0], a.quick)
-    return init_scale_sweep(a.out, config=study_config(a), scales=swept, **study_kwargs(a))
+    return run_study("init_scale", argv)
 
 
 if __name__ == "__main__":

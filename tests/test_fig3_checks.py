@@ -1,6 +1,6 @@
 """Study 2 tests paper Fig. 3's findings (i)-(iii) as PAPER.md states them."""
 
-from trajlab.studies.paper import fig3_checks
+from trajlab.studies.numbers import fig3_checks
 
 
 def _num(flow, kappa, ito, late_kappa, late_dz, var_k, var_s):

@@ -1,5 +1,6 @@
-"""The paper's studies (analyses/study_*.py, trajlab.studies.paper): each --quick path end to end,
-the --runs path on existing stores, and identities of the numbers they report."""
+"""The paper's studies (analyses/study_*.py, one module each in trajlab.studies, found by the
+registry): each --quick path end to end, the --runs path on existing stores, identities of the
+numbers they report, and the registry and ``trajlab study``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trajlab.studies import paper, sweep
+from trajlab.cli import build_parser as cli_parser
+from trajlab.cli import main as cli_main
+from trajlab.plot.figures import moving_average
+from trajlab.studies import common, numbers, sweep
+from trajlab.studies.registry import STUDIES as REGISTRY
+from trajlab.studies.registry import Study, build_parser, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {  # entry point -> (JSON, figures)
@@ -94,7 +100,7 @@ def test_sweep_reuses_stores_with_the_same_config(quick):
     root, _ = quick
     runs = sorted((root / "label_noise" / "runs").iterdir())
     stamp = [p.joinpath("zarr.json").stat().st_mtime_ns for p in runs]
-    cfg = paper.BASE.replace(steps=30, hidden=8, batch_size=16)
+    cfg = common.BASE.replace(steps=30, hidden=8, batch_size=16)
     again = sweep.record_sweep(root / "label_noise",
                                {"label_noise-0": cfg.replace(label_noise=0.0),
                                 "label_noise-0.4": cfg.replace(label_noise=0.4)})
@@ -106,7 +112,7 @@ def test_drift_parts_add_up_and_weight_decay_is_outside_grad(quick):
     root, results = quick
     ds = sweep.analyse_runs(sweep.find_runs([root / "weight_decay" / "runs"]),
                             root / "weight_decay").datasets[-1].load()
-    parts = paper.drift_parts(ds)
+    parts = numbers.drift_parts(ds)
     np.testing.assert_allclose(parts["flow"] + parts["kappa"] + parts["ito"], parts["total"],
                                rtol=1e-10, atol=1e-14)
     wd = results["weight_decay"]["numbers"]
@@ -136,7 +142,45 @@ def test_json_writer_nulls_non_finite_numbers(tmp_path):
 def test_moving_average_is_flat_on_constants_and_ignores_nan():
     y = np.full(50, 3.0)
     y[7] = np.nan
-    np.testing.assert_allclose(paper.moving_average(y, 10), 3.0)
+    np.testing.assert_allclose(moving_average(y, 10), 3.0)
+
+
+def test_registry_lists_every_study_module():
+    """Every module under trajlab/studies/ that defines STUDY is registered under its name;
+    the entry points of analyses/ are the registry's studies."""
+    pkg = ROOT / "trajlab" / "studies"
+    declared = sorted(p.stem for p in pkg.glob("*.py") if "\nSTUDY = " in p.read_text())
+    assert len(declared) == len(REGISTRY)
+    for name, study in REGISTRY.items():
+        assert isinstance(study, Study) and study.name == name and study.summary
+    assert set(STUDIES) | {"validation", "optimizers"} <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_study_has_a_command_line(name, capsys):
+    """``trajlab study NAME --help`` and the study's own parser format (no argparse % traps)."""
+    assert build_parser(REGISTRY[name]).format_help()
+    with pytest.raises(SystemExit) as e:
+        cli_parser().parse_args(["study", name, "--help"])
+    assert e.value.code == 0 and name in capsys.readouterr().out
+
+
+def test_unknown_study_is_named_with_the_choices(capsys):
+    with pytest.raises(ValueError, match="unknown study 'nope'.*theory"):
+        run_study("nope", ["--out", "x"])
+    with pytest.raises(SystemExit) as e:
+        cli_main(["study", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_trajlab_study_runs_a_registered_study(quick, tmp_path):
+    """The CLI runs the same study as the entry point (the --runs path: nothing recorded)."""
+    root, results = quick
+    out = tmp_path / "cli"
+    assert cli_main(["study", "theory", "--out", str(out), "--quick",
+                     "--runs", str(root / "theory" / "runs")]) == 0
+    data = json.loads((out / "theory.json").read_text())
+    assert data["verdict"] == results["theory"]["verdict"]
 
 
 @pytest.mark.slow

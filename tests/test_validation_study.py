@@ -8,13 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from trajlab.studies.validation import (
-    BAR,
-    mean_check,
-    run_validation,
-    variance_check,
-    variance_horizon,
-)
+from trajlab.studies.ensemble import BAR, mean_check, variance_check, variance_horizon
+from trajlab.studies.validation import run_validation
 
 
 # ----------------------------------------------------------------------------- pure statistics
@@ -90,7 +85,7 @@ def _finite_numbers(x, path=""):
 
 
 def test_small_study_computes_every_statistic(small_study):
-    out, res = small_study
+    _out, res = small_study
     for sampler in ("with_replacement", "reshuffle"):
         s = res[sampler]
         assert s["n_runs"] == 4

@@ -1,5 +1,5 @@
-"""The ``trajlab`` command: demo, info, analyze, plot, export, estimate — thin shells over the
-library.
+"""The ``trajlab`` command: demo, info, analyze, plot, export, estimate, study — thin shells over
+the library.
 
 Each command is one module with ``add_parser(subparsers)`` and ``run(args)``. Every failure is
 reported as one line naming the problem and the fix, with exit status 2 and no traceback
@@ -13,10 +13,10 @@ import errno
 import os
 import sys
 
-from trajlab.cli import analyze, demo, estimate, export, info, plot
+from trajlab.cli import analyze, demo, estimate, export, info, plot, study
 from trajlab.cli.info import format_info
 
-COMMANDS = [demo, info, analyze, plot, export, estimate]
+COMMANDS = [demo, info, analyze, plot, export, estimate, study]
 
 
 class _Parser(argparse.ArgumentParser):

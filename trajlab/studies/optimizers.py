@@ -12,6 +12,7 @@ The predictions are trajlab's (docs/math.md §8): the paper covers SGD only (PAP
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -24,8 +25,9 @@ import numpy as np
 
 from trajlab.recipes import TrainConfig, record_digits
 from trajlab.sde import Z95
+from trajlab.studies.registry import Study
 
-__all__ = ["CASES", "Case", "band_numbers", "optimizer_validation"]
+__all__ = ["CASES", "STUDY", "Case", "band_numbers", "optimizer_validation"]
 
 #: Issue 23's targets.
 COVERAGE_TARGET = 0.75
@@ -148,3 +150,29 @@ def _line(name: str, n: dict[str, Any]) -> str:
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", type=int, default=16, help="runs per optimizer (default: 16)")
+    p.add_argument("--steps", type=int, default=40, help="steps per run (default: 40)")
+    p.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
+    p.add_argument("--quick", action="store_true", help="4 runs of 8 steps (smoke test)")
+
+
+def _run(a: argparse.Namespace) -> dict[str, Any]:
+    runs, steps = (4, 8) if a.quick else (a.runs, a.steps)
+    return optimizer_validation(a.out, runs=runs, steps=steps, model=a.model)
+
+
+STUDY = Study(
+    name="optimizers",
+    summary="Optimizer validation (issue 23): coverage of the forward prediction's 95% band per "
+            "optimizer",
+    add_arguments=_arguments,
+    run=_run,
+    usage="  --out studies/optimizers\n  --out studies/optimizers --quick\n"
+          "R runs from one initialisation (sampling seeds 0..R-1) for SGD (probe every step, "
+          "every 10 steps, none),\nmomentum 0.9, Adam and AdamW on the digits MLP; writes "
+          "optimizer_validation.json.",
+)

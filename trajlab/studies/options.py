@@ -1,4 +1,9 @@
-"""Shared command-line options of the paper's study entry points (``analyses/study_*.py``)."""
+"""Command-line options the paper studies share (``trajlab study NAME``, ``analyses/study_*``).
+
+A study's ``add_arguments`` calls :func:`add_common_arguments` and adds its own; its ``run``
+turns the parsed options into a configuration with :func:`study_config` and into the keyword
+arguments every study function takes with :func:`study_kwargs`.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,16 @@ import argparse
 from collections.abc import Sequence
 
 from trajlab.recipes import TrainConfig
-from trajlab.studies.paper import BASE
+from trajlab.studies.common import BASE
 
-__all__ = ["QUICK", "study_config", "study_kwargs", "study_parser", "values"]
+__all__ = ["QUICK", "add_common_arguments", "study_config", "study_kwargs", "values"]
 
 #: The ``--quick`` size: seconds per study, for smoke tests.
 QUICK = {"steps": 30, "hidden": 8, "batch_size": 16}
 
 
-def study_parser(doc: str, *, steps: int) -> argparse.ArgumentParser:
-    """An argument parser with the options every study shares (its own are added after)."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(doc.splitlines()[1:]))
+def add_common_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
+    """Add the options every paper study shares (its own are added after)."""
     p.add_argument("--out", required=True, help="output folder (run stores, analyses, JSON, PNG)")
     p.add_argument("--runs", nargs="+", metavar="DIR_OR_STORE",
                    help="analyse these run stores (or folders of them) instead of recording")
@@ -38,7 +40,6 @@ def study_parser(doc: str, *, steps: int) -> argparse.ArgumentParser:
                    help="Dask scheduler for the analyses: threads (default), synchronous, "
                         "processes, a scheduler address, or 'cluster' (one LocalCluster for all)")
     p.add_argument("--progress", action="store_true", help="progress bars")
-    return p
 
 
 def study_config(args: argparse.Namespace, *, lr: float = BASE.lr) -> TrainConfig:

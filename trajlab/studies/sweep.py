@@ -1,6 +1,6 @@
 """Sweeps of recorded runs: record a list of configurations, analyse them, reuse what exists.
 
-The studies of :mod:`trajlab.studies.paper` are all "record some runs, analyse each, compare".
+The studies of :mod:`trajlab.studies` are all "record some runs, analyse each, compare".
 This module owns the I/O of that: :func:`record_sweep` records one run store per
 :class:`~trajlab.recipes.TrainConfig` (skipping stores that already hold the same
 configuration), :func:`find_runs` turns user-given paths (run stores or folders of them) into a
@@ -33,6 +33,7 @@ __all__ = [
     "Sweep",
     "analyse_runs",
     "find_runs",
+    "jsonable",
     "record_sweep",
     "run_config",
     "scheduler",
@@ -162,11 +163,13 @@ def analyse_runs(runs: Sequence[Path], out: str | Path, *, labels: Sequence[str]
 
 
 # ----------------------------------------------------------------------------- JSON
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars and arrays as Python numbers and lists, non-finite numbers as
+    None, tuples as lists and paths as strings (dict keys as strings)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.bool_, bool)):
         return bool(x)
     if isinstance(x, (np.integer, int)):
@@ -174,7 +177,7 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, Path):
         return str(x)
     return x
@@ -182,6 +185,6 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | Path, result: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``result`` as JSON (numpy scalars converted, non-finite numbers as null)."""
-    clean = _jsonable(dict(result))
+    clean = jsonable(dict(result))
     Path(path).write_text(json.dumps(clean, indent=2) + "\n")
     return clean
