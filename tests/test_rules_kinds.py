@@ -180,7 +180,7 @@ def test_rows_form_captured_densely_by_other_kinds():
 @pytest.mark.parametrize("options", [{}, {"population": 50}, {"full": True}, {"noise": False}])
 def test_closed_form_diagonal_terms_equal_the_matrix_kernels(options):
     """diagonal_layer_terms (O(T B d)) == resolvent_layer_terms on diag(gamma) (O(T d^3))."""
-    from trajlab.sketches.diagonal import diagonal_layer_terms
+    from trajlab.sde import diagonal_layer_terms
 
     g = _gen(9)
     T, B, d = 5, 6, 7

@@ -53,7 +53,7 @@ def dense_terms(W: Tensor, G: Tensor, lr: float, *, update: Tensor | None = None
                 grad_full: Tensor | None = None, population: int | None = None,
                 H: Tensor | None = None) -> dict[str, Tensor]:
     """Every layer term from the dense per-sample gradients G (B, m, n), straight from MATH."""
-    B, m, n = G.shape
+    B, _, _ = G.shape
     fpc = 1.0 if population is None else (population - B) / population
     g = G.mean(0)
     grad = g if grad_full is None else grad_full

@@ -21,8 +21,8 @@ from sde_reference import (
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from trajlab.analysis.variables import LAYER_KEYS
 from trajlab.sde import (
-    LAYER_KEYS,
     layer_terms,
     noise_diag,
     pathwise_increment,
@@ -84,7 +84,7 @@ def test_subspace_sketch_terms_match_dense(m, n, k):
     W = torch.randn(m, n, generator=gen, dtype=F64)
     B = 5
     G = torch.randn(B, m, n, generator=gen, dtype=F64)          # full-rank per-sample gradients
-    U, S, Vh = torch.linalg.svd(W)
+    U, _S, Vh = torch.linalg.svd(W)
     tensors = subspace_sketch(G, U[:, :k], Vh[:k].T)
     update = -LR * G.mean(0)
     ref = dense_terms(W, G, LR, update=update)
@@ -189,7 +189,7 @@ def test_conv_subspace_sketch_matches_torch_func():
 
     G = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, T)["weight"].reshape(5, 4, -1)
     W = conv.weight.detach().reshape(4, -1)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, _S, Vh = torch.linalg.svd(W, full_matrices=False)
     tensors = subspace_sketch(G, U[:, :2], Vh[:2].T)
     g = G.mean(0)
     ref = dense_terms(W, G, LR, update=-LR * g)
@@ -207,7 +207,7 @@ def _setup(seed=0, m=5, n=4, B=6):
 
 
 def _terms(W, tensors, G, *, sign=1.0, lr=LR, **kw):
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, _S, Vh = torch.linalg.svd(W, full_matrices=False)
     u1, v1 = sign * U[:, 0], sign * Vh[0]
     g = G.mean(0)
     Gv, Gtu = per_sample_directions("rank1", tensors, u1, v1)

@@ -33,7 +33,7 @@ def _mlp_terms(B=8, seed=0):
     Gs = [per[k] for k in names]
     terms = []
     for W, G in zip(Ws, Gs):
-        U, S, Vh = torch.linalg.svd(W)
+        U, _S, Vh = torch.linalg.svd(W)
         k = min(W.shape)
         tensors = {"basis_u": U[:, :k], "basis_v": Vh[:k].T, "ps_proj_out": G @ Vh[:k].T,
                    "ps_proj_in": G.mT @ U[:, :k], "grad_sq_sum": G.square().sum(0)}

@@ -235,11 +235,13 @@ def dataset_attrs(run: Run | None, meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def k_net_statement(meta, layers) -> str:
     """What K_net covers and whether it bounds the network (from the run's model summary)."""
+    from trajlab.sketches import sketch_kind
     from trajlab.sketches.diagonal import DIAGONAL_MODULES
 
     model = getattr(meta, "model", None) or {}
     covered = [lm for lm in meta.layers if lm.name in layers]
-    diagonal = [lm for lm in covered if lm.sketch == "diagonal" or lm.module in DIAGONAL_MODULES]
+    diagonal = [lm for lm in covered
+                if sketch_kind(lm.sketch).diagonal or lm.module in DIAGONAL_MODULES]
     params = sum(lm.shape[0] * lm.shape[1] for lm in covered if lm not in diagonal)
     text = f"product of sigma_1 over {len(covered)} matrices ({', '.join(layers)})"
     total = model.get("weight_parameters")

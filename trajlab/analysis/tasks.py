@@ -22,9 +22,9 @@ from trajlab.analysis.plan import Plan
 from trajlab.analysis.variables import variables
 from trajlab.errors import StoreError
 from trajlab.sde import network_terms
+from trajlab.sde.diagonal import diagonal_layer_terms
 from trajlab.sde.resolvent import resolvent_layer_terms
 from trajlab.sketches import sketch_kind
-from trajlab.sketches.diagonal import diagonal_layer_terms
 from trajlab.store import Run, open_run
 from trajlab.store.metadata import LayerMeta
 
@@ -184,7 +184,7 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
         for idx in (g[i:i + block] for g in groups for i in range(0, g.size, block)):
             b, s_ = int(batch[idx[0]]), sel(idx)
             t = c.tensors(s_, b) if kind.per_sample else None
-            if lm.sketch == "diagonal":  # diag(gamma): closed form, O(T B d) (no spectrum)
+            if kind.diagonal:  # diag(gamma): closed form, O(T B d) (no spectrum)
                 full = full_of(idx)
                 terms = diagonal_layer_terms(
                     _diag(_t(W[s_])), _diag(c.grad(s_, t)), _diag(_t(U[s_])),
@@ -194,7 +194,7 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
             else:
                 terms = resolvent_layer_terms(
                     _t(W[s_]), c.grad(s_, t), _t(U[s_]), _t(out["lr"][idx]),
-                    sketch=lm.sketch if with_noise else None,
+                    sketch=kind if with_noise else None,
                     tensors=t if with_noise else None, grad_full=full_of(idx),
                     population=opts.population, gap_tol=opts.gap_tol,
                 )
@@ -359,7 +359,7 @@ def _expected_sq(c: ChunkInputs, i: int, spec) -> torch.Tensor | None:
     tens = c.tensors(slice(i, i + 1), b)
     one = {k: x[0] for k, x in tens.items()}
     gbar = c.kind.mean_gradient(one) if c.kind.implies_grad else _t(c.vals["grad"][i])
-    sd = noise_diag(c.kind.name, one, gbar, batch_size=b)
+    sd = noise_diag(c.kind, one, gbar, batch_size=b)
     full = _t(probe[i]) + spec.l2 * _t(c.vals["weight"][i])
     return full**2 + sd
 
@@ -374,13 +374,7 @@ def _batch_grads(c: ChunkInputs) -> np.ndarray:
 
 def _dense_samples(kind, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample gradients (T, B, m, n) of an exact sketch."""
-    if kind.name == "rank1":
-        d, a = tensors["ps_grad_out"], tensors["ps_input"]
-        return d[..., :, None] * a[..., None, :]
-    T = next(iter(tensors.values())).shape[0]
-    return torch.stack([torch.stack([kind.sample_gradient({k: x[t] for k, x in tensors.items()},
-                                                          i) for i in range(
-        kind.batch_size({k: x[t] for k, x in tensors.items()}))]) for t in range(T)])
+    return kind.sample_gradients(tensors)
 
 
 #: Relative residual of the exact operator-norm iterations: only sigma is used, whose error is

@@ -31,6 +31,8 @@ class AnalysisVar:
         layers' results: the paper's network terms), ``"forward"`` (per step, from the same
         results: the network rates of the forward prediction, docs/math.md 8) or ``"integrated"`` (series-wide, once every chunk is done).
     needs : an analysis option that must be on for the variable to exist (``"operator"``).
+    kernel : the layer kernels of :mod:`trajlab.sde` return it under this name
+        (:data:`LAYER_KEYS`); else the analysis computes it around them.
     """
 
     name: str
@@ -39,54 +41,60 @@ class AnalysisVar:
     description: str
     dtype: str = "float64"
     needs: str | None = None
+    kernel: bool = False
 
     @property
     def fill(self):
         return {"bool": False}.get(self.dtype, np.nan)
 
 
-def _v(name, dims, stage, desc, dtype="float64", needs=None) -> AnalysisVar:
-    return AnalysisVar(name, dims, stage, desc, dtype, needs)
+def _v(name, dims, stage, desc, dtype="float64", needs=None, kernel=False) -> AnalysisVar:
+    return AnalysisVar(name, dims, stage, desc, dtype, needs, kernel)
+
+
+def _k(name, desc, dtype="float64", dims=LAYER_DIMS) -> AnalysisVar:
+    """A per-layer variable that the SDE layer kernels return (:data:`LAYER_KEYS`)."""
+    return _v(name, dims, "layer", desc, dtype, kernel=True)
 
 
 _L, _N, _F, _I = "layer", "network", "forward", "integrated"
 
 VARIABLES: dict[str, AnalysisVar] = {v.name: v for v in [
     # ---- per layer, per step
-    _v("K", LAYER_DIMS, _L, "measured layer Lipschitz constant sigma_1(W) at the start of the "
+    _k("K", "measured layer Lipschitz constant sigma_1(W) at the start of the "
        "step"),
-    _v("spectral_gap", LAYER_DIMS, _L, "relative gap (sigma_1 - sigma_2) / sigma_1"),
-    _v("degenerate", LAYER_DIMS, _L, "gap below the tolerance: second-order terms unreliable "
+    _k("spectral_gap", "relative gap (sigma_1 - sigma_2) / sigma_1"),
+    _k("degenerate", "gap below the tolerance: second-order terms unreliable "
        "at this step", "bool"),
     _v("lr", LAYER_DIMS, _L, "learning rate of the layer's param group at the step"),
     _v("dt", LAYER_DIMS, _L, "time step of the layer's SDE: its lr x every (the layer's rates "
        "are per unit of this time)"),
     _v("grad_scale", LAYER_DIMS, _L, "factor the optimizer's .grad had relative to the captured "
        "per-sample gradients (clipping, loss scaling; 1 = none); already applied to every term"),
-    _v("flow_full_gradient", LAYER_DIMS, _L, "the flow and discretisation terms used the "
+    _k("flow_full_gradient", "the flow and discretisation terms used the "
        "full-data probe gradient (else the batch gradient, debiased where it matters)", "bool"),
-    _v("drift_flow", LAYER_DIMS, _L, "gradient-flow drift -u1^T grad L v1 [K per unit time]"),
-    _v("drift_noise", LAYER_DIMS, _L, "noise-curvature drift (eta/2) tr(A^T H A) [K per unit "
+    _k("drift_flow", "gradient-flow drift -u1^T grad L v1 [K per unit time]"),
+    _k("drift_noise", "noise-curvature drift (eta/2) tr(A^T H A) [K per unit "
        "time]"),
-    _v("drift_noise_var", LAYER_DIMS, _L, "part of drift_noise from gradient-noise variances "
+    _k("drift_noise_var", "part of drift_noise from gradient-noise variances "
        "[K per unit time]"),
-    _v("drift_noise_cov", LAYER_DIMS, _L, "part of drift_noise from gradient-noise covariances "
+    _k("drift_noise_cov", "part of drift_noise from gradient-noise covariances "
        "[K per unit time]"),
-    _v("drift", LAYER_DIMS, _L, "paper's SGD Ito drift drift_flow + drift_noise [K per unit "
+    _k("drift", "paper's SGD Ito drift drift_flow + drift_noise [K per unit "
        "time]"),
-    _v("diffusion2", LAYER_DIMS, _L, "squared diffusion s^2 = eta ||A^T vec(u1 v1^T)||^2 [K^2 "
+    _k("diffusion2", "squared diffusion s^2 = eta ||A^T vec(u1 v1^T)||^2 [K^2 "
        "per unit time]"),
-    _v("diffusion2_var", LAYER_DIMS, _L, "part of diffusion2 from gradient-noise variances [K^2 "
+    _k("diffusion2_var", "part of diffusion2 from gradient-noise variances [K^2 "
        "per unit time]"),
-    _v("diffusion2_cov", LAYER_DIMS, _L, "part of diffusion2 from gradient-noise covariances "
+    _k("diffusion2_cov", "part of diffusion2 from gradient-noise covariances "
        "[K^2 per unit time]"),
-    _v("drift_discretization", LAYER_DIMS, _L, "deterministic second-order term of a finite "
+    _k("drift_discretization", "deterministic second-order term of a finite "
        "step left out by the SDE, (eta/2) d2sigma1[grad L] (MATH.md 4a) [K per unit time]"),
-    _v("pathwise_increment", LAYER_DIMS, _L, "second-order change of K along the recorded "
+    _k("pathwise_increment", "second-order change of K along the recorded "
        "update dsigma1[dW] + 1/2 d2sigma1[dW] [K per recorded step]"),
-    _v("pathwise_first_order", LAYER_DIMS, _L, "first-order change of K along the recorded "
+    _k("pathwise_first_order", "first-order change of K along the recorded "
        "update [K per recorded step]"),
-    _v("drift_optimizer", LAYER_DIMS, _L, "pathwise reconstruction, not a prediction: the "
+    _k("drift_optimizer", "pathwise reconstruction, not a prediction: the "
        "realised update's first-order change of K beyond plain SGD's, (dsigma1[dW] + eta u1^T g "
        "v1)/eta [K per unit time]"),
     _v("flow_expected", LAYER_DIMS, _L, "expected-gradient drift of the optimizer's update at "
@@ -103,7 +111,7 @@ VARIABLES: dict[str, AnalysisVar] = {v.name: v for v in [
        "pair the per-sample sketch holds (1 = exact)"),
     _v("K_operator", LAYER_DIMS, _L, "exact operator norm of the layer's linear map on its "
        "input size (convolutions: MATH.md 6b; other layers: = K)", needs="operator"),
-    _v("noise_proj", SAMPLE_DIMS, _L, "per-sample noise projection c_i = u1^T Omega_i v1"),
+    _k("noise_proj", "per-sample noise projection c_i = u1^T Omega_i v1", dims=SAMPLE_DIMS),
     _v("noise_proj_update", SAMPLE_DIMS, _L, "per-sample projection u1^T (P*Omega_i) v1 of the "
        "update's noise (= noise_proj without a preconditioner)"),
     # ---- network, per step
@@ -225,6 +233,13 @@ def describe(name: str) -> str:
     v = VARIABLES.get(name)
     return v.description if v is not None else ""
 
+
+#: The keys every layer kernel of :mod:`trajlab.sde` returns with a noise estimate
+#: (:func:`~trajlab.sde.layer_terms`, :func:`~trajlab.sde.resolvent_layer_terms`,
+#: :func:`~trajlab.sde.diagonal_layer_terms`; their shared end terms come from
+#: :func:`~trajlab.sde.layer_epilogue`): the registry's ``kernel`` variables. Kernels may return
+#: more (``alignment``, ``coverage_u``/``coverage_v``), which are no analysis variables.
+LAYER_KEYS: tuple[str, ...] = tuple(k for k, v in VARIABLES.items() if v.kernel)
 
 #: Back-compatible views: name -> description.
 LAYER_VARIABLES: dict[str, str] = {k: v.description for k, v in VARIABLES.items()

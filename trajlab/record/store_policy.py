@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from trajlab.errors import RecorderError
+from trajlab.sketches import sketch_kind
 from trajlab.store.metadata import FORMAT_VERSION, LayerMeta, RunMeta, new_run_id
 
 
@@ -34,12 +35,7 @@ def chunk_steps(metas: Sequence[LayerMeta], batch_size: int, itemsize: int) -> i
     biggest = 0
     for m in metas:
         o, i = m.shape
-        if m.sketch == "rank1":
-            per_sample = batch_size * (o + i)
-        elif m.sketch == "subspace":
-            per_sample = batch_size * (o + i) * max(1, m.rank)
-        else:
-            per_sample = 0
+        per_sample = batch_size * sketch_kind(m.sketch).sample_size(m.shape, m.rank)
         biggest = max(biggest, o * i, per_sample)
     rows = (16 << 20) // max(1, biggest * itemsize)
     return int(min(256, max(1, 2 ** int(math.log2(max(1, rows))))))

@@ -2,20 +2,24 @@
 
 Pure torch kernels (no I/O), float32/float64, any device, batched over leading dimensions.
 
-* :mod:`~trajlab.sde.sketch`: per-sample projections ``G_i v_1``, ``G_i^T u_1`` and ``diag(Sigma)``
-  from a recorded ``"rank1"`` or ``"subspace"`` sketch.
+* :mod:`~trajlab.sde.sketch`: per-sample projections ``G_i v_1``, ``G_i^T u_1`` and
+  ``diag(Sigma)`` from a recorded sketch of any per-sample kind (:mod:`trajlab.sketches`).
 * :mod:`~trajlab.sde.layer`: per-layer drift, diffusion, variance/covariance split,
   discretisation and pathwise terms of ``K = s_1(W)``.
 * :mod:`~trajlab.sde.resolvent`: the same terms for many steps at once without a full SVD
   (resolvent of the smaller Gram matrix; the analysis's kernel).
+* :mod:`~trajlab.sde.diagonal`: the same terms of a diagonal matrix in closed form.
+* :mod:`~trajlab.sde.epilogue`: the end terms every layer kernel shares (pathwise terms, the
+  optimizer's drift, splits, totals), computed once.
 * :mod:`~trajlab.sde.network`: drift and diffusion of ``Z = log prod_l K_l``.
 * :mod:`~trajlab.sde.integral`: integrals over steps, log-normal prediction, pathwise sums and
   Euler–Maruyama paths.
 """
 
+from trajlab.sde.diagonal import diagonal_layer_terms
+from trajlab.sde.epilogue import layer_epilogue
 from trajlab.sde.integral import Z95, euler_maruyama, integrate, logK_prediction, pathwise
 from trajlab.sde.layer import (
-    LAYER_KEYS,
     layer_terms,
     noise_free_terms,
     noise_scale,
@@ -25,7 +29,6 @@ from trajlab.sde.layer import (
 from trajlab.sde.network import NETWORK_KEYS, network_terms
 from trajlab.sde.resolvent import resolvent_layer_terms
 from trajlab.sde.sketch import (
-    SketchKind,
     noise_diag,
     per_sample_directions,
     sketch_batch_size,
@@ -33,12 +36,12 @@ from trajlab.sde.sketch import (
 )
 
 __all__ = [
-    "LAYER_KEYS",
     "NETWORK_KEYS",
     "Z95",
-    "SketchKind",
+    "diagonal_layer_terms",
     "euler_maruyama",
     "integrate",
+    "layer_epilogue",
     "layer_terms",
     "logK_prediction",
     "network_terms",

@@ -12,34 +12,25 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from trajlab.sde.epilogue import flow_gradient, layer_epilogue
 from trajlab.sde.sketch import (
-    SketchKind,
     noise_diag,
     per_sample_directions,
     sketch_batch_size,
     sketch_coverage,
 )
+from trajlab.sketches import SketchKind, SketchName
 from trajlab.spectral import hessian_diag, hessian_quadform_proj, spectral_gap
 
 Svd = tuple[Tensor, Tensor, Tensor]
 
 __all__ = [
-    "LAYER_KEYS",
     "layer_terms",
     "noise_free_terms",
     "noise_scale",
     "pathwise_increment",
     "sketch_layer_terms",
 ]
-
-#: Keys returned by :func:`layer_terms`.
-LAYER_KEYS: tuple[str, ...] = (
-    "K", "spectral_gap", "degenerate", "alignment", "flow_full_gradient",
-    "drift_flow", "drift_noise", "drift_noise_var", "drift_noise_cov", "drift",
-    "diffusion2", "diffusion2_var", "diffusion2_cov", "drift_discretization",
-    "pathwise_increment", "pathwise_first_order", "drift_optimizer", "noise_proj",
-)
-
 
 def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, float]:
     """``(fpc, fpc / (B (B - 1)))``: the factors of the one-batch covariance estimate (MATH §1).
@@ -204,20 +195,10 @@ def layer_terms(
     U, S, Vh = svd
     u, v = U[..., :, 0], Vh[..., 0, :]
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
-    K = S[..., 0]
-    gap = spectral_gap(S)
 
     g = g.to(dt)
-    if grad_full is None:
-        used_full = torch.zeros(K.shape, dtype=torch.bool, device=W.device)
-        grad = g
-    else:
-        grad_full = grad_full.to(dt)
-        used_full = torch.isfinite(grad_full).all(-1).all(-1)
-        grad = torch.where(used_full[..., None, None], grad_full, g)
+    grad, used_full = flow_gradient(g, grad_full)
     first, second = _directional(W, svd, grad)
-    drift_flow = -first
-    drift_disc_raw = 0.5 * eta * second
 
     gv = (g @ v[..., :, None])[..., 0]
     gtu = (g.mT @ u[..., :, None])[..., 0]
@@ -226,9 +207,6 @@ def layer_terms(
     c = (Ov * u[..., None, :]).sum(-1)                     # u_1^T Omega_i v_1 (..., B)
     drift_noise = 0.5 * eta * scale * hessian_quadform_proj(W, Ov, Otu, svd=svd).sum(-1)
     diffusion2 = eta * scale * (c * c).sum(-1)
-    # With the batch gradient g standing in for grad L, E[d2 s1[g]] = d2 s1[grad L] + tr(H Sigma),
-    # so (eta/2) d2 s1[g] overestimates the discretisation term by drift_noise: remove it there.
-    drift_disc = torch.where(used_full, drift_disc_raw, drift_disc_raw - drift_noise)
 
     sd = sigma_diag.to(dt) * fpc
     H = hessian_diag(W, svd=svd)
@@ -237,31 +215,13 @@ def layer_terms(
     diffusion2_var = eta * (J2 * sd).sum((-2, -1))
 
     p1, p2 = _directional(W, svd, update.to(dt))
-    # What the optimizer adds to plain SGD's first-order drift (weight decay, momentum, Adam):
-    # (d s1[dW] - d s1[-eta g]) / eta; zero for plain SGD, -lambda K for L2 weight decay.
     plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
-    safe_eta = torch.where(eta == 0, torch.ones_like(eta), eta)
-    drift_optimizer = torch.where(eta == 0, torch.zeros_like(p1), (p1 - plain) / safe_eta)
-    return {
-        "K": K,
-        "spectral_gap": gap,
-        "degenerate": gap < gap_tol,
-        "alignment": alignment,
-        "flow_full_gradient": used_full,
-        "drift_flow": drift_flow,
-        "drift_noise": drift_noise,
-        "drift_noise_var": drift_noise_var,
-        "drift_noise_cov": drift_noise - drift_noise_var,
-        "drift": drift_flow + drift_noise,
-        "diffusion2": diffusion2,
-        "diffusion2_var": diffusion2_var,
-        "diffusion2_cov": diffusion2 - diffusion2_var,
-        "drift_discretization": drift_disc,
-        "pathwise_increment": p1 + 0.5 * p2,
-        "pathwise_first_order": p1,
-        "drift_optimizer": drift_optimizer,
-        "noise_proj": c,
-    }
+    return layer_epilogue(
+        K=S[..., 0], gap=spectral_gap(S), gap_tol=gap_tol, used_full=used_full, flow=first,
+        disc_raw=0.5 * eta * second, p1=p1, p2=p2, plain=plain, eta=eta,
+        noise={"drift_noise": drift_noise, "drift_noise_var": drift_noise_var,
+               "diffusion2": diffusion2, "diffusion2_var": diffusion2_var, "noise_proj": c},
+        extra={"alignment": alignment})
 
 
 def noise_free_terms(
@@ -286,32 +246,14 @@ def noise_free_terms(
     U, S, Vh = svd
     u, v = U[..., :, 0], Vh[..., 0, :]
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
-    K = S[..., 0]
-    gap = spectral_gap(S)
     g = g.to(dt)
-    if grad_full is None:
-        used_full = torch.zeros(K.shape, dtype=torch.bool, device=W.device)
-        grad = g
-    else:
-        grad_full = grad_full.to(dt)
-        used_full = torch.isfinite(grad_full).all(-1).all(-1)
-        grad = torch.where(used_full[..., None, None], grad_full, g)
+    grad, used_full = flow_gradient(g, grad_full)
     first, second = _directional(W, svd, grad)
-    disc = torch.where(used_full, 0.5 * eta * second, torch.full_like(second, float("nan")))
     p1, p2 = _directional(W, svd, update.to(dt))
     plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
-    safe_eta = torch.where(eta == 0, torch.ones_like(eta), eta)
-    return {
-        "K": K,
-        "spectral_gap": gap,
-        "degenerate": gap < gap_tol,
-        "flow_full_gradient": used_full,
-        "drift_flow": -first,
-        "drift_discretization": disc,
-        "pathwise_increment": p1 + 0.5 * p2,
-        "pathwise_first_order": p1,
-        "drift_optimizer": torch.where(eta == 0, torch.zeros_like(p1), (p1 - plain) / safe_eta),
-    }
+    return layer_epilogue(K=S[..., 0], gap=spectral_gap(S), gap_tol=gap_tol,
+                          used_full=used_full, flow=first, disc_raw=0.5 * eta * second, p1=p1,
+                          p2=p2, plain=plain, eta=eta)
 
 
 def sketch_layer_terms(
@@ -319,7 +261,7 @@ def sketch_layer_terms(
     g: Tensor,
     update: Tensor,
     lr: float | Tensor,
-    sketch: SketchKind,
+    sketch: SketchName | SketchKind,
     tensors: Mapping[str, Tensor],
     *,
     grad_full: Tensor | None = None,

@@ -41,14 +41,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from trajlab.sde.epilogue import layer_epilogue
 from trajlab.sde.layer import noise_free_terms, noise_scale, sketch_layer_terms
 from trajlab.sde.sketch import (
-    SketchKind,
     noise_diag,
     per_sample_directions,
     sketch_batch_size,
     sketch_coverage,
 )
+from trajlab.sketches import SketchKind, SketchName
 
 __all__ = ["MIN_GAP", "resolvent_layer_terms"]
 
@@ -167,7 +168,7 @@ def resolvent_layer_terms(
     update: Tensor,
     lr: Tensor,
     *,
-    sketch: SketchKind | None = None,
+    sketch: SketchName | SketchKind | None = None,
     tensors: Mapping[str, Tensor] | None = None,
     grad_full: Tensor | None = None,
     population: int | None = None,
@@ -227,27 +228,13 @@ def resolvent_layer_terms(
     p1 = (Pu[:, 0] * uo).sum(-1)
     p2 = _second(Wo, s1, uo, vo, R, Pu, Qu)[:, 0]
     plain = -eta * (Pg[:, 0] * uo).sum(-1)
-    safe_eta = torch.where(eta == 0, torch.ones_like(eta), eta)
-    out = {
-        "K": s1,
-        "spectral_gap": gap,
-        "degenerate": gap < gap_tol,
-        "flow_full_gradient": used_full,
-        "drift_flow": -first,
-        "pathwise_increment": p1 + 0.5 * p2,
-        "pathwise_first_order": p1,
-        "drift_optimizer": torch.where(eta == 0, torch.zeros_like(p1), (p1 - plain) / safe_eta),
-    }
-    disc_raw = 0.5 * eta * second
-    if sketch is None:
-        out["drift_discretization"] = torch.where(used_full, disc_raw,
-                                                  torch.full_like(disc_raw, float("nan")))
-    else:
-        out.update(_noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors,
-                                population))
-        out["drift"] = out["drift_flow"] + out["drift_noise"]
-        out["drift_discretization"] = torch.where(used_full, disc_raw,
-                                                  disc_raw - out["drift_noise"])
+    noise = None
+    if sketch is not None:
+        noise = _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors,
+                             population)
+    out = layer_epilogue(K=s1, gap=gap, gap_tol=gap_tol, used_full=used_full, flow=first,
+                         disc_raw=0.5 * eta * second, p1=p1, p2=p2, plain=plain, eta=eta,
+                         noise=noise)
     if not bool(ok.all()):
         _svd_rows(out, ~ok, W, g, update, eta, sketch, tensors, grad_full, population, gap_tol)
     return out
@@ -255,8 +242,9 @@ def resolvent_layer_terms(
 
 def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, population
                  ) -> dict[str, Tensor]:
-    """Gradient-noise terms (MATH.md §3) in the oriented frame; ``Pg``, ``Qg``: the batch
-    gradient's projections."""
+    """Gradient-noise terms (MATH.md §3) in the oriented frame, for
+    :func:`~trajlab.sde.epilogue.layer_epilogue`; ``Pg``, ``Qg``: the batch gradient's
+    projections."""
     B = sketch_batch_size(sketch, tensors)
     fpc, scale = noise_scale(B, population)
     dt = Wo.dtype
@@ -284,10 +272,8 @@ def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, popul
     return {
         "drift_noise": drift_noise,
         "drift_noise_var": drift_noise_var,
-        "drift_noise_cov": drift_noise - drift_noise_var,
         "diffusion2": diffusion2,
         "diffusion2_var": diffusion2_var,
-        "diffusion2_cov": diffusion2 - diffusion2_var,
         "noise_proj": c,
         "coverage_u": cov_u.to(dt),
         "coverage_v": cov_v.to(dt),

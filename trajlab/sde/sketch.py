@@ -1,7 +1,8 @@
 """What the SDE terms need from a recorded per-sample sketch (MATH.md §1–§2, sufficiency).
 
-Thin functions over the sketch kinds of :mod:`trajlab.sketches` (each kind owns its adaptor):
-for a layer with weight ``W`` (m, n) and per-sample gradients ``G_i`` (i < B),
+Thin functions over the sketch kinds of :mod:`trajlab.sketches` (each kind owns its adaptor;
+``sketch`` is a registered kind or its name): for a layer with weight ``W`` (m, n) and
+per-sample gradients ``G_i`` (i < B), e.g.
 
 * ``"rank1"``: ``ps_grad_out`` (..., B, m) and ``ps_input`` (..., B, n) with
   ``G_i = outer(ps_grad_out[i], ps_input[i])`` exactly;
@@ -19,11 +20,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from trajlab.sketches import sketch_kind
-from trajlab.sketches.base import SketchName as SketchKind
+from trajlab.sketches import SketchKind, SketchName, sketch_kind
 
 __all__ = [
-    "SketchKind",
     "noise_diag",
     "per_sample_directions",
     "sketch_batch_size",
@@ -31,30 +30,32 @@ __all__ = [
 ]
 
 
-def _kind(sketch: str):
-    kind = sketch_kind(sketch)
+def _kind(sketch: SketchName | SketchKind) -> SketchKind:
+    kind = sketch if isinstance(sketch, SketchKind) else sketch_kind(sketch)
     if not kind.per_sample:
-        raise ValueError(f"sketch kind {sketch!r} holds no per-sample information")
+        raise ValueError(f"sketch kind {kind.name!r} holds no per-sample information")
     return kind
 
 
-def sketch_batch_size(sketch: SketchKind, tensors: Mapping[str, Tensor]) -> int:
+def sketch_batch_size(sketch: SketchName | SketchKind, tensors: Mapping[str, Tensor]) -> int:
     """Number of samples B held by the sketch."""
     kind = _kind(sketch)
     missing = [k for k in kind.needs() if k not in tensors]
     if missing:
-        raise ValueError(f"{sketch!r} sketch is missing {missing}; it needs {list(kind.needs())}")
+        raise ValueError(f"{kind.name!r} sketch is missing {missing}; it needs "
+                         f"{list(kind.needs())}")
     return kind.batch_size(tensors)
 
 
 def per_sample_directions(
-    sketch: SketchKind, tensors: Mapping[str, Tensor], u1: Tensor, v1: Tensor
+    sketch: SketchName | SketchKind, tensors: Mapping[str, Tensor], u1: Tensor, v1: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Per-sample projections ``G_i v_1`` and ``G_i^T u_1`` from a sketch.
 
     Parameters
     ----------
-    sketch : {"rank1", "subspace"} or another registered kind
+    sketch : SketchName or SketchKind
+        A registered kind (``"rank1"``, ``"subspace"``, ...) or its name.
     tensors : mapping of str to Tensor
         The sketch's variables (see module docstring).
     u1 : Tensor (..., m)
@@ -79,7 +80,7 @@ def per_sample_directions(
 
 
 def sketch_coverage(
-    sketch: SketchKind, tensors: Mapping[str, Tensor], u1: Tensor, v1: Tensor
+    sketch: SketchName | SketchKind, tensors: Mapping[str, Tensor], u1: Tensor, v1: Tensor
 ) -> tuple[Tensor, Tensor]:
     """How much of ``u_1``, ``v_1`` the sketch's subspaces hold: ``(||U^T u_1||, ||V^T v_1||)``.
 
@@ -95,7 +96,8 @@ def sketch_coverage(
 
 
 def noise_diag(
-    sketch: SketchKind, tensors: Mapping[str, Tensor], g: Tensor, *, batch_size: int | None = None
+    sketch: SketchName | SketchKind, tensors: Mapping[str, Tensor], g: Tensor, *,
+    batch_size: int | None = None,
 ) -> Tensor:
     """Diagonal of the one-batch covariance estimate of the batch-mean gradient (MATH.md §1).
 
@@ -105,7 +107,7 @@ def noise_diag(
 
     Parameters
     ----------
-    sketch : {"rank1", "subspace"}
+    sketch : SketchName or SketchKind
     tensors : mapping of str to Tensor
         ``"rank1"``: ``sum_i G_i**2 = (delta**2)^T (a**2)``; ``"subspace"``: ``grad_sq_sum``.
     g : Tensor (..., m, n)

@@ -2,12 +2,14 @@
 
 Each kind is one class (:class:`~trajlab.sketches.base.SketchKind`) registered here by name;
 the store layout, the recorder, the reader and the analysis all dispatch through
-:func:`sketch_kind`. Register a new kind with :func:`register_sketch_kind`.
+:func:`sketch_kind` and ask the kind's capabilities (never its name). Register a new kind with
+:func:`register_sketch_kind`; every registered kind must pass the conformance class of
+tests/test_sketch_conformance.py.
 """
 
 from __future__ import annotations
 
-from trajlab.sketches.base import SketchKind, Var
+from trajlab.sketches.base import SketchKind, SketchName, Var
 from trajlab.sketches.diagonal import DiagonalSketch
 from trajlab.sketches.none import NoSketch
 from trajlab.sketches.rank1 import Rank1
@@ -27,7 +29,7 @@ def register_sketch_kind(kind: SketchKind, *, overwrite: bool = False) -> Sketch
     return kind
 
 
-def sketch_kind(name: str) -> SketchKind:
+def sketch_kind(name: SketchName) -> SketchKind:
     """The registered sketch kind called ``name``; ValueError naming the known kinds."""
     try:
         return _KINDS[name]
@@ -41,6 +43,12 @@ def sketch_kinds() -> dict[str, SketchKind]:
     return dict(_KINDS)
 
 
+def weights_only_kind() -> SketchKind:
+    """The kind of a layer recorded without per-sample information (``per_sample=False``, or a
+    layer whose capture is given up): weights, batch gradient and updates only."""
+    return sketch_kind(NoSketch.name)
+
+
 for _k in (Rank1(), Subspace(), NoSketch(), DiagonalSketch(), RowsSketch()):
     register_sketch_kind(_k)
 
@@ -50,10 +58,12 @@ __all__ = [
     "Rank1",
     "RowsSketch",
     "SketchKind",
+    "SketchName",
     "Subspace",
     "Var",
     "reconstruct_subspace",
     "register_sketch_kind",
     "sketch_kind",
     "sketch_kinds",
+    "weights_only_kind",
 ]

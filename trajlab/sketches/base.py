@@ -10,7 +10,10 @@ A sketch kind owns, in one class:
 * its reconstruction of per-sample gradients from stored arrays (numpy),
 * its adaptor to the SDE kernels: per-sample directions ``G_i v1``, ``G_i^T u1``, the
   elementwise second moment ``sum_i G_i**2`` and the coverage of ``u1``, ``v1`` (torch, with any
-  leading dimensions, e.g. steps).
+  leading dimensions, e.g. steps),
+* its capabilities, which callers ask instead of comparing kind names: :attr:`needs_basis`,
+  :attr:`single_position`, :attr:`diagonal`, :attr:`exact`, :attr:`per_sample`,
+  :attr:`implies_grad` and :meth:`sample_size`.
 
 Kinds are registered by name in :mod:`trajlab.sketches` and looked up with
 :func:`trajlab.sketches.sketch_kind`. Layer rules (:mod:`trajlab.record.rules`) say which kind a
@@ -19,17 +22,24 @@ layer produces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from trajlab.dims import IN, OUT, RANK
+
 #: Storage dtype of a variable: a numpy dtype name, ``"param"`` (the run's float dtype) or
 #: ``"ps"`` (the run's per-sample storage dtype, which may be reduced precision).
 DType = str
+
+#: A registered kind's name (its registry key, stored in each layer's metadata); the kind
+#: itself is a :class:`SketchKind`, looked up with :func:`trajlab.sketches.sketch_kind`.
+SketchName = str
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,29 @@ class SketchKind:
     #: Variable whose sample axis gives the batch size, and that axis (negative, for leading
     #: dims).
     batch_var: ClassVar[tuple[str, int] | None] = None
+    #: The capture projects onto orthonormal bases (U, V) of W's top-k singular vectors, taken
+    #: by the recorder at each recorded step and stored with the step; the layer's ``rank`` is
+    #: the k the recorder chooses (else the rule's).
+    needs_basis: ClassVar[bool] = False
+    #: The capture needs exactly one position per sample (no weight sharing): a layer whose
+    #: inputs gain positions after its first step cannot continue with this kind.
+    single_position: ClassVar[bool] = False
+    #: The layer's matrix is diagonal, ``W = diag(gamma)`` (normalisation scales): its SDE terms
+    #: have the closed form of :func:`trajlab.sde.diagonal_layer_terms` (no spectrum), and its
+    #: entries are not weight-matrix parameters (K_net's coverage counts it apart).
+    diagonal: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ layout
     def variables(self, rank: int) -> dict[str, Var]:
         """Stored variables of a layer with this kind (``rank``: the layer's sketch rank)."""
         return {}
+
+    def sample_size(self, shape: tuple[int, int], rank: int) -> int:
+        """Numbers stored per sample of an (m, n) layer: the sum over its per-sample variables
+        of their sizes after the sample axis (for chunk sizing)."""
+        size = {OUT: int(shape[0]), IN: int(shape[1]), RANK: max(1, int(rank))}
+        return sum(math.prod(size[d] for d in v.dims[1:])
+                   for v in self.variables(rank).values() if v.per_sample)
 
     # ------------------------------------------------------------------ recording (torch)
     def capture(self, act: Tensor, delta: Tensor, *, basis: tuple[Tensor, Tensor] | None = None,
@@ -123,6 +151,11 @@ class SketchKind:
     def sample_gradient(self, tensors: Mapping[str, Tensor], i: int) -> Tensor | None:
         """Sample ``i``'s gradient (m, n) if the sketch holds it exactly, else None."""
         return None
+
+    def sample_gradients(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Every per-sample gradient (..., B, m, n), with any leading dimensions (exact kinds)."""
+        raise NotImplementedError(f"sketch kind {self.name!r} does not hold the per-sample "
+                                  "gradients exactly")
 
     def rescale(self, tensors: dict[str, Tensor], c: float) -> dict[str, Tensor]:
         """The sketch of the per-sample gradients ``c * G_i``."""
@@ -173,5 +206,3 @@ def _require(kind: SketchKind, tensors: Mapping[str, Any], keys: Sequence[str]) 
         raise ValueError(f"{kind.name!r} sketch is missing {missing}; it needs "
                          f"{list(kind.needs())}")
 
-
-SketchName = Literal["rank1", "subspace", "none"]

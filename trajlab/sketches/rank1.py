@@ -24,6 +24,7 @@ class Rank1(SketchKind):
     exact = True
     implies_grad = True
     batch_var = ("ps_grad_out", -2)
+    single_position = True
 
     def variables(self, rank: int) -> dict[str, Var]:
         return {
@@ -49,6 +50,10 @@ class Rank1(SketchKind):
 
     def sample_gradient(self, tensors, i):
         return torch.outer(tensors["ps_grad_out"][i], tensors["ps_input"][i])
+
+    def sample_gradients(self, tensors):
+        d, a = tensors["ps_grad_out"], tensors["ps_input"]
+        return d[..., :, None] * a[..., None, :]
 
     def rescale(self, tensors, c):
         return {**tensors, "ps_grad_out": tensors["ps_grad_out"] * c}

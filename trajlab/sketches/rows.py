@@ -45,13 +45,14 @@ class RowsSketch(SketchKind):
 
     # ------------------------------------------------------------------ recording
     def capture_rows(self, index: Tensor, values: Tensor, *, rows: int, slots: int,
-                     want_per_sample: bool = False):
+                     basis: tuple[Tensor, Tensor] | None = None, want_per_sample: bool = False):
         """Coalesce per-position (row, gradient) pairs into ``slots`` rows per sample.
 
         Parameters
         ----------
         index : (B, P) integer rows (negative: no gradient).  values : (B, P, n).
         rows : rows m of the matrix.  slots : R, rows stored per sample.
+        basis : unused (the rows are exact).
 
         Raises
         ------

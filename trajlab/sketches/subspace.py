@@ -23,6 +23,7 @@ class Subspace(SketchKind):
     name = "subspace"
     summary = "top-k subspace sketch"
     batch_var = ("ps_proj_out", -3)
+    needs_basis = True
 
     def variables(self, rank: int) -> dict[str, Var]:
         return {
