@@ -79,3 +79,20 @@ def test_bad_inputs():
         noise_diag("rank1", tensors, G.mean(0), batch_size=8)
     with pytest.raises(ValueError, match="batch_size"):
         noise_diag("subspace", {"grad_sq_sum": G.square().sum(0)}, G.mean(0))
+
+
+def test_a_kind_or_its_name():
+    """Every function takes the registered kind itself as well as its name."""
+    from trajlab.sketches import sketch_kind
+
+    gen = _gen(3)
+    tensors, G = rank1_sketch(gen, 5, 3, 4)
+    u1 = torch.randn(3, generator=gen, dtype=F64)
+    v1 = torch.randn(4, generator=gen, dtype=F64)
+    kind = sketch_kind("rank1")
+    Gv, Gtu = per_sample_directions(kind, tensors, u1, v1)
+    assert rel(Gv, G @ v1) <= 1e-14 and rel(Gtu, G.mT @ u1) <= 1e-14
+    assert rel(noise_diag(kind, tensors, G.mean(0)), _dense_diag(G)) <= 1e-12
+    assert sketch_batch_size(kind, tensors) == 5
+    with pytest.raises(ValueError, match="no per-sample information"):
+        sketch_batch_size(sketch_kind("none"), tensors)
