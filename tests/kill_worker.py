@@ -6,7 +6,7 @@ vary (so the sample axis grows), and dies at a chosen point of the store writer.
 ``TRAJLAB_KILL=point:nth:who`` kills at the nth time the writer reaches ``point``:
 
 * ``create`` – right after the group document is written, before any array exists;
-* ``chunk`` – right after a chunk write (whole-chunk file or Zarr write);
+* ``chunk`` – right after a chunk write (a chunk file, or a Zarr write in older formats);
 * ``resize`` – half-way through resizing the arrays along ``step``;
 * ``grow`` – half-way through growing the sample axis;
 * ``commit_before`` / ``commit_after`` – just before / after the commit marker is written;
@@ -54,7 +54,7 @@ def _install_kill(spec: str) -> None:
 
         rs.create_group = create_group
     elif point == "chunk":
-        orig_many, orig_whole = rs.write_many, rs.RunStoreWriter._write_whole_chunk
+        orig_many, orig_whole = rs.write_many, rs.RunStoreWriter._write_chunk_file
 
         def write_many(items):
             orig_many(items)
@@ -66,7 +66,7 @@ def _install_kill(spec: str) -> None:
             return out
 
         rs.write_many = write_many
-        rs.RunStoreWriter._write_whole_chunk = write_whole
+        rs.RunStoreWriter._write_chunk_file = write_whole  # every chunk file (format 3)
     elif point in ("resize", "grow"):
         orig_resize, orig_grow = rs.resize_many, rs.RunStoreWriter._grow_samples
         state = {"growing": False}

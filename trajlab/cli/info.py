@@ -117,6 +117,8 @@ def info_report(path, *, verify: bool = False, progress: bool = False,
     if verify:
         damaged += [p for p in _verify(run, progress) if p not in damaged]
     problems = integrity(run) + damaged
+    if verify and run.layout.unchecked:
+        lines.append(f"not checked {run.layout.unchecked}")
     lines.append(f"stored      {human(run.nbytes_stored())} compressed")
     checked = " (every committed chunk read and checked)" if verify else ""
     if not problems:

@@ -8,7 +8,11 @@ This is the one place that knows the variants of the format:
   flags, updates derived from consecutive weights, rank-1 layers without ``grad``; told apart
   from "v1" by the presence of ``update_stored`` (the only check of its kind);
 * format 2 ("v2"): as v1-derived, plus CRC32C checksums on every chunk, every chunk written
-  (so a missing chunk is an error), ``grad_scale`` per layer, ``run_id`` and ``ps_dtype``.
+  (so a missing chunk is an error), ``grad_scale`` per layer, ``run_id`` and ``ps_dtype``;
+* format 3 ("v3"): as v2, plus the chunk manifest ``trajlab_chunks`` that binds each chunk's
+  checksum to its array and position (:mod:`trajlab.store.manifest`): a swapped or misplaced
+  chunk file is an error. Told apart from v2 by the format version only; a v2 store holding a
+  manifest (a version edited down) is refused.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Literal
 import numpy as np
 
 from trajlab.dims import BN_CHANNEL
+from trajlab.errors import StoreCorruptError
 from trajlab.sketches import Var, sketch_kind
 from trajlab.store.metadata import LayerMeta, RunMeta
-from trajlab.store.names import IN, LAYERS_GROUP, OUT, SAMPLE
+from trajlab.store.names import CHUNKS_ARRAY, IN, LAYERS_GROUP, OUT, SAMPLE
 
-Variant = Literal["v1", "v1-derived", "v2"]
+Variant = Literal["v1", "v1-derived", "v2", "v3"]
 
 #: Root-level variables (dims after ``step``).
 ROOT_VARS: dict[str, Var] = {
@@ -92,13 +97,18 @@ class RunLayout:
 
     @classmethod
     def for_meta(cls, meta: RunMeta) -> RunLayout:
-        return cls(meta, "v2" if meta.format_version >= 2 else "v1-derived")
+        return cls(meta, _VARIANTS.get(meta.format_version, "v1-derived"))
 
     @classmethod
     def of_group(cls, group, meta: RunMeta) -> RunLayout:
         """The layout of an existing store (the format-1 variants are told apart here)."""
+        if meta.format_version < 3 and CHUNKS_ARRAY in group:
+            raise StoreCorruptError(
+                f"this store says format version {meta.format_version}, but it holds the "
+                f"chunk manifest {CHUNKS_ARRAY!r} that only format 3 writes: the root "
+                "zarr.json was edited or is damaged (restore it from a copy)")
         if meta.format_version >= 2:
-            return cls(meta, "v2")
+            return cls(meta, _VARIANTS[meta.format_version])
         for lm in meta.layers:
             try:
                 lg = group[f"{LAYERS_GROUP}/{lm.group}"]
@@ -129,7 +139,7 @@ class RunLayout:
     def layer_vars(self, lm: LayerMeta) -> dict[str, Var]:
         """Stored variables of one layer group."""
         out = dict(LAYER_VARS)
-        if self.variant != "v2":
+        if self.variant in ("v1", "v1-derived"):
             del out["grad_scale"]
         if self.variant == "v1":
             del out["update_stored"]
@@ -163,10 +173,39 @@ class RunLayout:
     def checksummed(self) -> bool:
         """Every chunk carries a CRC32C checksum and every chunk inside the committed rows is
         written (a missing one is an error)."""
-        return self.variant == "v2"
+        return self.variant in ("v2", "v3")
+
+    @property
+    def position_bound(self) -> bool:
+        """Each chunk's checksum is recorded for its array and position in the chunk manifest
+        (a swapped or misplaced chunk file is an error)."""
+        return self.variant == "v3"
+
+    @property
+    def unchecked(self) -> str | None:
+        """What a verification of this variant cannot check (None: everything is checked)."""
+        if self.variant == "v2":
+            return ("chunk positions are not checked (a format-2 store has no chunk manifest: "
+                    "two swapped chunk files of one array would read as wrong values)")
+        if self.variant in ("v1", "v1-derived"):
+            return ("chunks carry no checksums (format 1): damaged or swapped chunk files "
+                    "would read as wrong values")
+        return None
+
+    def array_paths(self) -> list[str]:
+        """Path of every stored array, root variables first, then each layer's in order (the
+        order of the chunk manifest's ``array`` axis)."""
+        paths = list(self.root_vars)
+        for lm in self.meta.layers:
+            base = self.group_path(lm)
+            paths += [f"{base}/{n}" for n in self.layer_vars(lm)]
+        return paths
 
     def group_path(self, lm: LayerMeta) -> str:
         return f"{LAYERS_GROUP}/{lm.group}"
+
+
+_VARIANTS: dict[int, Variant] = {2: "v2", 3: "v3"}
 
 
 def layer_group_name(name: str) -> str:

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from trajlab.errors import StoreCorruptError, StoreError
 
-FORMAT_VERSION: Literal[2] = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION: Literal[3] = 3
+READABLE_FORMATS = (1, 2, 3)
 ANALYSIS_FORMAT_VERSION: Literal[2] = 2
 
 Sampler = Literal["with_replacement", "reshuffle", "unknown"]
@@ -156,7 +156,7 @@ class RunMeta:
 
     Attributes
     ----------
-    format_version : 2 for stores written now (1 readable).
+    format_version : 3 for stores written now (1 and 2 readable).
     run_id : identity of this recording, new at every creation (analyses are keyed to it).
     dtype : float dtype of weights and gradients as stored.
     ps_dtype : dtype of the per-sample variables (``dtype`` unless reduced precision was asked).

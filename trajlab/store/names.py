@@ -22,3 +22,6 @@ LAYERS_GROUP = "layers"
 #: that a truncation reason can be written in place even when the disk is full (no new blocks).
 TRUNCATION_ARRAY = "truncation"
 TRUNCATION_RESERVE = 4096
+#: Root array (format 3) holding, for every chunk of every run-store array, the CRC32C
+#: checksums its file may carry at that position (:mod:`trajlab.store.manifest`).
+CHUNKS_ARRAY = "trajlab_chunks"

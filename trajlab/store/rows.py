@@ -19,8 +19,9 @@ from zarr.core.sync import sync
 from trajlab.errors import StoreCorruptError
 from trajlab.sketches import sketch_kind
 from trajlab.store.layout import DEFAULTS, RunLayout
+from trajlab.store.manifest import NONE, ManifestReader, accepts, trailer
 from trajlab.store.metadata import LayerMeta
-from trajlab.store.names import SAMPLE, STEP
+from trajlab.store.names import CHUNKS_ARRAY, SAMPLE, STEP
 
 
 class StoredArray:
@@ -40,16 +41,20 @@ class StoredArray:
         reader accept chunks that hold only sample padding, which are legitimately absent after
         the sample axis grew); awaited only when such a chunk is missing (inside the read's own
         event loop: a synchronous read there would fail with zarr's ``SyncError``).
+    manifest : the store's chunk manifest (format 3): every chunk read is first checked to be
+        the one written at its position (its CRC32C trailer is one the manifest accepts there).
     """
 
     def __init__(self, arr: zarr.Array, name: str, *, rows: int, samples: int | None,
                  strict: bool, where: str,
-                 batch: Callable[[], Awaitable[np.ndarray]] | None = None) -> None:
+                 batch: Callable[[], Awaitable[np.ndarray]] | None = None,
+                 manifest: ManifestReader | None = None) -> None:
         self.arr = arr
         self.name = name
         self.where = where
         self.strict = strict
         self.batch = batch
+        self.manifest = manifest
         self.dims: tuple[str, ...] = tuple(arr.metadata.dimension_names or ())
         shape = list(arr.shape)
         if rows > shape[0]:
@@ -150,8 +155,12 @@ class StoredArray:
         sp = self.arr._async_array.store_path
         prefix = f"{sp.path}/" if sp.path else ""
         coords = self._chunks_of(sel)
-        found = await asyncio.gather(*(
-            sp.store.exists(prefix + self.arr.metadata.encode_chunk_key(c)) for c in coords))
+        if self.manifest is not None:
+            found = await asyncio.gather(*(self._check_position(c) for c in coords))
+        else:
+            found = await asyncio.gather(*(
+                sp.store.exists(prefix + self.arr.metadata.encode_chunk_key(c))
+                for c in coords))
         missing = [c for c, ok in zip(coords, found) if not ok and await self._required(c)]
         if missing:
             raise StoreCorruptError(
@@ -160,6 +169,35 @@ class StoredArray:
                 "the committed rows; the data there is lost (files deleted?): restore the store "
                 "from a copy, or analyse the other steps (`--steps`)"
             )
+
+    async def _check_position(self, coords: tuple[int, ...]) -> bool:
+        """Whether the chunk at ``coords`` exists; raises when its file is not the one written
+        at that position (its checksum trailer is not one the manifest accepts there)."""
+        from zarr.abc.store import SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+
+        assert self.manifest is not None
+        sp = self.arr._async_array.store_path
+        key = (f"{sp.path}/" if sp.path else "") + self.arr.metadata.encode_chunk_key(coords)
+        tail = await sp.store.get(key, default_buffer_prototype(),
+                                  byte_range=SuffixByteRequest(4))
+        entry = await self.manifest.entry(self.name, coords, self.dims)
+        if tail is None:
+            return False
+        raw = tail.to_bytes()
+        if len(raw) == 4 and accepts(entry, trailer(raw)):
+            return True
+        if len(raw) < 4:
+            return True  # too short to hold a checksum: the decoder names it
+        recorded = [int(v) for v in entry if int(v) != NONE]
+        what = ("the manifest records no chunk written there" if not recorded else
+                f"its checksum {trailer(raw):08x} is not the one recorded there "
+                f"({' or '.join(f'{v:08x}' for v in recorded)})")
+        raise StoreCorruptError(
+            f"{self.where}: array {self.name!r}, {self._describe_chunk(coords)} holds a chunk "
+            f"file that was not written at this position: {what}. Chunk files were swapped, "
+            "moved or copied in from elsewhere, so its values would be wrong: restore the store "
+            "from a copy; `trajlab info --verify` lists every such chunk")
 
     async def _find_bad_chunk(self, sel: tuple[slice, ...]) -> str:
         for c in self._chunks_of(sel):
@@ -234,6 +272,23 @@ class RowReader:
         self.where = where
         self._arrays: dict[str, StoredArray] = {}
         self._batch: np.ndarray | None = None
+        self._manifest: ManifestReader | None = None
+
+    def manifest(self) -> ManifestReader | None:
+        """The chunk manifest's reader (format 3 stores with committed rows; else None)."""
+        if self._manifest is None and self.layout.position_bound and self.committed:
+            try:
+                arr = self.group[CHUNKS_ARRAY]
+            except KeyError:
+                raise StoreCorruptError(
+                    f"{self.where}: the chunk manifest {CHUNKS_ARRAY!r} that format 3 requires "
+                    f"is missing although {self.committed} rows are committed; the store is "
+                    "damaged: restore it from a copy") from None
+            c = self.layout.meta.chunk_steps
+            self._manifest = ManifestReader(arr, self.layout.array_paths(),
+                                            -(-self.committed // c), self.committed // c,
+                                            self.where)
+        return self._manifest
 
     # ------------------------------------------------------------------ arrays
     def batch_sizes(self) -> np.ndarray:
@@ -303,7 +358,8 @@ class RowReader:
             self._arrays[path] = StoredArray(arr, path, rows=self.committed,
                                              samples=self.samples,
                                              strict=self.layout.checksummed,
-                                             where=self.where, batch=batch)
+                                             where=self.where, batch=batch,
+                                             manifest=self.manifest())
         return self._arrays[path]
 
     def has(self, path: str) -> bool:

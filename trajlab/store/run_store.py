@@ -22,13 +22,15 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from trajlab.errors import StoreError
+from trajlab.errors import StoreCorruptError, StoreError
 from trajlab.store.codecs import Profile, codecs_for, crc32c_of, fill_value
 from trajlab.store.encode_pool import EncodePool
 from trajlab.store.layout import RunLayout
+from trajlab.store.manifest import NONE, accepts, create_manifest, sample_chunks, trailer
 from trajlab.store.metadata import RunMeta
 from trajlab.store.names import (
     ATTR_KEY,
+    CHUNKS_ARRAY,
     COMMIT_KEY,
     IN,
     LAYER_ATTR_KEY,
@@ -127,6 +129,8 @@ class RunStoreWriter:
         self.capacity = 0  # rows allocated along step (whole chunks)
         self.sample_capacity = 0  # committed sample capacity
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._manifest: zarr.Array | None = None  # format 3: the chunk manifest
+        self._index: dict[str, int] = {}  # array path -> its index in the manifest
         self._scratch: dict[tuple[str, str], np.ndarray] = {}  # reused row blocks (append)
         self._transposed: dict[str, np.ndarray] = {}  # reused transposed chunks (one per array)
         self._executor: EncodePool | None = None  # created at the first whole-chunk write
@@ -197,6 +201,8 @@ class RunStoreWriter:
         self.target = inspect(self.store, storage_options=self.storage_options)
         self._reserve_truncation_marker(group)
         layout = RunLayout.for_meta(meta)
+        if layout.position_bound:
+            create_manifest(group, len(layout.array_paths()))
         c = meta.chunk_steps
         for name, var in layout.root_vars.items():
             self._create(group, name, var, layout, c, layout.sizes(sample_capacity))
@@ -237,6 +243,16 @@ class RunStoreWriter:
             lg = self.group[lay.group_path(lm)]
             for name in lay.layer_vars(lm):
                 self._arrays[(lm.name, name)] = lg[name].with_config(_WRITE_CONFIG)
+        self._manifest = None
+        if lay.position_bound:
+            try:
+                self._manifest = self.group[CHUNKS_ARRAY].with_config(_WRITE_CONFIG)
+            except KeyError:
+                raise StoreError(
+                    f"{self.store!r}: the chunk manifest {CHUNKS_ARRAY!r} that format 3 "
+                    "requires is missing; the store is damaged (restore it from a copy, or "
+                    "record into a new store)") from None
+            self._index = {p: i for i, p in enumerate(lay.array_paths())}
 
     def _sample_arrays(self) -> list[tuple[zarr.Array, int]]:
         out = []
@@ -264,6 +280,11 @@ class RunStoreWriter:
                 shape[ax] = n
                 todo.append((arr, tuple(shape)))
         resize_many(todo)
+        man = self._manifest
+        if man is not None:
+            need = max(sample_chunks(arr) for arr in self._arrays.values())
+            if need > man.shape[2]:
+                resize_many([(man, (man.shape[0], man.shape[1], need, 2))])
         self.sample_capacity = n
 
     # ----------------------------------------------------------------- writing
@@ -290,7 +311,7 @@ class RunStoreWriter:
             # (at least MIN_CAPACITY rows at once: each resize rewrites every array's metadata)
             c = self.meta.chunk_steps
             self._resize_steps(math.ceil(max(stop, 2 * self.capacity, MIN_CAPACITY) / c) * c)
-        writes, pending = [], []
+        writes, pending, blocks = [], [], {}
         for key, arr in self._arrays.items():
             layer, name = key
             if layer == "":
@@ -300,12 +321,16 @@ class RunStoreWriter:
             else:
                 rows = [r.layers[layer].get(name) for r in records]
             block = self._stack(arr, rows, name, self._block(key, arr, len(rows)))
-            if self._whole_chunk(arr, start, block):
+            if self._manifest is not None:
+                blocks[key] = block
+            elif self._whole_chunk(arr, start, block):
                 # encoded and written by a small pool: the codecs and file writes release
                 # the GIL, so a flush overlaps the encoding of one array with another's I/O
                 pending.append(self._pool().submit(self._write_whole_chunk, arr, start, block))
             else:
                 writes.append((arr, slice(start, stop), block))
+        if blocks:
+            self._write_bound(blocks, start, stop)
         for f in pending:
             f.result()
         if writes:
@@ -365,6 +390,18 @@ class RunStoreWriter:
         if (root is None or start % c or block.shape[0] != c
                 or tuple(arr.chunks[1:]) != tuple(arr.shape[1:])):
             return False
+        encoded = self._encode_chunk(arr, block)
+        if encoded is None:
+            return False
+        self._write_chunk_file(arr, (start // c, *(0 for _ in arr.shape[1:])), encoded[0])
+        return True
+
+    def _encode_chunk(self, arr: zarr.Array, block: np.ndarray
+                      ) -> tuple[tuple[Any, ...], int] | None:
+        """The bytes of one whole chunk of ``arr`` (a tuple of buffers) and the CRC32C its
+        ``crc32c`` codec appends (or None: a codec this path does not know, or no checksum).
+        Encoded by the array's own codec objects, so the bytes are those Zarr would write."""
+        crc_value = None
         data: Any = block
         for codec in arr.metadata.codecs:
             if isinstance(codec, zarr.codecs.TransposeCodec):
@@ -382,15 +419,35 @@ class RunStoreWriter:
             elif isinstance(codec, zarr.codecs.BloscCodec):
                 data = np.frombuffer(codec._blosc_codec.encode(data), dtype=np.uint8)
             elif isinstance(codec, zarr.codecs.Crc32cCodec):
-                crc = np.array([crc32c_of(data)], dtype="<u4").view(np.uint8)
+                crc_value = crc32c_of(data)
+                crc = np.array([crc_value], dtype="<u4").view(np.uint8)
                 data = (data, crc)
             else:
-                return False
+                return None
+        if crc_value is None:
+            return None
         parts = data if isinstance(data, tuple) else (data,)
-        key = arr.metadata.encode_chunk_key((start // c, *(0 for _ in arr.shape[1:])))
+        return parts, crc_value
+
+    def _write_chunk_file(self, arr: zarr.Array, coords: tuple[int, ...],
+                          parts: tuple[Any, ...]) -> None:
+        """Write one encoded chunk at ``coords``, replacing the old one atomically (a local
+        store: a temporary file renamed over it; any other: one Zarr store write)."""
+        key = arr.metadata.encode_chunk_key(coords)
+        root = self.target.path
+        if root is None:
+            from zarr.core.buffer import default_buffer_prototype
+            from zarr.core.sync import sync
+
+            sp = arr._async_array.store_path
+            full = (f"{sp.path}/" if sp.path else "") + key
+            buf = default_buffer_prototype().buffer.from_bytes(
+                b"".join(bytes(memoryview(p)) for p in parts))
+            sync(sp.store.set(full, buf))
+            return
         path = root / arr.path / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{id(block):x}.partial")
+        tmp = path.with_suffix(f".{os.getpid()}.{id(parts):x}.partial")
         try:
             with open(tmp, "wb") as f:
                 f.writelines(memoryview(part) for part in parts)
@@ -398,7 +455,110 @@ class RunStoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return True
+
+    # ----------------------------------------------------------------- format 3
+    def _write_bound(self, blocks: dict[tuple[str, str], np.ndarray], start: int,
+                     stop: int) -> None:
+        """Write rows ``start:stop`` (``blocks``: one per array) as whole chunk files, each
+        chunk's checksum recorded in the chunk manifest first (:mod:`trajlab.store.manifest`).
+
+        A chunk that already holds committed rows (a flush of less than a chunk before) is
+        read back, extended and rewritten; its manifest entry then accepts the old file and
+        the new one, so a kill between the manifest write and the chunk write, or between the
+        chunk write and the commit, leaves every committed row readable.
+        """
+        assert self.meta is not None and self._manifest is not None
+        man = self._manifest
+        c = self.meta.chunk_steps
+        i0, i1 = start // c, (stop - 1) // c
+        n_arrays, n_sample = man.shape[1], man.shape[2]
+        rows = {i: np.full((n_arrays, n_sample, 2), NONE, dtype=np.uint64)
+                for i in range(i0, i1 + 1)}
+        for i, row in rows.items():
+            row[-1, 0] = i  # the row's own position (a moved manifest file is named)
+        extend = start % c != 0  # chunk i0 holds committed rows i0*c .. start-1
+        old_row = np.asarray(man[i0]) if extend else None
+        jobs = []  # (arr, coords, chunk block, array index, step chunk, sample chunk, old crc)
+        for key, arr in self._arrays.items():
+            a = self._index[arr.path]
+            block = blocks[key]
+            dims = tuple(arr.metadata.dimension_names or ())
+            for i in range(i0, i1 + 1):
+                lo, hi = max(start, i * c), min(stop, (i + 1) * c)
+                if lo == i * c and hi == (i + 1) * c:
+                    chunk = block[lo - start:hi - start]
+                else:
+                    chunk = np.full((c, *arr.shape[1:]), arr.metadata.fill_value,
+                                    dtype=arr.dtype)
+                    if lo > i * c:
+                        chunk[:lo - i * c] = arr[i * c:lo]
+                    chunk[lo - i * c:hi - i * c] = block[lo - start:hi - start]
+                for coords, piece in self._pieces(arr, dims, i, chunk):
+                    j = coords[dims.index(SAMPLE)] if SAMPLE in dims else 0
+                    old = NONE
+                    if lo > i * c:
+                        old = self._old_checksum(arr, coords, old_row[a, j])
+                    jobs.append((arr, coords, piece, a, i, j, old))
+        pool = self._pool()
+        encoded = [pool.submit(self._encode_chunk, arr, piece)
+                   for arr, _, piece, *_ in jobs]
+        results = []
+        for (arr, coords, _, a, i, j, old), f in zip(jobs, encoded):
+            got = f.result()
+            if got is None:
+                raise StoreError(f"{self.store!r}: array {arr.path!r} has codecs the writer "
+                                 "cannot checksum itself; the store is damaged")
+            parts, crc = got
+            rows[i][a, j] = (old, crc)
+            results.append((arr, coords, parts))
+        for i, row in rows.items():  # the manifest first: it accepts the old and new files
+            man[i] = row
+        for f in [pool.submit(self._write_chunk_file, *r) for r in results]:
+            f.result()
+
+    @staticmethod
+    def _pieces(arr: zarr.Array, dims: tuple[str, ...], i: int, chunk: np.ndarray):
+        """(coords, whole chunk) of every chunk of step chunk ``i`` (``chunk``: its rows at
+        the array's full width); only the sample axis may span several chunks."""
+        if SAMPLE not in dims or arr.chunks[dims.index(SAMPLE)] >= arr.shape[dims.index(SAMPLE)]:
+            yield (i, *(0 for _ in arr.shape[1:])), chunk
+            return
+        ax = dims.index(SAMPLE)
+        cs = arr.chunks[ax]
+        for j in range(-(-arr.shape[ax] // cs)):
+            sel = [slice(None)] * chunk.ndim
+            sel[ax] = slice(j * cs, (j + 1) * cs)
+            piece = chunk[tuple(sel)]
+            if piece.shape[ax] < cs:  # the edge chunk: padded to the chunk's shape
+                pad = [(0, 0)] * chunk.ndim
+                pad[ax] = (0, cs - piece.shape[ax])
+                piece = np.pad(piece, pad, constant_values=arr.metadata.fill_value)
+            coords = tuple(j if k == ax else (i if k == 0 else 0) for k in range(chunk.ndim))
+            yield coords, np.ascontiguousarray(piece)
+
+    def _old_checksum(self, arr: zarr.Array, coords: tuple[int, ...], entry: np.ndarray
+                      ) -> int:
+        """The checksum of the chunk file now at ``coords`` (which holds committed rows), after
+        checking that the manifest accepts it there (NONE when there is no file: a chunk of
+        sample padding only)."""
+        from zarr.abc.store import SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        sp = arr._async_array.store_path
+        key = (f"{sp.path}/" if sp.path else "") + arr.metadata.encode_chunk_key(coords)
+        tail = sync(sp.store.get(key, default_buffer_prototype(),
+                                 byte_range=SuffixByteRequest(4)))
+        if tail is None:
+            return NONE
+        crc = trailer(tail.to_bytes())
+        if not accepts(entry, crc):
+            raise StoreCorruptError(
+                f"{self.store!r}: array {arr.path!r}, chunk {'/'.join(map(str, coords))} holds "
+                "committed rows but a file that was not written at this position (chunk files "
+                "swapped or copied in); the writer will not extend it: restore the store from a "
+                "copy or record into a new store")
+        return crc
 
     @property
     def derives_updates(self) -> bool:
@@ -406,8 +566,14 @@ class RunStoreWriter:
         return self.layout is not None and self.layout.variant != "v1"
 
     def _resize_steps(self, rows: int) -> None:
-        resize_many([(arr, (rows, *arr.shape[1:])) for arr in self._arrays.values()
-                     if arr.shape[0] != rows])
+        todo = [(arr, (rows, *arr.shape[1:])) for arr in self._arrays.values()
+                if arr.shape[0] != rows]
+        man = self._manifest
+        if man is not None and self.meta is not None:
+            n = -(-rows // self.meta.chunk_steps)
+            if man.shape[0] != n:
+                todo.append((man, (n, *man.shape[1:])))
+        resize_many(todo)
         self.capacity = rows
 
     def finalize(self) -> None:
