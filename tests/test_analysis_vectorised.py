@@ -276,6 +276,7 @@ def test_network_chunk_equals_a_per_step_loop_of_network_terms(mixed):
         expect["net_dt"][i] = L["dt"][0]
         expect["logK"][i] = np.log(L["K"]).sum()
         expect["K_net"][i] = np.exp(expect["logK"][i])
+        expect["K_net_batchnorm"][i] = 1.0  # no BatchNorm layer: the empty product
         expect["logK_drift_optimizer"][i] = (L["lr"] / L["lr"][0] * L["drift_optimizer"]
                                              / L["K"]).sum()
         b = int(batch[i])
