@@ -94,6 +94,7 @@ def test_chain_cnn_k_net_includes_batchnorm_factors(tmp_path):
     assert entry["why"].startswith("BatchNorm in train mode") and "no rule" not in entry["why"]
     assert [b["name"] for b in rec.summary["batchnorm"]] == ["1", "4"]
     assert rec.summary["not_a_bound"] == []
+    assert "K_net includes their eval-mode factor" in repr(rec.summary)
 
 
 def test_mlp_batchnorm1d_stored_values_are_the_state_at_the_step(tmp_path):
@@ -141,6 +142,7 @@ def test_not_a_chain_leaves_the_factor_out(tmp_path):
     np.testing.assert_allclose(ds.K_net.values, np.exp(ds.logK.values), rtol=1e-12)
     assert "K_net leaves out the eval-mode Lipschitz factor" in ds.attrs["k_net"]
     assert any("normalisation" in r for r in rec.summary["not_a_bound"])
+    assert "K_net leaves out their eval-mode factor (not a chain)" in repr(rec.summary)
 
 
 def test_batchnorm_without_running_stats_is_not_a_bound(tmp_path):

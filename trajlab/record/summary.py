@@ -79,6 +79,12 @@ class ModelSummary(dict):
                              "(summary['modules'] lists every module)")
         for why in self.get("not_a_bound") or []:
             lines.append(f"  K_net is not a Lipschitz bound: {why}")
+        bn = self.get("batchnorm") or []
+        if bn:
+            lines.append(f"  BatchNorm ({len(bn)} layers): gamma and running_var recorded; K_net "
+                         + ("leaves out their eval-mode factor (not a chain)"
+                            if self.get("not_a_bound") else "includes their eval-mode factor "
+                            "max|gamma|/sqrt(running_var+eps)"))
         return "\n".join(lines)
 
     __str__ = __repr__
