@@ -193,14 +193,14 @@ def test_a_store_encoded_with_standby_threads_is_bit_identical(tmp_path, monkeyp
                 while not self._closed:
                     self._cv.wait()
 
-    write = run_store_module.RunStoreWriter._write_whole_chunk
+    write = run_store_module.RunStoreWriter._encode_chunk  # the pool's task (format 3)
 
     def spy(self, *args):
         used.append(threading.current_thread().name)
         return write(self, *args)
 
     monkeypatch.setattr(run_store_module, "EncodePool", OnlyStandby)
-    monkeypatch.setattr(run_store_module.RunStoreWriter, "_write_whole_chunk", spy)
+    monkeypatch.setattr(run_store_module.RunStoreWriter, "_encode_chunk", spy)
     got = _record(tmp_path / "got.zarr")
     assert used and all("standby" in n for n in used), used
     for name in ref.layers:
