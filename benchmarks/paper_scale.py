@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to torch here")
     ro.DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    # a killed run removes its stores (TemporaryDirectory's cleanup runs on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(conditions())
     print(f"paper ConvNet (trajlab.models.cifar_convnet), CIFAR-shaped random data; B in "
           f"{batches}; {steps} recorded steps at every=1, {steps10} at every=10 "
@@ -335,12 +338,11 @@ def main(argv: list[str] | None = None) -> None:
             for every, n in ((1, steps), (10, steps10)):
                 recs.append(bench_recording(b, every, n, blocks, tmp))
                 print_recordings(recs[-1:])
+            layers = len(trajlab.open_run(recs[-2].store).layers)
             if not args.skip_analysis:
-                r1 = recs[-2]
-                layers = len(trajlab.open_run(r1.store).layers)
-                ans += bench_analysis(r1, 1 if args.quick else 2, tmp)
+                ans += bench_analysis(recs[-2], 1 if args.quick else 2, tmp)
                 print_analyses(ans[-2:])
-        layers = layers or len(trajlab.open_run(recs[0].store).layers)
+            print_projection(recs[-2:], ans[-2:], layers)  # what a cut-off run has so far
         print(f"\n{conditions()}")
         print_recordings(recs)
         if ans:

@@ -57,5 +57,6 @@ def test_quick_run_end_to_end(tmp_path):
     rows = [line.split() for line in out.splitlines()]
     assert any(r[:2] == ["4", "matrix"] for r in rows)
     assert any(r[:2] == ["4", "operator"] for r in rows)
-    assert sum(r[:2] == ["Fig.", "3"] for r in rows) == 2  # every=1 and every=10
+    # every=1 and every=10, printed once the batch size is done and again in the summary
+    assert sum(r[:2] == ["Fig.", "3"] for r in rows) == 4
     assert list(tmp_path.iterdir()) == []  # the stores were removed
