@@ -2,7 +2,7 @@
 and both of the paper's runs projected from what this run measures.
 
 Usage: ``python benchmarks/paper_scale.py [--quick] [--steps N] [--steps-every10 M]
-[--batch B[,B]] [--device cpu|cuda] [--skip-analysis] [--dir DIR]``.
+[--batch B[,B]] [--blocks K] [--device cpu|cuda] [--threads T] [--skip-analysis] [--dir DIR]``.
 
 The model is :func:`trajlab.models.cifar_convnet` (3 conv + 2 linear) on CIFAR-shaped random data
 (the workload of ``record_overhead.py --models cifar``, whose helpers this script imports), at
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 blocks, default 20 steps, one analysis each")
     ap.add_argument("--steps", type=int, default=None,
-                    help="recorded steps at every=1 (default 100; --quick 20)")
+                    help="timed recorded steps at every=1, rounded up to a multiple of "
+                    "--blocks; the store also holds the untimed first (default 100; --quick 20)")
     ap.add_argument("--steps-every10", type=int, default=None,
                     help="recorded steps at every=10 (default half of --steps)")
     ap.add_argument("--batch", default="128,256", help="batch sizes, comma-separated")
