@@ -14,7 +14,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_paper_scale():
+def load_paper_scale(monkeypatch):
+    # the benchmark sets OMP_WAIT_POLICY for itself at import: not for the rest of the suite
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     spec = importlib.util.spec_from_file_location("paper_scale", BENCH / "paper_scale.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["paper_scale"] = module  # dataclasses look their module up
@@ -26,8 +28,8 @@ def load_paper_scale():
     return module
 
 
-def test_projection_is_the_cost_estimate_of_the_measured_figures(tmp_path):
-    ps = load_paper_scale()
+def test_projection_is_the_cost_estimate_of_the_measured_figures(tmp_path, monkeypatch):
+    ps = load_paper_scale(monkeypatch)
     r = ps.Recording(batch=128, every=10, recorded=40, plain_s=0.1, step_s=0.13, ratios=[1.3],
                      first_s=0.5, close_s=0.2, logical=6e6, stored=4e6, on_disk=4.1e6, load=1.0,
                      store=tmp_path)
