@@ -137,6 +137,12 @@ def catalogue(tmp: Path) -> list[tuple[str, str, str, str]]:
     case(S, "layers=[]", lambda: rec(layers=[]))
     case(S, "layers=['fc9']", lambda: rec(layers=["fc9"]))
     case(S, "probe=a list", lambda: rec(probe=[X]))
+    case(S, "evry=2 (a misspelt option)", lambda: rec(evry=2))
+    case(S, "steps=0", lambda: rec(steps=0))
+    case(S, "compression='zip'", lambda: rec(compression="zip"))
+    case(S, "writer='gpu'", lambda: rec(writer="gpu"))
+    case(S, "metadata=[1, 2]", lambda: rec(metadata=[1, 2]))
+    case(S, "options={'every': 2} (a dict)", lambda: rec(options={"every": 2}))
     S = "Models"
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     case(S, "BatchNorm in train mode", lambda: trajlab.Recorder(

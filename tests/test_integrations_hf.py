@@ -430,3 +430,24 @@ def test_resume_leaves_out_what_the_first_run_left_out(tmp_path):
     name = "transformer.h.0.mlp.c_proj"
     np.testing.assert_array_equal(run.layer(name).weight.values[2],
                                   snaps[0][f"{name}.weight"].T.numpy())
+
+
+def test_trainer_callback_passes_max_steps(tmp_path):
+    """The callback gives the Recorder the Trainer's max_steps (the run's length, for the
+    early disk-space warning) unless steps= is given."""
+    from transformers import TrainerCallback
+
+    from trajlab.integrations.hf import RecorderCallback
+
+    got = []
+    for name, cb in (("a", RecorderCallback(tmp_path / "a.zarr")),
+                     ("b", RecorderCallback(tmp_path / "b.zarr", steps=1000))):
+
+        class Spy(TrainerCallback):
+            def on_step_end(self, args, state, control, cb=cb, name=name, **kw):
+                got.append((name, cb.recorder.options.steps))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _trainer(tmp_path, [cb, Spy()], steps=2).train()
+    assert got == [("a", 2), ("a", 2), ("b", 1000), ("b", 1000)]

@@ -24,7 +24,7 @@ from trajlab.errors import (
     TrajlabError,
 )
 from trajlab.data.indexed import WithIndices
-from trajlab.record import FullGradientProbe, Recorder
+from trajlab.record import FullGradientProbe, Recorder, RecorderOptions
 from trajlab.record.rules import register_rule
 from trajlab.store import Run, open_run
 from trajlab.store.reconstruct import PerSampleGradients, per_sample_gradients
@@ -34,6 +34,7 @@ __all__ = [
     "PerSampleGradients",
     "Recorder",
     "RecorderError",
+    "RecorderOptions",
     "Run",
     "SelfCheckError",
     "StoreCorruptError",

@@ -90,6 +90,8 @@ def _build() -> type:
                 if not opts["dataset_size"]:
                     opts.pop("dataset_size")
             opts.setdefault("sampler", "reshuffle")
+            if "steps" not in opts and int(getattr(state, "max_steps", 0) or 0) > 0:
+                opts["steps"] = int(state.max_steps)  # for the early disk-space warning
             meta = dict(opts.pop("metadata", None) or {})
             meta.setdefault("trainer", {
                 "gradient_accumulation_steps": int(args.gradient_accumulation_steps),

@@ -51,6 +51,19 @@ def _bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
+def _max_steps(trainer: Any) -> int | None:
+    """The optimizer steps a Trainer will take: ``max_steps``, else its estimate from the epochs
+    and the data (None where neither is known or finite)."""
+    steps = getattr(trainer, "max_steps", -1)
+    if isinstance(steps, int) and steps > 0:
+        return steps
+    try:
+        est = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - no length, no max_epochs: not known
+        return None
+    return int(est) if isinstance(est, (int, float)) and 0 < est < float("inf") else None
+
+
 def _build() -> type:
     from trajlab.record import Recorder
     from trajlab.record import ddp as _ddp
@@ -89,6 +102,10 @@ def _build() -> type:
                     opts["dataset_size"] = len(loader.dataset)
                 except (AttributeError, TypeError):
                     pass
+            if "steps" not in opts:  # for the early disk-space warning, where it is known
+                steps = _max_steps(trainer)
+                if steps is not None:
+                    opts["steps"] = steps
             meta = dict(opts.pop("metadata", None) or {})
             meta.setdefault("trainer", {
                 "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
@@ -114,7 +131,8 @@ def _build() -> type:
                 return
             kw: dict[str, Any] = {}
             batch, self._batch = self._batch, None
-            if (rec.loss_fn is not None and isinstance(batch, (tuple, list)) and len(batch) == 2
+            if (rec.options.loss_fn is not None and isinstance(batch, (tuple, list))
+                    and len(batch) == 2
                     and isinstance(batch[1], torch.Tensor)):
                 kw = {"inputs": batch[0], "targets": batch[1]}
             rec.log(loss=loss.detach() * self._accumulate, **kw)

@@ -8,23 +8,24 @@ forward pre-hook, and removes them when that step's ``optimizer.step()`` returns
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
-from trajlab.record import checks, store_policy
+from trajlab.record import checks, disk_space, store_policy
 from trajlab.record import ddp as _ddp
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.batchnorm import batchnorm_row
-from trajlab.record.probe import FullGradientProbe
+from trajlab.record.options import PS_DTYPES, RecorderOptions, int_option
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import Patches, supported_types
 from trajlab.record.staging import PendingRecord, stage
@@ -34,11 +35,12 @@ from trajlab.record.writer import BackgroundWriter
 from trajlab.sketches import SketchKind, sketch_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.lock import StoreLock
-from trajlab.store.metadata import SAMPLERS, LayerMeta
+from trajlab.store.metadata import LayerMeta
 from trajlab.store.run_store import RunStoreWriter
 from trajlab.store.target import StoreLike, show
 
-_PS_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass
@@ -66,6 +68,11 @@ class _Layer:
         return self.target.rule.grad_matrix(self.target.module, self.target.matrix)
 
 
+#: Option names readable as Recorder attributes (``rec.per_sample``), for code written before
+#: :class:`RecorderOptions`.
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RecorderOptions))
+
+
 class Recorder:
     """Record a training run into a Zarr run store.
 
@@ -88,70 +95,16 @@ class Recorder:
         Accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` are
         unwrapped to the torch optimizer they hold; ``step(closure)`` is recorded when the
         closure returns.
-    every : int
-        Record steps whose index is a multiple of ``every``.
-    layers : sequence of str, optional
-        Names to record (module names, or ``module:part`` for modules with several matrices);
-        default every layer a rule covers (see ``trajlab info`` for what is and is not).
-    mode : {"w-", "w", "a"}
-        ``"w-"`` (default) fails if a run store exists, ``"w"`` replaces a run store (never
-        anything else), ``"a"`` appends to an existing run (resume; the model must continue it).
-    rank : int
-        k of the top-k singular-subspace sketch for weight-shared layers (convolutions,
-        sequences).
-    per_sample : bool
-        Record per-sample gradient sketches (default). False records weights, batch gradients
-        and updates only: for models whose layers mix samples (BatchNorm in train mode) or to
-        save bytes; the analysis then has no noise terms.
-    batch_dim : int or dict, optional
-        Axis of the layers' inputs that indexes the samples, for sequence-first models (one int
-        for every layer, or per layer name). Default: 1 for layers inside PyTorch's Transformer
-        modules built with ``batch_first=False`` (their default), else 0.
-    per_sample_dtype : {None, "float16", "float32", "float64"}
-        Storage precision of the per-sample information (None: the weights' dtype). float16
-        halves those bytes; docs/format.md lists each analysis term's resulting error.
-    sampler : {"with_replacement", "reshuffle", "unknown"}
-        How batches are drawn; stored for the analysis (MATH.md §1, §4a).
-    dataset_size : int, optional
-        Number of training samples N (for finite-population corrections).
-    loss_fn : callable, optional
-        ``loss_fn(model(x), y)`` as used in training (mean over the batch). With
-        ``log(inputs=..., targets=...)`` the first recorded step recomputes one sample's
-        gradient independently (replaying dropout and autocast).
-    probe : FullGradientProbe, optional
-        Full-data gradient every ``probe.every`` steps.
-    start_step : int, optional
-        Index of the next optimizer step; default 0, or last recorded step + 1 when appending.
-    chunk_steps : int, optional
-        Rows per Zarr chunk along ``step`` (1..4096); default chosen for ~16 MB chunks.
-    queue_size : int
-        Steps that may wait for the writer before training blocks.
-    flush_seconds : float
-        Commit at least this often (a crash loses at most this much).
-    self_check : bool
-        Check the first recorded step thoroughly (see :class:`SelfCheckError`); every later
-        step is checked cheaply against ``.grad`` whatever this says.
-    store_grad : bool
-        Also store ``.grad`` for layers whose sketch implies it exactly (rank-one factors).
-    on_error : {"stop", "raise"}
-        When a later step cannot be recorded (the store cannot be written, the model's dtype
-        changed, ``.grad`` was edited in a way no scale explains): ``"stop"`` warns, stops
-        recording, keeps training and marks the store truncated; ``"raise"`` raises
-        :class:`RecorderError` in the training loop. Problems found on the first recorded step
-        always raise (nothing has been recorded yet).
-    metadata : dict, optional
-        JSON-serialisable user metadata stored in the root attributes (seeds, hyper-parameters;
-        scalars become coordinates of :func:`trajlab.open_analyses`).
-    storage_options : dict, optional
-        fsspec options for URL stores.
-    compression : {"fast", "small"}
-        Codecs of the stored arrays: ``"fast"`` (LZ4 with bit or byte shuffle per variable,
-        weights stored step-fastest) keeps up with training; ``"small"`` (zstd) stores 15-25%
-        fewer bytes for 2-3x the writer's CPU. Both are lossless and readable by plain Zarr.
-    writer : {"thread", "process"}
-        Where compression and writes run: a background thread (default) or a forked process fed
-        through shared memory (local stores only; measured no faster on 2 cores, see
-        benchmarks/README.md).
+    options : RecorderOptions, optional
+        Every option at once; keywords given beside it replace its fields.
+    **kwargs
+        Any field of :class:`trajlab.RecorderOptions`, grouped there as selection (``every``,
+        ``layers``, ``rank``, ``per_sample``, ``per_sample_dtype``, ``batch_dim``), run info
+        (``sampler``, ``dataset_size``, ``steps``, ``start_step``, ``metadata``), checks
+        (``self_check``, ``loss_fn``, ``probe``, ``on_error``), storage (``mode``,
+        ``chunk_steps``, ``compression``, ``store_grad``, ``storage_options``) and writer
+        (``writer``, ``queue_size``, ``flush_seconds``); docs/recorder.md has the table. An
+        unknown name is a ``TypeError`` naming the closest option.
 
     Examples
     --------
@@ -170,28 +123,8 @@ class Recorder:
         store: StoreLike,
         *,
         optimizer: torch.optim.Optimizer,
-        every: int = 1,
-        layers: Sequence[str] | None = None,
-        mode: Literal["w-", "w", "a"] = "w-",
-        rank: int = 2,
-        per_sample: bool = True,
-        per_sample_dtype: str | None = None,
-        batch_dim: int | dict[str, int] | None = None,
-        sampler: Literal["with_replacement", "reshuffle", "unknown"] = "unknown",
-        dataset_size: int | None = None,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-        probe: FullGradientProbe | None = None,
-        start_step: int | None = None,
-        chunk_steps: int | None = None,
-        queue_size: int = 8,
-        flush_seconds: float = 5.0,
-        self_check: bool = True,
-        store_grad: bool = False,
-        on_error: Literal["stop", "raise"] = "stop",
-        metadata: dict[str, Any] | None = None,
-        storage_options: dict | None = None,
-        compression: Literal["fast", "small"] = "fast",
-        writer: Literal["thread", "process"] = "thread",
+        options: RecorderOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,66 +133,17 @@ class Recorder:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        _int_option("every", every, 1)
-        _int_option("rank", rank, 1)
-        _int_option("queue_size", queue_size, 1)
-        if chunk_steps is not None:
-            _int_option("chunk_steps", chunk_steps, 1, 4096)
-        if start_step is not None:
-            _int_option("start_step", start_step, 0)
-        if dataset_size is not None:
-            _int_option("dataset_size", dataset_size, 1)
-        if not (isinstance(flush_seconds, numbers.Real) and flush_seconds >= 0
-                and math.isfinite(flush_seconds)):
-            raise ValueError(f"flush_seconds must be a number >= 0 (0: commit every row), got "
-                             f"{flush_seconds!r}")
-        if mode not in ("w-", "w", "a"):
-            raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got "
-                             f"{sampler!r}")
-        if on_error not in ("stop", "raise"):
-            raise ValueError(f"on_error must be 'stop' or 'raise', got {on_error!r}")
-        if per_sample_dtype is not None and per_sample_dtype not in _PS_DTYPES:
-            raise ValueError(f"per_sample_dtype must be None or one of {sorted(_PS_DTYPES)}, "
-                             f"got {per_sample_dtype!r}")
-        if compression not in ("fast", "small"):
-            raise ValueError(f"compression must be 'fast' or 'small', got {compression!r}")
-        if writer not in ("thread", "process"):
-            raise ValueError(f"writer must be 'thread' or 'process', got {writer!r}")
-        if probe is not None and not isinstance(probe, FullGradientProbe):
-            raise TypeError(f"probe must be a trajlab.FullGradientProbe, got "
-                            f"{type(probe).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(model(x), y) -> mean loss")
+        opts = self.options = RecorderOptions.build(options, **kwargs)
         model, self._dist = _ddp.detect(model)  # DistributedDataParallel: its module
         self._ddp_stopped = False  # every rank agreed to stop recording (see _before_step_ddp)
         self._compiled = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
         self.model = model._orig_mod if self._compiled else model
         self.optimizer = optimizer
         self.store = store
-        self.every = int(every)
-        self.mode = mode
-        self.per_sample = bool(per_sample)
-        self.per_sample_dtype = per_sample_dtype
-        self.sampler = sampler
-        self.dataset_size = dataset_size
-        self.loss_fn = loss_fn
-        self.probe = probe
-        self.chunk_steps = chunk_steps
-        self.queue_size = int(queue_size)
-        self.flush_seconds = float(flush_seconds)
-        self.self_check = self_check
-        self.store_grad = store_grad
-        self.on_error = on_error
-        self.metadata = dict(metadata or {})
-        self.storage_options = storage_options
-        self.compression = compression
-        self.writer_kind = writer
-        self._start_step = start_step
-        if batch_dim is not None and not isinstance(batch_dim, dict):
-            _int_option("batch_dim", batch_dim, 0)
-        targets, self._summary = plan(self.model, optimizer, layers, batch_dim=batch_dim)
+        self.every = opts.every  # read on every step (``recording``): a plain attribute
+        self.metadata = dict(opts.metadata or {})
+        layers = opts.layers
+        targets, self._summary = plan(self.model, optimizer, layers, batch_dim=opts.batch_dim)
         targets = _untie(self.model, targets, self._summary, explicit=layers is not None)
         self._layers = [_Layer(t) for t in targets]
         complex_ = [layer.name for layer in self._layers if layer.target.param.is_complex()]
@@ -269,7 +153,7 @@ class Recorder:
                 f"{' and more' if len(complex_) > 4 else ''} are complex): trajlab records "
                 "real weight matrices; pass layers=[...] naming the real ones, or record a "
                 "real-valued model")
-        self._mixing = [] if not self.per_sample else mixing_layers(self.model)
+        self._mixing = [] if not self.options.per_sample else mixing_layers(self.model)
         if self._mixing:  # refused before any other notice about the model
             raise RecorderError(mixing_message(self._mixing))
         self._explicit_layers = layers is not None
@@ -289,9 +173,10 @@ class Recorder:
                 + "; ".join(f"{names(ns)} ({t}: {why})" for (t, why), ns in groups.items())
                 + " (rec.summary and `trajlab info` list every module)", UserWarning,
                 stacklevel=2)
-        self._tracker = SubspaceTracker(rank)
+        self._tracker = SubspaceTracker(opts.rank)
         self._step_handles: list[Any] = []
         self._layer_handles: list[Any] = []
+        self._armed_always = False  # hooks stay installed (torch.compile)
         self._group_of: dict[int, int | None] = {}
         self._lock: StoreLock | None = None
         self._writer: BackgroundWriter | ProcessWriter | None = None
@@ -310,6 +195,7 @@ class Recorder:
         self._resume_check: dict[str, np.ndarray] | None = None
         self._run_meta = None  # the metadata this recording writes (set when the store is made)
         self._failure: BaseException | None = None
+        self._disk = disk_space.DiskSpaceCheck(store, steps=opts.steps, every=opts.every)
         self._device_types = sorted({layer.target.param.device.type for layer in self._layers})
 
     # ------------------------------------------------------------------ properties
@@ -324,6 +210,12 @@ class Recorder:
         (why), and why the product of the recorded norms may not bound the network."""
         return self._summary
 
+    def __getattr__(self, name: str) -> Any:
+        """The options read as attributes, as before they were grouped (``rec.loss_fn``)."""
+        if name in _OPTION_NAMES and "options" in self.__dict__:
+            return getattr(self.__dict__["options"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def step(self) -> int:
         """Index of the next optimizer step."""
@@ -336,7 +228,7 @@ class Recorder:
                 and self._step % self.every == 0)
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         if self._dist is not None:
             return self._enter_ddp()
         return self._enter()
@@ -388,14 +280,15 @@ class Recorder:
         self._lock = StoreLock(self.store, what="recorder")
         self._lock.acquire()
         try:
-            self._store_writer = RunStoreWriter(self.store, mode=self.mode,
-                                                storage_options=self.storage_options,
-                                                codec_profile=self.compression)
+            self._store_writer = RunStoreWriter(self.store, mode=self.options.mode,
+                                                storage_options=self.options.storage_options,
+                                                codec_profile=self.options.compression)
             self._store_writer.fence = self._lock.fence()  # no writes once the lock is lost
+            self._disk.rows_before = self._store_writer.committed
             self._prepare_resume()
             self._writer = make_writer(
-                self.writer_kind, self._store_writer, queue_size=self.queue_size,
-                flush_seconds=self.flush_seconds,
+                self.options.writer, self._store_writer, queue_size=self.options.queue_size,
+                flush_seconds=self.options.flush_seconds,
                 on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
                 on_tick=self._lock.refresh,
             )
@@ -419,13 +312,13 @@ class Recorder:
     def _prepare_resume(self) -> None:
         sw = self._store_writer
         last = sw.last_step
-        if self._start_step is not None:
-            if last is not None and self._start_step <= last:
+        if self.options.start_step is not None:
+            if last is not None and self.options.start_step <= last:
                 raise RecorderError(
-                    f"start_step={self._start_step} but the store already holds steps up to "
+                    f"start_step={self.options.start_step} but the store already holds steps up to "
                     f"{last}; resume with start_step > {last} or record into a new store"
                 )
-            self._step = self._start_step
+            self._step = self.options.start_step
         elif last is not None:
             self._step = last + 1
         if sw.is_created and sw.meta is not None:
@@ -488,6 +381,8 @@ class Recorder:
                 self._stop(err, where="close")
         if self._lock is not None:
             self._lock.release()
+        if not self._disk.done and self._n_recorded and self._stopped_reason is None:
+            self._check_disk(self._step - 1)  # a run shorter than the writer's first commit
         self._emit_nonfinite_warning()
         follower = self._dist is not None and not self._dist.writes  # DDP: rank 0 writes
         if (self._n_recorded == 0 and self._stopped_reason is None and not follower
@@ -526,7 +421,7 @@ class Recorder:
         self._armed_always = always
 
     def _disarm(self) -> None:
-        if not getattr(self, "_armed_always", False):
+        if not self._armed_always:
             self._remove(self._layer_handles)
 
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
@@ -551,11 +446,11 @@ class Recorder:
         else:
             micro = Micro(marked_only=marked)
             self._micro.append(micro)
-        if not self._checked and self.self_check and self.loss_fn is not None:
+        if not self._checked and self.options.self_check and self.options.loss_fn is not None:
             micro.rng = checks.rng_state()
         micro.autocast = checks.autocast_state(  # type: ignore[attr-defined]
             self._device_types)
-        if self.per_sample:
+        if self.options.per_sample:
             mixing = mixing_layers(self.model)
             if mixing and "mixing" not in self._warned:
                 self._warned.add("mixing")
@@ -566,7 +461,7 @@ class Recorder:
             if (not self.recording or self._suspended or not torch.is_grad_enabled()
                     or layer.dropped):
                 return
-            if not self.per_sample:
+            if not self.options.per_sample:
                 return
             out = layer.target.rule.grad_output(output)
             if out is None or not out.requires_grad or _transformed(out):
@@ -600,7 +495,7 @@ class Recorder:
         if layer.meta is None:
             desc = t.rule.describe(t.module, t.matrix, args, kwargs)
             shape = tuple(layer.weight().shape)
-            kind = sketch_kind(desc.sketch if self.per_sample else "none")
+            kind = sketch_kind(desc.sketch if self.options.per_sample else "none")
             rank = (self._tracker.rank_for(shape) if kind.name == "subspace"
                     else int(desc.rank) if kind.per_sample else 0)
             layer.kind = kind
@@ -609,7 +504,8 @@ class Recorder:
                 group=layer_group_name(layer.name), sketch=kind.name,
                 shape=(int(shape[0]), int(shape[1])), rank=rank, positions=desc.positions,
                 geometry=desc.geometry,
-                stored_grad=not kind.implies_grad or self.store_grad or not self.self_check,
+                stored_grad=(not kind.implies_grad or self.options.store_grad
+                             or not self.options.self_check),
                 param=t.matrix.label,
             )
 
@@ -624,7 +520,7 @@ class Recorder:
                 ps = t.rule.per_sample(t.module, t.matrix, args, kwargs, grad_out.detach())
             finally:
                 self._suspended = False
-            want = self.self_check and not self._checked
+            want = self.options.self_check and not self._checked
             if layer.meta.sketch == "subspace" and layer.basis is None:
                 # this step's basis, from the weight at the layer's first backward
                 layer.basis = self._tracker.basis(layer.name, layer.weight().detach())
@@ -673,7 +569,7 @@ class Recorder:
         _check_loss_type(loss)
         _check_indices_type(indices)
         if batch_size is not None:
-            _int_option("batch_size", batch_size, 1)
+            int_option("batch_size", batch_size, 1)
         if (inputs is None) != (targets is None):
             raise ValueError("log(): pass inputs and targets together (or neither)")
         if not self._active:
@@ -685,11 +581,12 @@ class Recorder:
             return  # no .item() or device-to-host copy on unrecorded steps
         loss_v = _check_loss(loss)
         idx = _check_indices(indices)
-        if idx is not None and self.dataset_size is not None and idx.numel() and (
-                int(idx.max()) >= self.dataset_size or int(idx.min()) < 0):
+        n = self.options.dataset_size
+        if idx is not None and n is not None and idx.numel() and (
+                int(idx.max()) >= n or int(idx.min()) < 0):
             raise ValueError(
                 f"log(indices=...) at step {self._step}: indices {int(idx.min())}.."
-                f"{int(idx.max())} but dataset_size={self.dataset_size} (indices are positions "
+                f"{int(idx.max())} but dataset_size={n} (indices are positions "
                 "in the dataset, 0..dataset_size-1); pass the dataset's size as dataset_size "
                 "(the analysis's finite-population factor depends on it)")
         if not self._micro:
@@ -743,7 +640,7 @@ class Recorder:
         verdict, error = None, None
         if d.writes:
             try:
-                if self.per_sample and self._n_recorded == 0 and self._run_meta is None:
+                if self.options.per_sample and self._n_recorded == 0 and self._run_meta is None:
                     self._drop_broadcast()  # on this rank's own batch sizes, before joining
                 stopped = _ddp.merge(self._layers, self._micro, gathered)
                 if stopped is not None and self._stopped_reason is None:
@@ -815,13 +712,13 @@ class Recorder:
             raise RecorderError(f"the model's weights are now {dtype} but the run stores "
                                 f"{meta.dtype}: changing the model's dtype mid-run is not "
                                 "supported; record the rest into a new store")
-        if self.per_sample and self._n_recorded == 0 and self._run_meta is None:
+        if self.options.per_sample and self._n_recorded == 0 and self._run_meta is None:
             self._drop_broadcast()
         first_micro = None
         self._batchnorm_before = batchnorm_row(self.model)  # as the weights: before the update
         for layer in self._layers:
             layer.weight_before = layer.weight().detach().clone()
-            if not self.per_sample:
+            if not self.options.per_sample:
                 if layer.meta is None:
                     self._describe_weights_only(layer)
                 continue
@@ -867,7 +764,7 @@ class Recorder:
             layer.captures = []
             layer.assembled = asm  # type: ignore[attr-defined]
         if not self._checked:
-            if self.self_check and self.per_sample:
+            if self.options.self_check and self.options.per_sample:
                 self._first_step_checks()
             self._checked = True
         self._probe_grads = self._probe_gradients()
@@ -950,7 +847,7 @@ class Recorder:
             grad = layer.grad()
             if mean is not None and grad is not None:
                 checks.check_mean(layer.name, mean, grad.detach(), asm.tol)
-        if self.loss_fn is None:
+        if self.options.loss_fn is None:
             return
         asm0 = next((getattr(layer, "assembled", None) for layer in self._layers), None)
         if asm0 is None:
@@ -978,7 +875,7 @@ class Recorder:
                     micro.rng, getattr(micro, "autocast", None)):
                 out = checks.call_model(self.model, micro.inputs)
                 B = checks.batch_of(micro.inputs)
-                loss = checks.sample_loss(self.loss_fn, out, micro.targets, B)
+                loss = checks.sample_loss(self.options.loss_fn, out, micro.targets, B)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             res = []
             for layer, g in zip(self._layers, grads):
@@ -1039,7 +936,7 @@ class Recorder:
     @torch.no_grad()
     def _emit_step(self) -> None:
         assert self._writer is not None
-        ps_dtype = _PS_DTYPES.get(self.per_sample_dtype or "")
+        ps_dtype = PS_DTYPES.get(self.options.per_sample_dtype or "")
         layers: dict[str, dict[str, Any]] = {}
         batch = None
         micro_batches: list[int] = []
@@ -1057,7 +954,7 @@ class Recorder:
                 grad = layer.grad()
                 out["grad"] = (torch.full_like(W, float("nan")) if grad is None
                                else grad.detach().clone())
-            if self.per_sample:
+            if self.options.per_sample:
                 if asm is None:  # the capture failed (warned): its row holds NaN, flagged
                     out["nonfinite"] = True
                 else:
@@ -1096,7 +993,7 @@ class Recorder:
         elif self._n_recorded == 0:
             store_policy.check_append(self._run_meta, [lay.meta for lay in self._layers],
                                       dtype=self._run_meta.dtype, every=self.every,
-                                      probe=self.probe is not None)
+                                      probe=self.options.probe is not None)
         indices = None
         if micros and all(m.indices is not None for m in micros):
             indices = torch.cat([m.indices for m in micros])
@@ -1117,13 +1014,15 @@ class Recorder:
         }
         self._writer.put(self._to_host(root, layers))
         self._n_recorded += 1
+        if not self._disk.done:
+            self._check_disk(self._step)
 
     def _create_store(self, batch_size: int) -> None:
         metas = [layer.meta for layer in self._layers]
         param_dtype = self._layers[0].target.param.dtype
         dtype = store_policy.numpy_dtype(param_dtype)
-        ps_dtype = self.per_sample_dtype or dtype
-        chunk = self.chunk_steps or store_policy.chunk_steps(
+        ps_dtype = self.options.per_sample_dtype or dtype
+        chunk = self.options.chunk_steps or store_policy.chunk_steps(
             metas, batch_size, np.dtype(dtype).itemsize)
         # -- issue 23: the optimizer's SDE parameters for the analysis (optimizer_state.py)
         from trajlab.record.optimizer_state import with_optimizer_spec
@@ -1133,8 +1032,8 @@ class Recorder:
         # -- end issue 23
         meta = store_policy.new_meta(
             metas=metas, dtype=dtype, ps_dtype=ps_dtype, every=self.every, chunk=chunk,
-            sampler=self.sampler, dataset_size=self.dataset_size, user=user,
-            probe=self.probe is not None, model=self._summary)
+            sampler=self.options.sampler, dataset_size=self.options.dataset_size, user=user,
+            probe=self.options.probe is not None, model=self._summary)
         self._run_meta = meta
         self._writer.create(meta, batch_size)
 
@@ -1144,11 +1043,11 @@ class Recorder:
                      widen_bfloat16=self._layers[0].target.param.dtype == torch.bfloat16)
 
     def _probe_gradients(self) -> dict[str, Tensor] | None:
-        if self.probe is None or self._step % self.probe.every != 0:
+        if self.options.probe is None or self._step % self.options.probe.every != 0:
             return None
         params = [layer.target.param for layer in self._layers]
         with self._isolated(), torch.enable_grad():
-            grads = self.probe.gradient(self.model, params)
+            grads = self.options.probe.gradient(self.model, params)
         out = {}
         for layer, g in zip(self._layers, grads):
             t = layer.target
@@ -1189,6 +1088,17 @@ class Recorder:
                 ". The recorder plans its layers when it is created; to record them, close it "
                 "and start a new Recorder into a new store (a store's layers are fixed)")
 
+    def _check_disk(self, step: int) -> None:
+        """Warn once when the rest of the run will not fit the target's free space."""
+        try:
+            short = self._disk.check(step=step, rows_put=self._n_recorded)
+        except OSError:  # the disk cannot be measured: recording goes on unchecked
+            self._disk.done = True
+            return
+        if short is not None:
+            self._warn_once("disk", disk_space.message(
+                short, where=show(self.store), steps=self.options.steps, every=self.every))
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -1210,8 +1120,8 @@ class Recorder:
             # no live writer thread: mark it here (else the writer marks it when it closes)
             with contextlib.suppress(Exception):
                 self._store_writer.set_truncated(reason)
-        kept = _committed_steps(self.store, self.storage_options)
-        if self.on_error == "raise":
+        kept = _committed_steps(self.store, self.options.storage_options)
+        if self.options.on_error == "raise":
             raise RecorderError(f"trajlab: recording stopped at step {self._step}: "
                                 f"{reason}. {kept}") from err
         warnings.warn(
@@ -1317,14 +1227,6 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer, seen = inner, seen + 1
     return optimizer
-
-
-def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{name} must be {rng}, got {value}")
 
 
 def _check_loss_type(loss: Any) -> None:
