@@ -259,3 +259,17 @@ def test_a_format_2_store_is_resumed_as_format_2(tmp_path, monkeypatch):
     run = trajlab.open_run(store)
     assert run.layout.variant == "v2" and run.n_steps == 6 and run.verify() == []
     assert not (store / "trajlab_chunks").exists()
+
+
+def test_an_analysis_array_without_its_checksum_codec_is_refused(pristine, tmp_path):
+    """The crc32c codec removed from an analysis array's zarr.json and a byte flipped read as
+    wrong numbers; now the array is refused on read and named by verify."""
+    out = tmp_path / "an.zarr"
+    trajlab.analyze(pristine / "r.zarr", out=out, scheduler="synchronous", progress=False)
+    _edit_json(out / "drift" / "zarr.json", _drop_crc)
+    chunk = next(p for p in (out / "drift" / "c").rglob("*") if p.is_file())
+    _flip(chunk)
+    with pytest.raises(trajlab.StoreCorruptError, match="'drift'.*crc32c"):
+        _ = trajlab.open_analysis(out).drift.values
+    report = trajlab.cli.info.info_report(out, verify=True)
+    assert any("drift" in p and "crc32c" in p for p in report.damaged), report.damaged

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+import zarr.codecs
 from zarr.core.sync import sync
 
 from trajlab.errors import StoreCorruptError, StoreError
@@ -73,6 +74,11 @@ class CheckedArray:
         self.arr = arr
         self.name = name
         self.where = where
+        if not any(isinstance(c, zarr.codecs.Crc32cCodec) for c in arr.metadata.codecs):
+            raise StoreCorruptError(
+                f"{where}: array {name!r} has no crc32c checksum in its codecs, which every "
+                "analysis array has: its zarr.json was edited or is damaged (damaged chunks "
+                f"would read as wrong numbers); {repair_hint(where)}")
         self.stored = StoredArray(arr, name, rows=arr.shape[0] if arr.ndim else 0,
                                   samples=None, strict=True, where=where)
         self.shape = tuple(arr.shape)
@@ -426,7 +432,10 @@ class AnalysisStore:
                 problems.append(ChunkProblem(n, None, f"array {n!r} is {why}: its metadata "
                                                       "(zarr.json) was deleted or damaged"))
             else:
-                arrays[n] = CheckedArray(zarr.Array(a), n, self.where)
+                try:
+                    arrays[n] = CheckedArray(zarr.Array(a), n, self.where)
+                except StoreCorruptError as e:  # its codecs lack the checksum
+                    problems.append(ChunkProblem(n, None, _short(str(e))))
         return arrays, problems
 
     # ------------------------------------------------------------------ reading
