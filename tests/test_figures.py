@@ -266,3 +266,28 @@ def test_weights_only_run_draws_no_prediction_and_says_why(runs):
         assert not any("predicted" in lab for lab in legend_labels(fig))
     finally:
         plt.close(fig)
+
+
+def test_band_draws_the_weight_matrices_k_net_in_a_batchnorm_chain():
+    """The SDE predicts the product over weight matrices: in a BatchNorm chain the measured line
+    on the band figure divides K_net by the BatchNorm factors (which have no SDE terms)."""
+    import matplotlib
+    import numpy as np
+    import xarray as xr
+
+    from trajlab.plot.figures import plot_band
+
+    matplotlib.use("Agg")
+    steps = np.arange(5)
+    k_mat = np.exp(np.linspace(0.0, 0.4, 5))
+    bn = np.full(5, 3.0)
+    ds = xr.Dataset({"K_net": ("step", k_mat * bn), "K_net_batchnorm": ("step", bn),
+                     "logK": ("step", np.log(k_mat))}, coords={"step": steps})
+    fig = plot_band(ds)
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("measured"))
+    np.testing.assert_allclose(line.get_ydata(), k_mat, rtol=1e-12)
+    assert "BatchNorm factors left out" in line.get_label()
+    ds["K_net_batchnorm"] = ("step", np.ones(5))
+    fig = plot_band(ds)
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("measured"))
+    np.testing.assert_allclose(line.get_ydata(), k_mat * 3.0, rtol=1e-12)

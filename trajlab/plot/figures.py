@@ -563,6 +563,19 @@ def plot_noise_split(ds: xr.Dataset, *, window: int = 25):
     return fig
 
 
+
+def _k_net_of_matrices(ds: xr.Dataset) -> tuple[np.ndarray, str]:
+    """The measured K_net the SDE predicts: the product over weight matrices. In a BatchNorm
+    chain K_net also holds the BatchNorm layers' eval-mode factors (``K_net_batchnorm``), which
+    have no SDE terms (docs/math.md §4b): they are divided out here, and the label says so."""
+    k = np.asarray(ds.K_net.values, dtype=np.float64)
+    if "K_net_batchnorm" in ds:
+        bn = np.asarray(ds.K_net_batchnorm.values, dtype=np.float64)
+        if np.any(np.isfinite(bn) & (bn != 1.0)):
+            return k / bn, ", weight matrices only: BatchNorm factors left out"
+    return k, ""
+
+
 @quiet
 def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str = "run"):
     """Predicted log-normal band of K_net (from ``ds``) with measured runs on top (paper Fig. 4/5).
@@ -595,9 +608,10 @@ def plot_band(ds: xr.Dataset, *, measured: Sequence[xr.Dataset] = (), label: str
         ax.plot(x, np.exp(ds.logK_pred_mean_sgd.values), **_SGD_STYLE,
                 label=prediction_label(ds.logK_pred_mean_sgd,
                                        "SDE (paper, SGD): predicted median", "predicted median"))
-    ax.plot(x, ds.K_net.values, color="k", lw=1.4, label=f"measured ({label})")
+    k_net, note = _k_net_of_matrices(ds)
+    ax.plot(x, k_net, color="k", lw=1.4, label=f"measured ({label}{note})")
     for i, other in enumerate(measured):
-        ax.plot(other.step.values, other.K_net.values, color="C1", lw=0.7, alpha=0.6,
+        ax.plot(other.step.values, _k_net_of_matrices(other)[0], color="C1", lw=0.7, alpha=0.6,
                 label="other runs" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("K_net = Π K_ℓ")
@@ -621,12 +635,13 @@ def _plot_band_runs(ds: xr.Dataset, label: str):
              else None)
     for i in range(n):
         d = ds.isel(run=i)
-        ok = np.isfinite(np.asarray(d.K_net.values, dtype=np.float64))
+        k_net = _k_net_of_matrices(d)[0]
+        ok = np.isfinite(k_net)
         x = d.step.values[ok]
         color = cmap(0.85 * i / max(1, n - 1))
         name = (f"{label.removeprefix('run_')}={coord.values[i]}" if coord is not None
                 else str(d.run.values).rstrip("/").split("/")[-1].removesuffix(".zarr"))
-        ax.plot(x, d.K_net.values[ok], color=color, lw=1.4, label=name)
+        ax.plot(x, k_net[ok], color=color, lw=1.4, label=name)
         if _drawn(d, "logK_pred_mean"):
             ax.plot(x, np.exp(d.logK_pred_mean.values[ok]), color=color, lw=1.0, ls="--")
         if _drawn(d, "K_net_pred_lower"):
