@@ -247,3 +247,15 @@ def test_options_read_as_recorder_attributes(tmp_path):
     assert rec.loss_fn is F.cross_entropy and rec.per_sample is False and rec.every == 3
     with pytest.raises(AttributeError, match="no attribute 'evry'"):
         rec.evry  # noqa: B018
+
+
+def test_layer_state_is_typed(tmp_path):
+    """Per-layer state is a slotted dataclass: every field declared, nothing set from outside."""
+    from trajlab.record.layer_state import LayerState
+
+    m = mlp64()
+    rec = trajlab.Recorder(m, tmp_path / "a.zarr", optimizer=_opt(m))
+    layer = rec._layers[0]
+    assert isinstance(layer, LayerState) and layer.assembled is None
+    with pytest.raises(AttributeError):
+        layer.undeclared = 1

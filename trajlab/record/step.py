@@ -59,6 +59,7 @@ class Micro:
     loss: float | None = None
     batch: int | None = None
     marked_only: bool = False  # started by an integration's batch mark, no forward seen yet
+    autocast: Any = None  # the autocast state at its forward (replayed by the self-check)
 
 
 @dataclass

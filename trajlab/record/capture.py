@@ -1,0 +1,97 @@
+"""Capture: what a recorded layer's hooks keep of one forward and backward.
+
+The recorder's hooks call these at a recorded step: :func:`describe` fixes a layer's metadata
+and sketch kind on its first input, :func:`record` turns the rule's per-sample form of one
+micro-batch into the sketch kind's tensors (a :class:`~trajlab.record.step.Capture`), and
+:func:`transformed` tells a forward of the user's own ``torch.func`` transform (not a training
+step) apart. Nothing here installs hooks or touches the store.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trajlab.errors import RecorderError
+from trajlab.record.basis import SubspaceTracker
+from trajlab.record.layer_state import LayerState
+from trajlab.record.rules import Patches, PerSample
+from trajlab.record.step import Capture
+from trajlab.sketches import sketch_kind
+from trajlab.store.layout import layer_group_name
+from trajlab.store.metadata import LayerMeta
+
+
+def describe(layer: LayerState, args: tuple, kwargs: dict, *, per_sample: bool,
+             tracker: SubspaceTracker, store_grad: bool, self_check: bool) -> None:
+    """Set ``layer.meta`` and ``layer.kind`` from the rule's description of its first input
+    (samples first)."""
+    t = layer.target
+    desc = t.rule.describe(t.module, t.matrix, args, kwargs)
+    shape = tuple(layer.weight().shape)
+    kind = sketch_kind(desc.sketch if per_sample else "none")
+    rank = (tracker.rank_for(shape) if kind.name == "subspace"
+            else int(desc.rank) if kind.per_sample else 0)
+    layer.kind = kind
+    layer.meta = LayerMeta(
+        name=layer.name, module=t.rule.module_type or type(t.module).__name__,
+        group=layer_group_name(layer.name), sketch=kind.name,
+        shape=(int(shape[0]), int(shape[1])), rank=rank, positions=desc.positions,
+        geometry=desc.geometry,
+        stored_grad=not kind.implies_grad or store_grad or not self_check,
+        param=t.matrix.label,
+    )
+
+
+def describe_weights_only(layer: LayerState) -> None:
+    """Set the metadata of a layer recorded without per-sample information."""
+    shape = tuple(layer.weight().shape)
+    t = layer.target
+    layer.kind = sketch_kind("none")
+    layer.meta = LayerMeta(name=layer.name, module=t.rule.module_type or
+                           type(t.module).__name__, group=layer_group_name(layer.name),
+                           sketch="none", shape=(int(shape[0]), int(shape[1])),
+                           stored_grad=True, param=t.matrix.label)
+
+
+def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: float,
+           forwards_seen: int, tracker: SubspaceTracker, want_per_sample: bool) -> None:
+    """Append one micro-batch's capture to ``layer.captures``.
+
+    Parameters
+    ----------
+    ps : the rule's per-sample form of the micro-batch (layer input and output gradient).
+    args : the layer's inputs (samples first), for the message of a changed input shape.
+    micro : index of the micro-batch in the step.  eps : the rounding unit of its dtypes.
+    forwards_seen : model forwards seen so far in the step (tells interleaved forwards).
+    tracker : the subspace tracker (the step's basis for ``subspace`` layers).
+    want_per_sample : also keep dense per-sample gradients (the first step's self-check).
+    """
+    if layer.meta.sketch == "subspace" and layer.basis is None:
+        # this step's basis, from the weight at the layer's first backward
+        layer.basis = tracker.basis(layer.name, layer.weight().detach())
+    basis = None if layer.basis is None else layer.basis[:2]
+    if (layer.meta.sketch == "rank1" and isinstance(ps, Patches)
+            and ps.act.shape[-1] != 1):
+        raise RecorderError(
+            f"layer {layer.name!r} was recorded with (batch, features) inputs but "
+            f"now sees {tuple(args[0].shape)}; its input shape must not change "
+            "between steps (record such a run into a new store)")
+    tensors, dense = ps.capture(layer.kind, basis=basis, rank=layer.meta.rank,
+                                want_per_sample=want_per_sample)
+    layer.captures.append(Capture(micro, ps.batch, tensors, dense, eps,
+                                  forwards_seen=forwards_seen))
+
+
+def transformed(t: Tensor) -> bool:
+    """Whether ``t`` lives inside a torch.func transform (vmap/grad of the user's own): such
+    forwards are not training steps and are left alone."""
+    if torch.compiler.is_compiling():
+        return False  # being traced by torch.compile: a training forward
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except (AttributeError, RuntimeError):  # pragma: no cover - other torch builds
+        return False
+
+
+__all__ = ["describe", "describe_weights_only", "record", "transformed"]
