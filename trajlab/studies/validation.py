@@ -155,10 +155,12 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         (f"(2) martingale variance / E[∫σ_Z²]: full {v['full']['ratio']:.2f} "
         f"(95% {v['full']['ratio_ci'][0]:.2f}–{v['full']['ratio_ci'][1]:.2f}, "
         f"{ok(v['full']['within_bar'])}), block-diagonal {v['blockdiag']['ratio']:.2f} "
-        f"({ok(v['blockdiag']['within_bar'])}); paper toy: 1.5. With the flow term from the "
+        f"({ok(v['blockdiag']['within_bar'])}); MATH.md §4a's toy MLP (trajlab's, not the "
+        f"paper's): 1.5. With the flow term from the "
         f"batch gradient instead of the probe the ratio is {mb['ratio']:.3g}: the batch "
         f"gradient already holds the noise, so the probe is required for this check"),
-        f"(3) Var[Z(t)] / E[∫σ_Z²] at the end: {hz['ratio_end']:.3f} (paper toy: 0.03 after 500 "
+        f"(3) Var[Z(t)] / E[∫σ_Z²] at the end: {hz['ratio_end']:.3f} (MATH.md §4a's toy MLP, "
+        f"not the paper's: 0.03 after 500 "
         f"steps); the point ratio first leaves [1/{BAR}, {BAR}] at step {hz['first_exit_step']} "
         + (f"(sampling noise), the two part beyond the 95% band at step {hz['parting_step']} "
            f"({hz['parting_direction']} the prediction)" if hz["parting_step"] is not None
