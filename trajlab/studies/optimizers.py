@@ -7,6 +7,11 @@ against the sd of the residual (measured - predicted) across runs, and the predi
 the spread of the measured log K_net itself. Targets (issue 23): coverage >= 3/4 of the runs,
 pred sd / residual sd in [0.5, 2], pred sd / spread >= 0.3.
 
+A case with ``clip`` trains as users clip: ``torch.nn.utils.clip_grad_norm_(params, clip)``
+after the backward, before ``optimizer.step()``. The recorder sees the clipped ``.grad`` and
+stores the clip factor as ``grad_scale`` (the per-sample information is rescaled to match); the
+study reports the fraction of steps clipped and the median factor beside the three figures.
+
 The predictions are trajlab's (docs/math.md §8): the paper covers SGD only (PAPER.md).
 """
 
@@ -27,7 +32,7 @@ from trajlab.recipes import TrainConfig, record_digits
 from trajlab.sde import Z95
 from trajlab.studies.registry import Study
 
-__all__ = ["CASES", "STUDY", "Case", "band_numbers", "optimizer_validation"]
+__all__ = ["CASES", "CLIP_CASES", "STUDY", "Case", "band_numbers", "optimizer_validation"]
 
 #: Issue 23's targets.
 COVERAGE_TARGET = 0.75
@@ -44,6 +49,12 @@ class Case:
     lr: float
     probe_every: int = 1
     weight_decay: float = 0.0
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip (the max-norm of clip_grad_norm_) must be positive or None, "
+                             f"got {self.clip!r}")
 
 
 #: The default cases: SGD with the probe at every step, every 10 steps (interpolated) and
@@ -55,6 +66,12 @@ CASES: tuple[Case, ...] = (
     Case("SGD momentum 0.9", "momentum", 0.01),
     Case("Adam", "adam", 0.002),
     Case("AdamW (lambda 0.01)", "adamw", 0.002, weight_decay=0.01),
+)
+
+#: Clipped cases (issue 23 item 4): max-norms that bind on most steps of the default setting.
+CLIP_CASES: tuple[Case, ...] = (
+    Case("SGD, clip 0.3", "sgd", 0.05, clip=0.3),
+    Case("AdamW (lambda 0.01), clip 0.3", "adamw", 0.002, weight_decay=0.01, clip=0.3),
 )
 
 
@@ -110,7 +127,7 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
                     list(RESIDUAL_RANGE), "pred_sd_over_spread_min": SPREAD_MIN},
         "cases": {}, "verdict": []}
     for case in cases:
-        Z, M, V = [], [], []
+        Z, M, V, S = [], [], [], []
         theory = why = None
         for r in range(runs):
             cfg = TrainConfig(model=model, hidden=hidden, steps=steps, batch_size=batch_size,
@@ -118,15 +135,21 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
                               probe_every=case.probe_every, weight_decay=case.weight_decay,
                               init_seed=init_seed, sampling_seed=r)
             store = out / "runs" / f"{_slug(case.name)}-{r:02d}.zarr"
-            record_digits(store, cfg, overwrite=True, progress=progress)
+            if case.clip is None:
+                record_digits(store, cfg, overwrite=True, progress=progress)
+            else:
+                record_digits_clipped(store, cfg, case.clip)
             ds = analyze(store, progress=progress, scheduler=scheduler)
             last = ds.isel(step=-1)
+            S.append(np.asarray(ds["grad_scale"].isel(layer=0), dtype=np.float64))
             Z.append(float(last.logK))
             M.append(float(last.logK_pred_mean))
             V.append(float(last.logK_pred_var))
             theory = ds.attrs.get("optimizer_theory")
             why = ds.attrs.get("prediction_unavailable")
         nums = band_numbers(np.array(Z), np.array(M), np.array(V))
+        if case.clip is not None:
+            nums.update(clip_statistics(np.concatenate(S)))
         if nums["coverage"] is None and why:
             nums["note"] = why
         result["cases"][case.name] = {**asdict(case), "theory": theory, **nums}
@@ -139,11 +162,66 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
     return result
 
 
+def clip_statistics(grad_scale: np.ndarray) -> dict[str, float]:
+    """How often clipping bound and how hard, from the recorded clip factors ``grad_scale``
+    (``.grad`` = factor x the unclipped batch gradient; 1 where the norm was under max-norm).
+
+    Returns ``clipped_fraction`` (steps with a factor < 1) and ``median_clip_factor``.
+    """
+    f = np.asarray(grad_scale, dtype=np.float64).ravel()
+    f = f[np.isfinite(f)]
+    if f.size == 0:
+        raise ValueError("no finite clip factor (grad_scale) recorded: the runs hold no step")
+    return {"clipped_fraction": float((f < 1).mean()), "median_clip_factor": float(np.median(f))}
+
+
+def record_digits_clipped(out: str | Path, cfg: TrainConfig, clip: float) -> Path:
+    """:func:`trajlab.recipes.record_digits` with ``clip_grad_norm_(params, clip)`` between
+    the backward and ``optimizer.step()`` (the global norm over all parameters)."""
+    import torch
+    import torch.nn.functional as F
+
+    from trajlab.data import load_digits, make_batches
+    from trajlab.recipes import digits_model, make_optimizer
+    from trajlab.record import FullGradientProbe, Recorder
+
+    if cfg.label_noise or cfg.device != "cpu":
+        raise ValueError("record_digits_clipped supports the study's settings only (no label "
+                         "noise, cpu); use record_digits without clip for others")
+    dtype = getattr(torch, cfg.dtype)
+    X, Y = load_digits(flatten=cfg.model == "mlp", split="train")
+    X = X.to(dtype=dtype)
+    model = digits_model(cfg).to(dtype=dtype)
+    opt = make_optimizer(cfg, model.parameters())
+    batches = make_batches(cfg.sampler, len(X), cfg.batch_size, seed=cfg.sampling_seed)
+    probe = None
+    if cfg.probe_every > 0:
+        chunks = [(X[i: i + 512], Y[i: i + 512]) for i in range(0, len(X), 512)]
+        probe = FullGradientProbe(chunks, F.cross_entropy, every=cfg.probe_every)
+    meta = {"config": {**asdict(cfg), "clip_grad_norm": clip}, "dataset": "sklearn-digits",
+            "n_train": len(X)}
+    with Recorder(model, out, optimizer=opt, every=cfg.every, rank=cfg.rank, mode="w",
+                  sampler=cfg.sampler, dataset_size=len(X), loss_fn=F.cross_entropy,
+                  probe=probe, metadata=meta) as rec:
+        for _ in range(cfg.steps):
+            idx = next(batches)
+            x, y = X[idx], Y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            rec.log(loss=loss, indices=idx, inputs=x, targets=y)
+            opt.step()
+    return Path(out)
+
+
 def _line(name: str, n: dict[str, Any]) -> str:
     if n["coverage"] is None:
         return f"{name}: no prediction ({n['note']})"
     verdict = "meets" if n["passes"] else "misses"
-    return (f"{name}: coverage {n['coverage']}/{n['runs']}, pred sd / residual sd "
+    clip = (f" (clipped at {n['clipped_fraction']:.0%} of steps, median factor "
+            f"{n['median_clip_factor']:.2f})" if "clipped_fraction" in n else "")
+    return (f"{name}{clip}: coverage {n['coverage']}/{n['runs']}, pred sd / residual sd "
             f"{n['pred_sd_over_residual_sd']:.2f}, pred sd / spread of measured "
             f"{n['pred_sd_over_spread']:.2f}: {verdict} the targets")
 
@@ -158,11 +236,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per run (default: 40)")
     p.add_argument("--model", choices=("mlp", "convnet"), default="mlp")
     p.add_argument("--quick", action="store_true", help="4 runs of 8 steps (smoke test)")
+    p.add_argument("--clipped", action="store_true",
+                   help="the clipped cases (SGD, AdamW with clip_grad_norm_) instead")
 
 
 def _run(a: argparse.Namespace) -> dict[str, Any]:
     runs, steps = (4, 8) if a.quick else (a.runs, a.steps)
-    return optimizer_validation(a.out, runs=runs, steps=steps, model=a.model)
+    return optimizer_validation(a.out, runs=runs, steps=steps, model=a.model,
+                                cases=CLIP_CASES if a.clipped else CASES)
 
 
 STUDY = Study(
@@ -174,5 +255,6 @@ STUDY = Study(
     usage="  --out studies/optimizers\n  --out studies/optimizers --quick\n"
           "R runs from one initialisation (sampling seeds 0..R-1) for SGD (probe every step, "
           "every 10 steps, none),\nmomentum 0.9, Adam and AdamW on the digits MLP; writes "
-          "optimizer_validation.json.",
+          "optimizer_validation.json.\n"
+          "  --out studies/optimizers-clipped --clipped: SGD and AdamW with gradient clipping.",
 )
