@@ -11,6 +11,7 @@ import torch
 from trajlab.sde.optimizer import (
     OptimizerSpec,
     adam_preconditioner,
+    expected_clip_factor,
     forward_prediction,
     preconditioned_noise_terms,
     transfer_weights,
@@ -222,3 +223,28 @@ def test_spec_from_torch_optimizers():
     assert OptimizerSpec.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="no SDE"):
         OptimizerSpec.from_optimizer(torch.optim.RMSprop(p, lr=0.1))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.8, 5.0])
+def test_expected_clip_factor_against_monte_carlo(max_norm):
+    """kappa against 200,000 batches (float64, with replacement) of clip_grad_norm_'s factor,
+    and kappa grad L against the mean clipped batch gradient projected on grad L."""
+    rng = np.random.default_rng(3)
+    N, d, B = 200, 400, 16
+    G = rng.normal(size=(N, d)) * 0.3 + 0.05 * rng.normal(size=d)
+    g = G.mean(0)
+    cov_trace = ((G - g) ** 2).sum(1).mean() / B        # population covariance / B
+    kappa = float(expected_clip_factor(g @ g, cov_trace, max_norm))
+    f, proj = [], []
+    for _ in range(20):
+        gB = G[rng.integers(0, N, size=(10_000, B))].mean(1)
+        fac = np.minimum(1.0, max_norm / (np.linalg.norm(gB, axis=1) + 1e-6))
+        f.append(fac)
+        proj.append(fac * (gB @ g) / (g @ g))
+    f, proj = np.concatenate(f), np.concatenate(proj)
+    assert kappa == pytest.approx(f.mean(), rel=0.01)
+    assert kappa == pytest.approx(proj.mean(), rel=0.02)
+    if max_norm < 1:
+        assert kappa < 0.9
+    with pytest.raises(ValueError, match="max_norm"):
+        expected_clip_factor(1.0, 0.0, 0.0)

@@ -61,6 +61,7 @@ __all__ = [
     "THEORY_SGD",
     "OptimizerSpec",
     "adam_preconditioner",
+    "expected_clip_factor",
     "forward_prediction",
     "preconditioned_noise_terms",
     "transfer_weights",
@@ -307,6 +308,32 @@ def forward_prediction(flow: np.ndarray, noise: np.ndarray, diffusion2: np.ndarr
         if bad.any():
             x[int(np.flatnonzero(bad)[0]):] = np.nan
     return mean, var
+
+
+# ---------------------------------------------------------------------------- clipping
+def expected_clip_factor(grad_sq_norm: np.ndarray | float, noise_trace: np.ndarray | float,
+                         max_norm: float) -> np.ndarray:
+    """The expected clip factor ``kappa ~ E[min(1, c / ||g_B||)]`` of ``clip_grad_norm_``
+    (coefficient ``c / (||g_B|| + 1e-6)``) at a step, without the step's realised batch.
+
+    Plug-in: ``kappa = min(1, c / (sqrt(E||g_B||^2) + 1e-6))`` with ``E||g_B||^2 =
+    ||grad L||^2 + tr Cov(g_B)`` (docs/math.md 8b). Exact where ``||g_B||`` concentrates; its
+    error is second order in the relative spread of ``||g_B||`` (Jensen), and the correlation
+    of the factor with the batch's noise is not modelled.
+
+    Parameters
+    ----------
+    grad_sq_norm : ``||grad L||^2`` over every clipped parameter (the full-data probe).
+    noise_trace : ``tr Cov(g_B)`` over the same parameters (``tr Sigma / B`` for independent
+        draws), from the per-sample information.
+    max_norm : ``c``, the max-norm passed to ``clip_grad_norm_``.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+    m = np.asarray(grad_sq_norm, dtype=np.float64) + np.asarray(noise_trace, dtype=np.float64)
+    if np.any(m < 0):
+        raise ValueError("grad_sq_norm + noise_trace must be >= 0 (a squared norm)")
+    return np.minimum(1.0, max_norm / (np.sqrt(m) + 1e-6))
 
 
 # ---------------------------------------------------------------------------- Adam terms
