@@ -11,6 +11,7 @@ from trajlab.studies.optimizers import (
     CLIP_CASES,
     Case,
     band_numbers,
+    clip_aware_sgd,
     clip_statistics,
     optimizer_validation,
 )
@@ -76,6 +77,12 @@ def test_small_clipped_study_records_the_clip_factor(tmp_path):
     # clip_grad_norm_'s coefficient is max_norm / (norm + 1e-6)
     expected = clip / (norm + 1e-6)
     assert float(ds["grad_scale"].isel(step=0, layer=0)) == pytest.approx(expected, rel=1e-9)
+    m = n["clip_modelled"]
+    assert m["coverage"] is not None and 0 < m["pred_sd"]
+    # the clip-aware prediction with kappa = the realised factor has the analysis's variance
+    # (the realised factor squared is already in its noise terms)
+    c = np.asarray(ds["grad_scale"].isel(layer=0))
+    assert clip_aware_sgd(ds, c)[1] == pytest.approx(float(ds["logK_pred_var"][-1]), rel=1e-9)
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
                     list(RESIDUAL_RANGE), "pred_sd_over_spread_min": SPREAD_MIN},
         "cases": {}, "verdict": []}
     for case in cases:
-        Z, M, V, S = [], [], [], []
+        Z, M, V, S, MC, VC, KA = [], [], [], [], [], [], []
         theory = why = None
         for r in range(runs):
             cfg = TrainConfig(model=model, hidden=hidden, steps=steps, batch_size=batch_size,
@@ -135,11 +135,17 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
                               probe_every=case.probe_every, weight_decay=case.weight_decay,
                               init_seed=init_seed, sampling_seed=r)
             store = out / "runs" / f"{_slug(case.name)}-{r:02d}.zarr"
+            kappa = None
             if case.clip is None:
                 record_digits(store, cfg, overwrite=True, progress=progress)
             else:
-                record_digits_clipped(store, cfg, case.clip)
+                kappa = record_digits_clipped(store, cfg, case.clip)[1]
+                KA.append(kappa)
             ds = analyze(store, progress=progress, scheduler=scheduler)
+            if kappa is not None and case.optimizer == "sgd":
+                mc, vc = clip_aware_sgd(ds, kappa)
+                MC.append(mc)
+                VC.append(vc)
             last = ds.isel(step=-1)
             S.append(np.asarray(ds["grad_scale"].isel(layer=0), dtype=np.float64))
             Z.append(float(last.logK))
@@ -150,13 +156,20 @@ def optimizer_validation(out: str | Path, *, runs: int = 16, steps: int = 40,
         nums = band_numbers(np.array(Z), np.array(M), np.array(V))
         if case.clip is not None:
             nums.update(clip_statistics(np.concatenate(S)))
+            nums["median_expected_clip_factor"] = float(np.nanmedian(np.concatenate(KA)))
+        if MC:  # SGD with clipping modelled by the expected factor (docs/math.md 8b)
+            nums["clip_modelled"] = band_numbers(np.array(Z), np.array(MC), np.array(VC))
         if nums["coverage"] is None and why:
             nums["note"] = why
         result["cases"][case.name] = {**asdict(case), "theory": theory, **nums}
-        line = _line(case.name, nums)
-        result["verdict"].append(line)
-        if echo:
-            print(line, flush=True)
+        lines = [_line(case.name, nums)]
+        if MC:
+            lines.append(_line(case.name + ", expected clip factor modelled",
+                               nums["clip_modelled"]))
+        for line in lines:
+            result["verdict"].append(line)
+            if echo:
+                print(line, flush=True)
     result["runtime_s"] = time.perf_counter() - t0
     (out / "optimizer_validation.json").write_text(json.dumps(result, indent=2))
     return result
@@ -175,9 +188,14 @@ def clip_statistics(grad_scale: np.ndarray) -> dict[str, float]:
     return {"clipped_fraction": float((f < 1).mean()), "median_clip_factor": float(np.median(f))}
 
 
-def record_digits_clipped(out: str | Path, cfg: TrainConfig, clip: float) -> Path:
+def record_digits_clipped(out: str | Path, cfg: TrainConfig, clip: float
+                          ) -> tuple[Path, np.ndarray]:
     """:func:`trajlab.recipes.record_digits` with ``clip_grad_norm_(params, clip)`` between
-    the backward and ``optimizer.step()`` (the global norm over all parameters)."""
+    the backward and ``optimizer.step()`` (the global norm over all parameters).
+
+    Returns the store and the expected clip factor of every step (:func:`_expected_clip`,
+    computed before the step's backward from the probe-equivalent full gradient and the
+    batch's per-sample covariance)."""
     import torch
     import torch.nn.functional as F
 
@@ -189,6 +207,7 @@ def record_digits_clipped(out: str | Path, cfg: TrainConfig, clip: float) -> Pat
         raise ValueError("record_digits_clipped supports the study's settings only (no label "
                          "noise, cpu); use record_digits without clip for others")
     dtype = getattr(torch, cfg.dtype)
+    kappa = np.full(cfg.steps, np.nan)
     X, Y = load_digits(flatten=cfg.model == "mlp", split="train")
     X = X.to(dtype=dtype)
     model = digits_model(cfg).to(dtype=dtype)
@@ -203,16 +222,58 @@ def record_digits_clipped(out: str | Path, cfg: TrainConfig, clip: float) -> Pat
     with Recorder(model, out, optimizer=opt, every=cfg.every, rank=cfg.rank, mode="w",
                   sampler=cfg.sampler, dataset_size=len(X), loss_fn=F.cross_entropy,
                   probe=probe, metadata=meta) as rec:
-        for _ in range(cfg.steps):
+        for t in range(cfg.steps):
             idx = next(batches)
             x, y = X[idx], Y[idx]
+            kappa[t] = _expected_clip(model, X, Y, x, y, clip)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             rec.log(loss=loss, indices=idx, inputs=x, targets=y)
             opt.step()
-    return Path(out)
+    return Path(out), kappa
+
+
+def _expected_clip(model: Any, X: Any, Y: Any, x: Any, y: Any, clip: float) -> float:
+    """kappa of :func:`~trajlab.sde.optimizer.expected_clip_factor` over all parameters:
+    ``||grad L||^2`` from the full data, ``tr Cov(g_B) = tr Sigma_hat / B`` from the batch's
+    per-sample gradients (independent draws); never the batch's own gradient norm."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    from trajlab.sde.optimizer import expected_clip_factor
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    full = torch.autograd.grad(F.cross_entropy(model(X), Y), list(model.parameters()))
+    g2 = float(sum((g.double() ** 2).sum() for g in full))
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    B = x.shape[0]
+    tr = sum(float(((v - v.mean(0)) ** 2).sum()) for v in per.values()) / (B - 1) / B
+    return float(expected_clip_factor(g2, tr, clip))
+
+
+def clip_aware_sgd(ds: Any, kappa: np.ndarray) -> tuple[float, float]:
+    """The last row's log K_net mean and variance of SGD's forward prediction with clipping
+    modelled by the expected factor ``kappa`` (T,) per row (docs/math.md 8b): the expected
+    update ``kappa_t grad L``, the noise ``kappa_t (g_B - grad L)``. The analysis's noise
+    terms carry the realised factor ``grad_scale`` squared (the stored per-sample information
+    is rescaled to ``.grad``); it is divided out here and ``kappa_t^2`` put in its place."""
+    c = np.asarray(ds["grad_scale"].isel(layer=0), dtype=np.float64)
+    k = np.asarray(kappa, dtype=np.float64)[: c.size]
+    dt = np.asarray(ds["net_dt"], dtype=np.float64)
+    flow = np.asarray(ds["logK_flow_expected"], dtype=np.float64)
+    noise = np.asarray(ds["logK_noise_update"], dtype=np.float64)
+    diff2 = np.asarray(ds["logK_diffusion2_update"], dtype=np.float64)
+    r = (k / c) ** 2
+    z0 = float(ds["logK"].isel(step=0))
+    mean = z0 + float(np.sum(((k * flow + r * noise) * dt)[:-1]))
+    return mean, float(np.sum((r * diff2 * dt)[:-1]))
 
 
 def _line(name: str, n: dict[str, Any]) -> str:
