@@ -87,12 +87,15 @@ def test_small_clipped_study_records_the_clip_factor(tmp_path):
 
 @pytest.mark.slow
 def test_clipped_cases_run(tmp_path):
-    """The full clipped setting (issue 23 item 4): clipping binds on most steps; the figures
-    are reported (docs/validation.md), not asserted against the targets (not modelled)."""
+    """The full clipped setting (issue 23 item 4): clipping binds on most steps; SGD with the
+    expected clip factor modelled meets the targets (docs/validation.md); the unmodelled
+    figures are reported, not asserted."""
     res = optimizer_validation(tmp_path, runs=16, steps=40, cases=CLIP_CASES, echo=False)
     for c in CLIP_CASES:
         n = res["cases"][c.name]
         assert n["clipped_fraction"] > 0.5 and n["coverage"] is not None, n
+        if c.optimizer == "sgd":
+            assert n["clip_modelled"]["passes"], n["clip_modelled"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ pred sd / residual sd in [0.5, 2], pred sd / spread >= 0.3.
 A case with ``clip`` trains as users clip: ``torch.nn.utils.clip_grad_norm_(params, clip)``
 after the backward, before ``optimizer.step()``. The recorder sees the clipped ``.grad`` and
 stores the clip factor as ``grad_scale`` (the per-sample information is rescaled to match); the
-study reports the fraction of steps clipped and the median factor beside the three figures.
+study reports the fraction of steps clipped and the median factor beside the three figures,
+and for SGD the figures of the prediction with the expected clip factor modelled
+(:func:`clip_aware_sgd`, docs/math.md §8b; ``analyze`` does not model clipping yet).
 
 The predictions are trajlab's (docs/math.md §8): the paper covers SGD only (PAPER.md).
 """
