@@ -25,12 +25,18 @@ from trajlab.spectral import hessian_diag, hessian_quadform_proj, spectral_gap
 Svd = tuple[Tensor, Tensor, Tensor]
 
 __all__ = [
+    "TWO_LEVEL_RADIUS",
     "layer_terms",
     "noise_free_terms",
     "noise_scale",
     "pathwise_increment",
+    "second_order_outside",
     "sketch_layer_terms",
 ]
+
+#: ``|d^2 s_1[dW]| / 2`` over the absolute gap ``s_1 - s_2`` at the two-level model's radius of
+#: convergence (:func:`second_order_outside`).
+TWO_LEVEL_RADIUS = 0.25
 
 def noise_scale(batch_size: int, population: int | None = None) -> tuple[float, float]:
     """``(fpc, fpc / (B (B - 1)))``: the factors of the one-batch covariance estimate (MATH §1).
@@ -104,6 +110,51 @@ def pathwise_increment(W: Tensor, update: Tensor, *, svd: Svd | None = None) -> 
     """
     d1, d2 = _directional(W, _svd(W, svd), update.to(W.dtype))
     return d1 + 0.5 * d2
+
+
+def second_order_outside(
+    pathwise_increment: Tensor,
+    pathwise_first_order: Tensor,
+    K: Tensor,
+    spectral_gap: Tensor,
+    *,
+    radius: float = TWO_LEVEL_RADIUS,
+) -> Tensor:
+    """Steps whose second-order step of ``s_1`` lies outside the perturbation series' validity.
+
+    The second-order increment ``d2 = d^2 s_1[dW] / 2`` (``pathwise_increment -
+    pathwise_first_order``) grows like ``c^2 / (s_1 - s_2)`` for a coupling ``c`` of the update
+    between the top two singular pairs. In the two-level model (``W = diag(s_1, s_2)``,
+    ``dW = [[0, c], [c, 0]]``, exact change ``sqrt(delta^2 / 4 + c^2) - delta / 2`` with
+    ``delta = s_1 - s_2``) ``d2 = c^2 / delta`` and the series in ``c`` converges only for
+    ``|c| < delta / 2``, i.e. ``|d2| < delta / 4``. Beyond it the step crosses (or comes close
+    to) a crossing of ``s_1`` and ``s_2`` and the Taylor terms are not an approximation of the
+    step's change at all: e.g. a large SGD step at a small but non-degenerate gap (the
+    ``degenerate`` flag only marks ``spectral_gap < gap_tol``). The kernels are exact there
+    (they equal finite differences of ``s_1``); it is the expansion that does not apply.
+
+    Parameters
+    ----------
+    pathwise_increment, pathwise_first_order, K, spectral_gap : Tensor (...)
+        The layer terms of the same names (:func:`layer_terms`; analysis variables).
+    radius : float
+        Threshold on ``|d2| / (s_1 - s_2)`` (default: the two-level radius, 1/4).
+
+    Returns
+    -------
+    Tensor of bool (...)
+        True where ``|d2| > radius (s_1 - s_2)``; False where any input is NaN.
+
+    Examples
+    --------
+    >>> W = torch.diag(torch.tensor([1.0, 0.9], dtype=torch.float64))
+    >>> dW = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    >>> [bool(second_order_outside(pathwise_increment(W, c * dW), torch.zeros(()),
+    ...                            torch.ones(()), torch.tensor(0.1))) for c in (0.04, 0.06)]
+    [False, True]
+    """
+    second = (pathwise_increment - pathwise_first_order).abs()
+    return second > radius * spectral_gap * K
 
 
 def layer_terms(
