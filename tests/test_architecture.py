@@ -72,3 +72,29 @@ def test_imports_only_go_down():
     bad = sorted(f"{file}: {src} (floor {FLOOR[src]}) imports {dst} (floor {FLOOR[dst]})"
                  for src, dst, file in _edges() if FLOOR[dst] >= FLOOR[src])
     assert not bad, "upward or sideways imports:\n" + "\n".join(bad)
+
+
+def test_no_sketch_name_literal_outside_sketches():
+    """Callers ask a sketch kind its capabilities (``kind.needs_basis``, ...) or use the class's
+    ``name``; only ``trajlab/sketches/`` spells a kind's name (docstrings aside)."""
+    from trajlab.sketches import sketch_kinds
+
+    names = set(sketch_kinds())
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent)
+        if rel.parts[1] == "sketches":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                text = " ".join(ast.unparse(o) for o in operands)
+                if ("sketch" in text or "kind" in text) and any(
+                        isinstance(o, ast.Constant) and o.value in names for o in operands):
+                    bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call):
+                fn = ast.unparse(node.func)
+                if fn.split(".")[-1] in ("sketch_kind", "Description") and any(
+                        isinstance(a, ast.Constant) and a.value in names for a in node.args):
+                    bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "sketch-name literals outside trajlab/sketches/:\n" + "\n".join(bad)

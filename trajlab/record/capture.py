@@ -17,7 +17,7 @@ from trajlab.record.basis import SubspaceTracker
 from trajlab.record.layer_state import LayerState
 from trajlab.record.rules import Patches, PerSample
 from trajlab.record.step import Capture
-from trajlab.sketches import sketch_kind
+from trajlab.sketches import sketch_kind, weights_only_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.metadata import LayerMeta
 
@@ -29,8 +29,8 @@ def describe(layer: LayerState, args: tuple, kwargs: dict, *, per_sample: bool,
     t = layer.target
     desc = t.rule.describe(t.module, t.matrix, args, kwargs)
     shape = tuple(layer.weight().shape)
-    kind = sketch_kind(desc.sketch if per_sample else "none")
-    rank = (tracker.rank_for(shape) if kind.name == "subspace"
+    kind = sketch_kind(desc.sketch) if per_sample else weights_only_kind()
+    rank = (tracker.rank_for(shape) if kind.needs_basis
             else int(desc.rank) if kind.per_sample else 0)
     layer.kind = kind
     layer.meta = LayerMeta(
@@ -47,10 +47,10 @@ def describe_weights_only(layer: LayerState) -> None:
     """Set the metadata of a layer recorded without per-sample information."""
     shape = tuple(layer.weight().shape)
     t = layer.target
-    layer.kind = sketch_kind("none")
+    layer.kind = weights_only_kind()
     layer.meta = LayerMeta(name=layer.name, module=t.rule.module_type or
                            type(t.module).__name__, group=layer_group_name(layer.name),
-                           sketch="none", shape=(int(shape[0]), int(shape[1])),
+                           sketch=layer.kind.name, shape=(int(shape[0]), int(shape[1])),
                            stored_grad=True, param=t.matrix.label)
 
 
@@ -67,11 +67,11 @@ def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: fl
     tracker : the subspace tracker (the step's basis for ``subspace`` layers).
     want_per_sample : also keep dense per-sample gradients (the first step's self-check).
     """
-    if layer.meta.sketch == "subspace" and layer.basis is None:
+    if layer.kind.needs_basis and layer.basis is None:
         # this step's basis, from the weight at the layer's first backward
         layer.basis = tracker.basis(layer.name, layer.weight().detach())
     basis = None if layer.basis is None else layer.basis[:2]
-    if (layer.meta.sketch == "rank1" and isinstance(ps, Patches)
+    if (layer.kind.single_position and isinstance(ps, Patches)
             and ps.act.shape[-1] != 1):
         raise RecorderError(
             f"layer {layer.name!r} was recorded with (batch, features) inputs but "

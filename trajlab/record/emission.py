@@ -108,7 +108,7 @@ def layer_rows(layers: list[LayerState], *, lr_of: Callable[[Tensor], float],
                         elif per.dtype in ("ps", "param") and v.dtype == torch.bfloat16:
                             v = v.float()
                         out[k] = v
-            if layer.meta.sketch == "subspace" and layer.basis is not None:
+            if layer.kind.needs_basis and layer.basis is not None:
                 U, V, residual = layer.basis
                 out["basis_u"], out["basis_v"] = U, V
                 out["basis_residual"] = float(residual)

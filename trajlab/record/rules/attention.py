@@ -29,6 +29,7 @@ from trajlab.record.rules.base import (
     Patches,
     require_batched,
 )
+from trajlab.sketches import Subspace
 
 #: Private keyword (added by :meth:`MultiheadAttentionRule.install`, never the user's) carrying
 #: the RNG state and autocast settings the forward started with.
@@ -120,7 +121,7 @@ class MultiheadAttentionRule(LayerRule):
             require_batched(module, name, p[name], 3)
         seq = 1 if module.batch_first else 0
         which = {"q": "query", "out": "query", "k": "key", "v": "value"}[matrix.part]
-        return Description("subspace", int(p[which].shape[seq]))
+        return Description(Subspace.name, int(p[which].shape[seq]))
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Patches:
         rep = self._replay(module, args, kwargs, grad_out)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from trajlab.errors import RecorderError
+from trajlab.sketches import Subspace
 from trajlab.store.metadata import Geometry
 
 if TYPE_CHECKING:
@@ -307,7 +308,7 @@ def subspace_sketch(act: Tensor, delta: Tensor, U: Tensor, V: Tensor, *,
     :class:`trajlab.sketches.Subspace`)."""
     from trajlab.sketches import sketch_kind
 
-    tensors, ps = sketch_kind("subspace").capture(act, delta, basis=(U, V),
+    tensors, ps = sketch_kind(Subspace.name).capture(act, delta, basis=(U, V),
                                                   want_per_sample=want_per_sample)
     tensors.pop("_mean", None)
     return tensors, ps

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trajlab.record.rules.base import Description, LayerRule, Patches, require_batched
+from trajlab.sketches import Subspace
 from trajlab.store.metadata import ConvGeometry
 
 
@@ -46,7 +47,7 @@ class Conv1dRule(LayerRule):
             # (before, after): asymmetric
             padding=(before,) if before == after else (before, after),
             dilation=(d,), padding_mode=module.padding_mode, input_size=(length,))
-        return Description("subspace", int(positions), geometry)
+        return Description(Subspace.name, int(positions), geometry)
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Patches:
         x = args[0].detach()

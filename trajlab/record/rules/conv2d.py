@@ -27,6 +27,7 @@ from trajlab.record.rules.base import (
     PerSample,
     require_batched,
 )
+from trajlab.sketches import Subspace
 from trajlab.store.metadata import ConvGeometry
 
 
@@ -89,7 +90,7 @@ class Conv2dRule(LayerRule):
         geo = ConvGeometry(kernel_shape=tuple(module.weight.shape), stride=tuple(module.stride),
                            padding=_padding(module), dilation=tuple(module.dilation),
                            padding_mode=module.padding_mode, input_size=(int(H), int(W)))
-        return Description("subspace", int(positions), geo)
+        return Description(Subspace.name, int(positions), geo)
 
     def per_sample(self, module, matrix, args, kwargs, grad_out) -> PerSample:
         inp = args[0]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trajlab.record.rules.base import Dense, Description, LayerRule, require_batched
+from trajlab.sketches import Subspace
 from trajlab.store.metadata import ConvGeometry
 
 
@@ -48,7 +49,7 @@ class ConvTranspose2dRule(LayerRule):
             padding=tuple(int(p) for p in module.padding), dilation=tuple(module.dilation),
             padding_mode=module.padding_mode, input_size=(H, W), transposed=True,
             output_padding=tuple(int(p) for p in op))
-        return Description("subspace", H * W, geometry)
+        return Description(Subspace.name, H * W, geometry)
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Dense:
         x = args[0].detach()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from trajlab.record.rules.base import Description, LayerRule, Rows
+from trajlab.sketches import RowsSketch
 
 
 class EmbeddingRule(LayerRule):
@@ -38,7 +39,7 @@ class EmbeddingRule(LayerRule):
     def describe(self, module, matrix, args, kwargs) -> Description:
         idx = args[0]
         positions = int(math.prod(idx.shape[1:]))
-        return Description("rows", positions, None, rank=max(1, min(positions,
+        return Description(RowsSketch.name, positions, None, rank=max(1, min(positions,
                                                                     module.num_embeddings)))
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Rows:

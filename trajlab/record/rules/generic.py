@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from trajlab.record.rules.base import Dense, Description, LayerRule, Matrix
+from trajlab.sketches import Subspace
 
 
 def matrix_parameters(module: nn.Module) -> list[str]:
@@ -57,7 +58,7 @@ class GenericRule(LayerRule):
                 "docs/recorder.md, 'Adding a layer rule')", RuntimeWarning, stacklevel=2)
         x = next((a for a in args if isinstance(a, Tensor)), None)
         positions = math.prod(x.shape[1:-1]) if x is not None and x.dim() >= 3 else 1
-        return Description("subspace", int(positions))
+        return Description(Subspace.name, int(positions))
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Dense:
         w = self.parameter(module, matrix).detach()

@@ -8,6 +8,7 @@ import math
 from torch import nn
 
 from trajlab.record.rules.base import Description, LayerRule, Patches
+from trajlab.sketches import Rank1, Subspace
 
 
 class LinearRule(LayerRule):
@@ -16,8 +17,8 @@ class LinearRule(LayerRule):
     def describe(self, module: nn.Module, matrix, args, kwargs) -> Description:
         inp = args[0]
         if inp.dim() == 2:
-            return Description("rank1", 1, None)
-        return Description("subspace", int(math.prod(inp.shape[1:-1])), None)
+            return Description(Rank1.name, 1, None)
+        return Description(Subspace.name, int(math.prod(inp.shape[1:-1])), None)
 
     def per_sample(self, module, matrix, args, kwargs, grad_out) -> Patches:
         inp = args[0]

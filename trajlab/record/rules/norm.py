@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trajlab.record.rules.base import Description, Diagonal, LayerRule, require_batched
+from trajlab.sketches import DiagonalSketch
 
 
 class DiagonalScaleRule(LayerRule):
@@ -48,7 +49,7 @@ class DiagonalScaleRule(LayerRule):
         k = self.scale_dims(module, x)
         require_batched(module, "input", x, (k or 1) + 1)
         positions = math.prod(x.shape[1:x.dim() - k] if k else x.shape[2:])
-        return Description("diagonal", int(positions))
+        return Description(DiagonalSketch.name, int(positions))
 
     def per_sample(self, module, matrix, args, kwargs, grad_out: Tensor) -> Diagonal:
         x = args[0].detach()
