@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trajlab.record.disk_space import size_text
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 
@@ -45,14 +47,6 @@ def parse_bytes(text: str | float) -> int:
         raise ValueError(f"cannot read {text!r} as a size: give a positive number with a unit, "
                          "e.g. 50GB, 1.5TB, 800MiB")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _duration(seconds: float) -> str:
@@ -129,7 +123,7 @@ class CostEstimate:
 
     def __str__(self) -> str:
         lines = [(
-            f"per recorded step: {_human(self.bytes_per_recorded_step)} on disk, "
+            f"per recorded step: {size_text(self.bytes_per_recorded_step)} on disk, "
             f"{self.recorded_step_seconds * 1e3:.1f} ms against {self.plain_step_seconds * 1e3:.1f}"
             f" ms for a plain step ({self.overhead:.2f}x); the recorder's fixed cost "
             f"{self.fixed_seconds * 1e3:.0f} ms (measured on {self.measured_steps} recorded "
@@ -137,16 +131,16 @@ class CostEstimate:
         if self.steps is not None:
             lines.append(
                 f"the run: {self.steps} steps, every={self.every} -> {self.recorded_steps} "
-                f"recorded, {_human(self.total_bytes or 0)} on disk, about "
+                f"recorded, {size_text(self.total_bytes or 0)} on disk, about "
                 f"{_duration(self.total_seconds or 0)} of training with the recorder "
                 f"({_duration(self.steps * self.plain_step_seconds)} without)")
         if self.free_bytes is not None:
             fits = self.total_bytes is None or self.total_bytes <= self.free_bytes
-            lines.append(f"free space at the target: {_human(self.free_bytes)}"
+            lines.append(f"free space at the target: {size_text(self.free_bytes)}"
                          + ("" if fits else " -- NOT ENOUGH for this run"))
         e = self.every_for_budget
         if e is not None:
-            which = (f"the budget of {_human(self.budget_bytes)}"
+            which = (f"the budget of {size_text(self.budget_bytes)}"
                      if self.budget_bytes is not None else "the free space")
             lines.append(f"every={e} is the smallest that fits {which}"
                          + ("" if e <= self.every else f" (every={self.every} does not)"))
