@@ -291,6 +291,20 @@ SETTINGS = [
 ]
 
 
+try:  # transformers' Conv1D (GPT-2), lazily registered; in the conformance class when installed
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # pragma: no cover - the [hf] extra is part of [test]
+    _HFConv1D = None
+if _HFConv1D is not None:
+    SETTINGS.append(Setting(
+        "Conv1D-transformers", _seeded(lambda: nn.Sequential(_HFConv1D(9, 6), nn.Tanh(),
+                                                             _HFConv1D(3, 9))),
+        lambda g: torch.randn(B, 6, generator=g, dtype=F64), {"0": "rank1", "2": "rank1"}))
+    SETTINGS.append(Setting(
+        "Conv1D-transformers-sequence", _seeded(lambda: Head(_HFConv1D(7, 5), 7)), _seq(5),
+        {"body": "subspace"}))
+
+
 def _id(s) -> str:
     return s.id if isinstance(s, Setting) else s.values[0].id
 
