@@ -14,7 +14,14 @@ import torch
 from trajlab.cli import main as cli_main
 from trajlab.data.cifar import write_cifar_dataset
 from trajlab.data.digits import load_digits
-from trajlab.studies.convnet_theory import FULL, QUICK, convnet_theory, study_data, upscaled_digits
+from trajlab.studies.convnet_theory import (
+    FULL,
+    QUICK,
+    convnet_theory,
+    study_data,
+    theory_limits,
+    upscaled_digits,
+)
 from trajlab.studies.registry import STUDIES
 
 
@@ -73,6 +80,30 @@ def test_several_orders_report_the_band_figures(tmp_path):
     assert b["runs"] == 3 and 0 <= b["coverage"] <= 3
     assert "sampling orders" in res["verdict"][-2]
     assert len(res["figures"]) == 3
+
+
+def test_theory_limits_against_hand_counts():
+    """Two layers, three steps: the flag, its share of the pathwise error and the end error
+    with the discretization integral, computed by hand."""
+    import xarray as xr
+
+    K = np.array([[1.0, 2.0], [1.01, 2.0], [1.2, 2.0]])
+    gap = np.array([[0.1, 0.5], [0.01, 0.5], [0.1, 0.5]])          # relative
+    first = np.array([[0.01, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    inc = np.array([[0.011, 0.001], [0.3, 0.0], [np.nan, np.nan]])  # step 1: 0.3 > 0.01 / 4
+    ds = xr.Dataset({
+        "K": (("step", "layer"), K), "spectral_gap": (("step", "layer"), gap),
+        "pathwise_first_order": (("step", "layer"), first),
+        "pathwise_increment": (("step", "layer"), inc),
+        "logK": ("step", [0.0, 0.1, 0.5]), "logK_pred_mean": ("step", [0.0, 0.05, 0.2]),
+        "logK_discretization_integral": ("step", [0.0, 0.1, 0.2]),
+    }, coords={"layer": [9, 11]})
+    lim = theory_limits(ds)
+    assert lim["second_order_outside"] == {"9": 1, "11": 0}
+    err9 = [abs(0.011 - 0.01), abs(0.3 - 0.19)]
+    assert lim["outside_share_of_pathwise_error"]["9"] == pytest.approx(err9[1] / sum(err9))
+    assert lim["outside_share_of_pathwise_error"]["11"] == 0.0
+    assert lim["pred_rel_err_end_with_discretization"] == pytest.approx(np.exp(-0.1) - 1)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import torch
 
 from trajlab.models import cifar_convnet
 from trajlab.recipes import TrainConfig, record_training
+from trajlab.sde.layer import second_order_outside
 from trajlab.studies.common import finish
 from trajlab.studies.numbers import theory_numbers
 from trajlab.studies.optimizers import band_numbers
@@ -45,7 +46,7 @@ from trajlab.studies.theory import (
 )
 
 __all__ = ["FULL", "QUICK", "STUDY", "ConvNetSetting", "convnet_theory", "study_data",
-           "upscaled_digits"]
+           "theory_limits", "upscaled_digits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,41 @@ def study_data(n: int, *, cifar: str | Path | None, dataset: str = "cifar10",
         f"{dataset.upper().replace('CIFAR', 'CIFAR-')}, first {n} training images"
 
 
+def theory_limits(ds: Any) -> dict[str, Any]:
+    """Where the step is beyond the SDE's second-order, small-lr terms (docs/validation.md).
+
+    Returns
+    -------
+    dict
+        ``pred_rel_err_end_with_discretization``: K_net's forward-prediction error at the end
+        when the integral of ``logK_discretization`` (the deterministic ``O(eta^2)`` part of a
+        step that the paper's SDE leaves out) is added to its mean; ``second_order_outside``:
+        per layer, the number of steps whose second-order change of ``s_1`` is beyond the
+        two-level radius (:func:`~trajlab.sde.layer.second_order_outside`);
+        ``outside_share_of_pathwise_error``: per layer, the share of the summed absolute
+        one-step error of the pathwise reconstruction (against the measured change of K)
+        carried by those steps (NaN without error).
+    """
+    K = np.asarray(ds.K.values, dtype=np.float64)
+    inc = np.asarray(ds.pathwise_increment.values, dtype=np.float64)
+    outside = second_order_outside(
+        torch.from_numpy(inc), torch.from_numpy(np.asarray(ds.pathwise_first_order.values,
+                                                            dtype=np.float64)),
+        torch.from_numpy(K), torch.from_numpy(np.asarray(ds.spectral_gap.values,
+                                                         dtype=np.float64))).numpy()
+    err = np.abs(inc[:-1] - np.diff(K, axis=0))
+    err = np.where(np.isfinite(err), err, 0.0)
+    total = err.sum(0)
+    share = np.where(total > 0, (err * outside[:-1]).sum(0) / np.where(total > 0, total, 1.0),
+                     np.nan)
+    end = float(ds.logK_pred_mean.values[-1] + ds.logK_discretization_integral.values[-1]
+                - ds.logK.values[-1])
+    layers = [str(v) for v in ds.layer.values]
+    return {"pred_rel_err_end_with_discretization": float(np.expm1(end)),
+            "second_order_outside": dict(zip(layers, outside[:-1].sum(0).tolist())),
+            "outside_share_of_pathwise_error": dict(zip(layers, share.tolist()))}
+
+
 def convnet_theory(out: str | Path, *, setting: ConvNetSetting = FULL,
                    cifar: str | Path | None = None,
                    dataset: Literal["cifar10", "cifar100"] = "cifar10", init_seed: int = 0,
@@ -152,12 +188,17 @@ def convnet_theory(out: str | Path, *, setting: ConvNetSetting = FULL,
     for lab, ds in zip(sweep.labels, sweep.datasets):
         ds = ds.load()
         num = theory_numbers(ds)
+        num["limits"] = lim = theory_limits(ds)
         per_run[lab] = num
         theory = ds.attrs.get("optimizer_theory", theory)
         figs.append(fig2_figure(
             ds, f"Lipschitz constant of the five-layer ConvNet: SDE for SGD (paper) vs "
                 f"measurement ({lab})\n{data}; {s.steps} steps", out / f"convnet_theory_{lab}.png"))
         verdict.append(fig2_verdict(lab, num))
+        verdict.append(f"{lab}: with the discretization term the paper's SDE leaves out, K_net's "
+                       f"end error is {lim['pred_rel_err_end_with_discretization']:+.1%}; steps "
+                       f"beyond the second-order radius per layer: "
+                       f"{lim['second_order_outside']}")
         ok &= fig2_supported(num)
         last = ds.isel(step=-1)
         ends.append((float(last.logK), float(last.logK_pred_mean), float(last.logK_pred_var)))
