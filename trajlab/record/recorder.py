@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from trajlab.record import (
     checks,
     disk_space,
     emission,
+    log_checks,
     optimizer_hooks,
     resume,
     store_policy,
@@ -33,6 +33,7 @@ from trajlab.record import ddp as _ddp
 from trajlab.record.basis import SubspaceTracker
 from trajlab.record.batchnorm import batchnorm_row
 from trajlab.record.layer_state import LayerState, plan_layers
+from trajlab.record.log_checks import _check_indices_type, _check_loss_type
 from trajlab.record.options import PS_DTYPES, RecorderOptions, int_option
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import supported_types
@@ -439,16 +440,9 @@ class Recorder:
                 "call rec.__enter__() first and rec.close() at the end)")
         if not self.recording:
             return  # no .item() or device-to-host copy on unrecorded steps
-        loss_v = _check_loss(loss)
-        idx = _check_indices(indices)
-        n = self.options.dataset_size
-        if idx is not None and n is not None and idx.numel() and (
-                int(idx.max()) >= n or int(idx.min()) < 0):
-            raise ValueError(
-                f"log(indices=...) at step {self._step}: indices {int(idx.min())}.."
-                f"{int(idx.max())} but dataset_size={n} (indices are positions "
-                "in the dataset, 0..dataset_size-1); pass the dataset's size as dataset_size "
-                "(the analysis's finite-population factor depends on it)")
+        loss_v = log_checks.loss_value(loss)
+        idx = log_checks.indices_value(indices, dataset_size=self.options.dataset_size,
+                                       step=self._step)
         if not self._micro:
             self._micro.append(Micro())
         m = self._micro[-1]
@@ -770,60 +764,6 @@ def _committed_steps(store: Any, storage_options: dict | None) -> str:
         return f"Steps {first} to {last} ({run.n_steps} recorded) are committed and kept"
     except Exception:  # noqa: BLE001 - the store may be unreadable (e.g. its disk is gone)
         return "Steps committed before are kept"
-
-
-# ----------------------------------------------------------------------------- validation
-def _check_loss_type(loss: Any) -> None:
-    """The checks of :func:`_check_loss` that need no value (no device synchronisation)."""
-    if loss is None or isinstance(loss, numbers.Real):
-        return
-    if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"log(loss=...) needs the batch's mean loss as a scalar; got a "
-                             f"tensor of shape {tuple(loss.shape)} (pass loss.mean() or "
-                             "loss.item())")
-        return
-    raise TypeError(f"log(loss=...) needs a number or a one-element tensor, got "
-                    f"{type(loss).__name__}")
-
-
-def _check_indices_type(indices: Any) -> None:
-    """The checks of :func:`_check_indices` that need no copy, for tensors."""
-    if isinstance(indices, Tensor) and (indices.dim() != 1 or indices.is_floating_point()
-                                        or indices.is_complex()
-                                        or indices.dtype == torch.bool):
-        raise ValueError(f"log(indices=...) needs a 1-D sequence of integer dataset indices, "
-                         f"got a {indices.dtype} tensor of shape {tuple(indices.shape)}")
-
-
-def _check_loss(loss: Any) -> float | None:
-    if loss is None:
-        return None
-    if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"log(loss=...) needs the batch's mean loss as a scalar; got a "
-                             f"tensor of shape {tuple(loss.shape)} (pass loss.mean() or "
-                             "loss.item())")
-        return float(loss.detach().double().item())  # a float64 loss stays exact
-    if isinstance(loss, numbers.Real):
-        return float(loss)
-    raise TypeError(f"log(loss=...) needs a number or a one-element tensor, got "
-                    f"{type(loss).__name__}")
-
-
-def _check_indices(indices: Any) -> Tensor | None:
-    if indices is None:
-        return None
-    try:
-        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor)
-                              else indices).detach()
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"log(indices=...) needs a 1-D sequence of integer dataset indices: "
-                        f"{e}") from None
-    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-        raise ValueError(f"log(indices=...) needs a 1-D sequence of integer dataset indices, "
-                         f"got a {idx.dtype} tensor of shape {tuple(idx.shape)}")
-    return idx.to("cpu", torch.int64)
 
 
 __all__ = ["Recorder", "RecorderError", "SelfCheckError", "supported_types"]
