@@ -22,12 +22,17 @@ samples by ``1 / (R B_r)``; the joined per-sample information is scaled by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from trajlab.errors import RecorderError, SelfCheckError
+from trajlab.record import optimizer_hooks
 from trajlab.record.step import Capture, Micro
+
+if TYPE_CHECKING:
+    from trajlab.record.recorder import Recorder
 
 
 @dataclass(frozen=True)
@@ -159,3 +164,77 @@ def merge(layers: list[Any], micros: list[Micro], gathered: list[dict[str, Any]]
             sizes = [r[2] for r in rows]
             m.batch = sum(sizes) if all(s is not None for s in sizes) else None
     return None
+
+
+# ----------------------------------------------------------------------------- the Recorder
+def enter(rec: Recorder) -> Recorder:
+    """DDP: rank 0 opens the store (lock, resume) and tells every rank the next step's
+    index, or why it could not start, so that all ranks start or fail together."""
+    d = rec._dist
+    if d.writes:
+        try:
+            rec._enter()
+        except BaseException as e:
+            broadcast(("error", f"{type(e).__name__}: {e}"), d)
+            raise
+        broadcast(("ok", rec._step), d)
+        return rec
+    what, value = broadcast(None, d)
+    if what == "error":
+        raise RecorderError(f"trajlab: rank 0 could not start recording: {value}")
+    rec._step = int(value)
+    rec._step_handles.extend(optimizer_hooks.hook(
+        rec.optimizer, before=rec._before_step, after=rec._after_step))
+    rec._active = True
+    if rec.recording:
+        rec._arm()
+    return rec
+
+
+def before_step(rec: Recorder) -> None:
+    """DDP, at a recorded step (every rank): the captures go to rank 0, which joins them
+    (rank order), assembles and checks the step as one batch; its verdict reaches every
+    rank, so all record, stop or raise together (trajlab.record.ddp)."""
+    d = rec._dist
+    if (not rec._active or rec._suspended or rec._ddp_stopped
+            or rec._step % rec.every != 0):
+        return
+    if rec._resume_check is not None:
+        rec._check_continuity()
+    gathered = gather(payload(rec._layers, rec._micro, rec._stopped_reason), d)
+    verdict, error = None, None
+    if d.writes:
+        try:
+            if rec.options.per_sample and rec._n_recorded == 0 and rec._run_meta is None:
+                rec._drop_broadcast()  # on this rank's own batch sizes, before joining
+            stopped = merge(rec._layers, rec._micro, gathered)
+            if stopped is not None and rec._stopped_reason is None:
+                rec._stop(RecorderError(f"recording stopped on {stopped}"), where="step")
+            rec._before_step_local()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            verdict = ("SelfCheckError" if isinstance(e, SelfCheckError) else
+                       "RecorderError", f"{type(e).__name__}: {e}")
+        if verdict is None and rec._stopped_reason is not None:
+            verdict = ("stop", rec._stopped_reason)
+    verdict, kept = broadcast((verdict, rec.layer_names if d.writes else None), d)
+    if verdict is not None and verdict[0] == "stop":
+        rec._ddp_stopped = True
+    if d.writes:
+        if error is not None:
+            raise error
+        return
+    if kept != rec.layer_names:  # rank 0 left layers out (broadcast over the batch)
+        for layer in rec._layers:
+            layer.dropped = layer.name not in kept
+        rec._layers = [layer for layer in rec._layers if not layer.dropped]
+    rec._reset_step()  # this rank's captures are on rank 0 now
+    if verdict is None:
+        return
+    kind, msg = verdict
+    if kind == "stop":
+        rec._stopped_reason = f"rank 0 stopped recording: {msg}"
+        rec._remove(rec._layer_handles)
+        return
+    cls = SelfCheckError if kind == "SelfCheckError" else RecorderError
+    raise cls(f"trajlab (rank 0): {msg}")

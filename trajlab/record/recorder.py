@@ -24,6 +24,7 @@ from trajlab.record import (
     checks,
     disk_space,
     emission,
+    failures,
     log_checks,
     optimizer_hooks,
     resume,
@@ -142,7 +143,7 @@ class Recorder:
         self._micro: list[Micro] = []
         self._probe_grads: dict[str, Tensor] | None = None
         self._nonfinite_seen: list[tuple[int, str]] = []
-        self._warned: set[str] = set()
+        self._warned = failures.OnceWarnings()
         self._n_params = optimizer_hooks.count_params(self.optimizer)  # stepped at the start
         self._resume_check: dict[str, np.ndarray] | None = None
         self._run_meta = None  # the metadata this recording writes (set when the store is made)
@@ -182,31 +183,8 @@ class Recorder:
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Self:
         if self._dist is not None:
-            return self._enter_ddp()
+            return _ddp.enter(self)  # rank 0 enters as below, and tells the other ranks
         return self._enter()
-
-    def _enter_ddp(self) -> Recorder:
-        """DDP: rank 0 opens the store (lock, resume) and tells every rank the next step's
-        index, or why it could not start, so that all ranks start or fail together."""
-        d = self._dist
-        if d.writes:
-            try:
-                self._enter()
-            except BaseException as e:
-                _ddp.broadcast(("error", f"{type(e).__name__}: {e}"), d)
-                raise
-            _ddp.broadcast(("ok", self._step), d)
-            return self
-        what, value = _ddp.broadcast(None, d)
-        if what == "error":
-            raise RecorderError(f"trajlab: rank 0 could not start recording: {value}")
-        self._step = int(value)
-        self._step_handles.extend(optimizer_hooks.hook(
-            self.optimizer, before=self._before_step, after=self._after_step))
-        self._active = True
-        if self.recording:
-            self._arm()
-        return self
 
     def _enter(self) -> Recorder:
         self._lock = StoreLock(self.store, what="recorder")
@@ -275,17 +253,9 @@ class Recorder:
             self._check_disk(self._step - 1)  # a run shorter than the writer's first commit
         self._emit_nonfinite_warning()
         follower = self._dist is not None and not self._dist.writes  # DDP: rank 0 writes
-        if (self._n_recorded == 0 and self._stopped_reason is None and not follower
-                and "empty" not in self._warned):
-            self._warned.add("empty")
-            if self._failure is not None:
-                why = (f"the training loop raised {type(self._failure).__name__}: "
-                       f"{self._failure}".strip())
-            else:
-                why = "optimizer.step() was not called while recording"
-            warnings.warn(f"trajlab: no step was recorded ({why}); nothing was written to "
-                          f"{show(self.store)}", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+        if self._n_recorded == 0 and self._stopped_reason is None and not follower:
+            self._warned.warn("empty", failures.nothing_recorded_message(self._failure,
+                                                                         show(self.store)))
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
@@ -458,57 +428,9 @@ class Recorder:
     # ------------------------------------------------------------------ steps
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._dist is not None:
-            self._before_step_ddp()
+            _ddp.before_step(self)  # the ranks' captures joined on rank 0, its verdict on all
             return
         self._before_step_local()
-
-    def _before_step_ddp(self) -> None:
-        """DDP, at a recorded step (every rank): the captures go to rank 0, which joins them
-        (rank order), assembles and checks the step as one batch; its verdict reaches every
-        rank, so all record, stop or raise together (trajlab.record.ddp)."""
-        d = self._dist
-        if (not self._active or self._suspended or self._ddp_stopped
-                or self._step % self.every != 0):
-            return
-        if self._resume_check is not None:
-            self._check_continuity()
-        gathered = _ddp.gather(_ddp.payload(self._layers, self._micro, self._stopped_reason), d)
-        verdict, error = None, None
-        if d.writes:
-            try:
-                if self.options.per_sample and self._n_recorded == 0 and self._run_meta is None:
-                    self._drop_broadcast()  # on this rank's own batch sizes, before joining
-                stopped = _ddp.merge(self._layers, self._micro, gathered)
-                if stopped is not None and self._stopped_reason is None:
-                    self._stop(RecorderError(f"recording stopped on {stopped}"), where="step")
-                self._before_step_local()
-            except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank
-                error = e
-                verdict = ("SelfCheckError" if isinstance(e, SelfCheckError) else
-                           "RecorderError", f"{type(e).__name__}: {e}")
-            if verdict is None and self._stopped_reason is not None:
-                verdict = ("stop", self._stopped_reason)
-        verdict, kept = _ddp.broadcast((verdict, self.layer_names if d.writes else None), d)
-        if verdict is not None and verdict[0] == "stop":
-            self._ddp_stopped = True
-        if d.writes:
-            if error is not None:
-                raise error
-            return
-        if kept != self.layer_names:  # rank 0 left layers out (broadcast over the batch)
-            for layer in self._layers:
-                layer.dropped = layer.name not in kept
-            self._layers = [layer for layer in self._layers if not layer.dropped]
-        self._reset_step()  # this rank's captures are on rank 0 now
-        if verdict is None:
-            return
-        kind, msg = verdict
-        if kind == "stop":
-            self._stopped_reason = f"rank 0 stopped recording: {msg}"
-            self._remove(self._layer_handles)
-            return
-        cls = SelfCheckError if kind == "SelfCheckError" else RecorderError
-        raise cls(f"trajlab (rank 0): {msg}")
 
     def _before_step_local(self) -> None:
         if self._resume_check is not None:
@@ -583,13 +505,8 @@ class Recorder:
         why = assembly.failure(layer, grad, checked=self._checked)
         layer.assembled = None
         self._nonfinite_seen.append((self._step, layer.name))
-        key = f"failed:{layer.name}"
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"trajlab: layer {layer.name!r} at step {self._step}: {why}; the row "
-                          "is recorded with NaN per-sample information and flagged "
-                          "('nonfinite'), recording continues", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+        self._warned.warn(f"failed:{layer.name}",
+                          failures.layer_failed_message(layer.name, self._step, why))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
@@ -686,18 +603,11 @@ class Recorder:
         """The optimizer's parameters changed since the recorder was made (add_param_group, a
         group edited): those added are not recorded (layers are planned once); say so, once."""
         self._n_params = optimizer_hooks.count_params(self.optimizer)
-        known = {id(layer.target.param) for layer in self._layers}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        added = [names.get(id(p), f"<a {tuple(p.shape)} tensor outside the model>")
-                 for g in self.optimizer.param_groups for p in g["params"]
-                 if id(p) not in known and p.dim() >= 2]
+        added = failures.added_params(self.optimizer,
+                                      (id(layer.target.param) for layer in self._layers),
+                                      self.model)
         if added:
-            self._warn_once(
-                "params_added",
-                f"parameters added to the optimizer by step {self._step} are not recorded: "
-                f"{', '.join(added[:4])}{f' and {len(added) - 4} more' if len(added) > 4 else ''}"
-                ". The recorder plans its layers when it is created; to record them, close it "
-                "and start a new Recorder into a new store (a store's layers are fixed)")
+            self._warned.warn("params_added", failures.added_message(added, self._step))
 
     def _check_disk(self, step: int) -> None:
         """Warn once when the rest of the run will not fit the target's free space."""
@@ -711,10 +621,7 @@ class Recorder:
                 short, where=show(self.store), steps=self.options.steps, every=self.every))
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"trajlab: {message}", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+        self._warned.warn(key, message)
 
     def _raise_if_writer_failed(self) -> None:
         w = self._writer
@@ -731,39 +638,16 @@ class Recorder:
             # no live writer thread: mark it here (else the writer marks it when it closes)
             with contextlib.suppress(Exception):
                 self._store_writer.set_truncated(reason)
-        kept = _committed_steps(self.store, self.options.storage_options)
+        kept = failures.committed_steps(self.store, self.options.storage_options)
         if self.options.on_error == "raise":
-            raise RecorderError(f"trajlab: recording stopped at step {self._step}: "
-                                f"{reason}. {kept}") from err
-        warnings.warn(
-            f"trajlab: recording into {show(self.store)} stopped at step {self._step} ({reason}); "
-            f"training continues. {kept}; the store is marked truncated.", RuntimeWarning,
-            stacklevel=user_stacklevel())
+            raise RecorderError(failures.stopped_error_message(self._step, reason, kept)) from err
+        warnings.warn("trajlab: " + failures.stopped_message(show(self.store), self._step,
+                                                             reason, kept),
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
     def _emit_nonfinite_warning(self) -> None:
-        if self._nonfinite_seen and "nonfinite" not in self._warned:
-            s, n = self._nonfinite_seen[0]
-            self._warned.add("nonfinite")
-            warnings.warn(
-                f"trajlab: NaN or Inf in the gradient of layer {n!r} at step {s}; recorded and "
-                "flagged (variable 'nonfinite'), recording continues", RuntimeWarning,
-                stacklevel=user_stacklevel())
-
-
-def _committed_steps(store: Any, storage_options: dict | None) -> str:
-    """What a stopped recording kept, read from the store itself (the writer that committed
-    may be another process, and rows may have been waiting when it failed)."""
-    try:
-        from trajlab.store.reader import open_run
-
-        run = open_run(store, storage_options=storage_options)
-        if run.n_steps == 0:
-            return "No step was committed"
-        first = int(run.rows.root_rows(["step"], (0, 1))["step"][0])
-        last = int(run.rows.root_rows(["step"], (run.n_steps - 1, run.n_steps))["step"][0])
-        return f"Steps {first} to {last} ({run.n_steps} recorded) are committed and kept"
-    except Exception:  # noqa: BLE001 - the store may be unreadable (e.g. its disk is gone)
-        return "Steps committed before are kept"
+        if self._nonfinite_seen:
+            self._warned.warn("nonfinite", failures.nonfinite_message(*self._nonfinite_seen[0]))
 
 
 __all__ = ["Recorder", "RecorderError", "SelfCheckError", "supported_types"]
