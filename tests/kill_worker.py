@@ -69,6 +69,10 @@ def _install_kill(spec: str) -> None:
         rs.RunStoreWriter._write_chunk_file = write_whole  # every chunk file (format 3)
     elif point in ("resize", "grow"):
         orig_resize, orig_grow = rs.resize_many, rs.RunStoreWriter._grow_samples
+        if point == "resize":
+            # arrays are created with MIN_CAPACITY rows: one chunk of them here, so that the
+            # 24-step run grows its arrays while recording (the kill lands mid-growth)
+            rs.MIN_CAPACITY = 4
         state = {"growing": False}
 
         def resize_many(items):

@@ -71,16 +71,23 @@ def sample_chunks(arr: zarr.Array) -> int:
     return max(1, -(-int(arr.shape[ax]) // int(arr.chunks[ax])))
 
 
-def create_manifest(group: zarr.Group, n_arrays: int) -> zarr.Array:
-    """Lay out an empty manifest for ``n_arrays`` arrays in a new store."""
-    return group.create_array(
-        CHUNKS_ARRAY, shape=(0, n_arrays + 1, 1, 2), chunks=(1, n_arrays + 1, SAMPLE_CHUNKS, 2),
-        dtype="uint64", fill_value=NONE, dimension_names=DIMS, compressors=[
+def manifest_spec(n_arrays: int, step_chunks: int = 0) -> dict:
+    """Keyword arguments of ``create_array`` (name included) of an empty manifest for
+    ``n_arrays`` arrays in a new store, allocated for ``step_chunks`` step chunks."""
+    return {
+        "name": CHUNKS_ARRAY, "shape": (step_chunks, n_arrays + 1, 1, 2),
+        "chunks": (1, n_arrays + 1, SAMPLE_CHUNKS, 2),
+        "dtype": "uint64", "fill_value": NONE, "dimension_names": DIMS, "compressors": [
             zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
             zarr.codecs.Crc32cCodec()],
-        attributes={"description": "CRC32C checksums each chunk file may carry at its "
-                    "position (step chunk, array, sample chunk; two accepted values, "
-                    f"{NONE} = none); see trajlab docs/format.md"})
+        "attributes": {"description": "CRC32C checksums each chunk file may carry at its "
+                       "position (step chunk, array, sample chunk; two accepted values, "
+                       f"{NONE} = none); see trajlab docs/format.md"}}
+
+
+def create_manifest(group: zarr.Group, n_arrays: int) -> zarr.Array:
+    """Lay out an empty manifest for ``n_arrays`` arrays in a new store."""
+    return group.create_array(**manifest_spec(n_arrays))
 
 
 class ManifestReader:
@@ -145,4 +152,4 @@ class ManifestReader:
 
 
 __all__ = ["CHUNKS_ARRAY", "DIMS", "NONE", "SAMPLE_CHUNKS", "ManifestReader", "accepts",
-           "create_manifest", "sample_chunk", "sample_chunks", "trailer"]
+           "create_manifest", "manifest_spec", "sample_chunk", "sample_chunks", "trailer"]

@@ -26,7 +26,8 @@ from trajlab.errors import StoreCorruptError, StoreError
 from trajlab.store.codecs import Profile, codecs_for, crc32c_of, fill_value
 from trajlab.store.encode_pool import EncodePool
 from trajlab.store.layout import RunLayout
-from trajlab.store.manifest import NONE, accepts, create_manifest, sample_chunks, trailer
+from trajlab.store.local_docs import array_root, resize_local, write_doc
+from trajlab.store.manifest import NONE, accepts, manifest_spec, sample_chunks, trailer
 from trajlab.store.metadata import RunMeta
 from trajlab.store.names import (
     ATTR_KEY,
@@ -80,11 +81,32 @@ def write_many(items) -> None:
     _concurrently([a._async_array.setitem(sel, v) for a, sel, v in items])
 
 
+def _gathered(coroutines) -> list:
+    """The results of Zarr's async operations run together on Zarr's event loop."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def _all() -> list:
+        return list(await asyncio.gather(*coroutines))
+
+    return sync(_all())
+
+
 def resize_many(items) -> None:
-    """``arr.resize(shape)`` for every item, the metadata writes concurrent (one by one, a
-    resize of the ~30 arrays of an MLP store took ~90 ms of the writer thread's time)."""
-    if items:
-        _concurrently([a._async_array.resize(shape) for a, shape in items])
+    """``arr.resize(shape)`` for every item. Arrays of a local store have their metadata
+    documents written here directly (:mod:`trajlab.store.local_docs`: ~35 resizes through
+    Zarr's event loop took 10-90 ms of the writer thread beside training); others through
+    Zarr, concurrently (one by one, a resize of the ~30 arrays of an MLP store took ~90 ms)."""
+    remote = []
+    for arr, shape in items:
+        root = array_root(arr)
+        if root is None:
+            remote.append((arr, shape))
+        else:
+            resize_local(arr, root, shape)
+    if remote:
+        _concurrently([a._async_array.resize(shape) for a, shape in remote])
 
 
 #: Rows allocated along ``step`` at the first append (whole chunks): growing costs a metadata
@@ -199,40 +221,58 @@ class RunStoreWriter:
         # a store killed during creation opens as an empty run and is laid out anew on resume.
         group = create_group(self.target, "run", attrs)
         self.target = inspect(self.store, storage_options=self.storage_options)
-        self._reserve_truncation_marker(group)
         layout = RunLayout.for_meta(meta)
-        if layout.position_bound:
-            create_manifest(group, len(layout.array_paths()))
         c = meta.chunk_steps
-        for name, var in layout.root_vars.items():
-            self._create(group, name, var, layout, c, layout.sizes(sample_capacity))
+        # Arrays are created with the rows of the first append's growth (whole chunks, as in
+        # append): one metadata write per array less (readers cut at the commit marker).
+        rows = math.ceil(MIN_CAPACITY / c) * c
+        # Then every other node, each level's documents written together (one round trip of
+        # Zarr's event loop per level instead of two per array: ~270 -> ~60 ms for an MLP).
         layers = group.create_group(LAYERS_GROUP)
-        for lm in meta.layers:
-            lg = layers.create_group(lm.group, attributes={LAYER_ATTR_KEY: lm.to_dict()})
+        groups = _gathered([layers._async_group.create_group(
+            lm.group, attributes={LAYER_ATTR_KEY: lm.to_dict()}) for lm in meta.layers])
+        specs: list[tuple[Any, tuple[str, str] | None, dict[str, Any]]] = [
+            (group._async_group, None, self._truncation_spec())]
+        if layout.position_bound:
+            specs.append((group._async_group, None,
+                          manifest_spec(len(layout.array_paths()), rows // c)))
+        for name, var in layout.root_vars.items():
+            specs.append((group._async_group, ("", name),
+                          self._spec(name, var, layout, c, rows, layout.sizes(sample_capacity))))
+        for lm, lg in zip(meta.layers, groups):
             sizes = {SAMPLE: sample_capacity, OUT: lm.shape[0], IN: lm.shape[1], RANK: lm.rank}
             for name, var in layout.layer_vars(lm).items():
-                self._create(lg, name, var, layout, c, sizes)
+                specs.append((lg, (lm.name, name),
+                              self._spec(name, var, layout, c, rows, sizes)))
+        made = _gathered([g.create_array(**kw) for g, _, kw in specs])
+        arrays = [zarr.Array(a).with_config(_WRITE_CONFIG) for a in made]
+        self._write_truncation_reserve(arrays[0])
         self.group, self.meta, self.layout, self.committed = group, meta, layout, 0
-        self.capacity = 0
+        self.capacity = rows
         self._scratch = {}
         self._transposed = {}
         self.sample_capacity = sample_capacity
-        self._bind_arrays()
+        self._arrays = {key: arr for (_, key, _), arr in zip(specs, arrays) if key is not None}
+        self._manifest = arrays[1] if layout.position_bound else None
+        self._index = {p: i for i, p in enumerate(layout.array_paths())}
 
-    def _create(self, group, name, var, layout: RunLayout, chunk_steps, sizes) -> None:
+    def _spec(self, name, var, layout: RunLayout, chunk_steps: int, rows: int,
+              sizes) -> dict[str, Any]:
+        """Keyword arguments of ``create_array`` (name included) of one variable's array of
+        ``rows`` steps."""
         dtype = layout.dtype(var)
-        shape = (0, *(sizes[d] for d in var.dims))
-        group.create_array(
-            name,
-            shape=shape,
-            chunks=(chunk_steps, *(max(1, s) for s in shape[1:])),
-            dtype=dtype,
-            fill_value=fill_value(dtype),
-            dimension_names=(STEP, *var.dims),
+        shape = (rows, *(sizes[d] for d in var.dims))
+        return {
+            "name": name,
+            "shape": shape,
+            "chunks": (chunk_steps, *(max(1, s) for s in shape[1:])),
+            "dtype": dtype,
+            "fill_value": fill_value(dtype),
+            "dimension_names": (STEP, *var.dims),
             **codecs_for(name, len(shape), dtype, checksum=layout.checksummed,
                          profile=self.codec_profile),
-            attributes={"description": var.description},
-        )
+            "attributes": {"description": var.description},
+        }
 
     def _bind_arrays(self) -> None:
         assert self.group is not None and self.meta is not None and self.layout is not None
@@ -624,15 +664,30 @@ class RunStoreWriter:
         return out
 
     # ----------------------------------------------------------------- truncation
-    def _reserve_truncation_marker(self, group: zarr.Group) -> None:
-        """Allocate the array that takes a truncation reason when the disk is already full."""
-        arr = group.create_array(
-            TRUNCATION_ARRAY, shape=(TRUNCATION_RESERVE,), chunks=(TRUNCATION_RESERVE,),
-            dtype="uint8", fill_value=32, dimension_names=("byte",), compressors=None,
-            attributes={"description": "JSON {\"truncated\": reason} padded with spaces, written "
-                        "in place when recording stops early (works on a full disk)"},
-        )
-        arr.with_config(_WRITE_CONFIG)[:] = np.full(TRUNCATION_RESERVE, 32, dtype=np.uint8)
+    @staticmethod
+    def _truncation_spec() -> dict[str, Any]:
+        """``create_array`` arguments of the array that takes a truncation reason when the
+        disk is already full."""
+        return {
+            "name": TRUNCATION_ARRAY, "shape": (TRUNCATION_RESERVE,),
+            "chunks": (TRUNCATION_RESERVE,), "dtype": "uint8", "fill_value": 32,
+            "dimension_names": ("byte",), "compressors": None,
+            "attributes": {"description": "JSON {\"truncated\": reason} padded with spaces, "
+                           "written in place when recording stops early (works on a full "
+                           "disk)"},
+        }
+
+    def _write_truncation_reserve(self, arr: zarr.Array) -> None:
+        """Allocate the truncation marker's chunk (spaces): a plain file in a local store (its
+        only codec is ``bytes``: the file is the raw bytes), else through Zarr."""
+        blank = np.full(TRUNCATION_RESERVE, 32, dtype=np.uint8)
+        root = self.target.path
+        if root is None:
+            arr[:] = blank
+            return
+        path = root / arr.path / arr.metadata.encode_chunk_key((0,))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_doc(path, blank.tobytes())
 
     def set_truncated(self, reason: str) -> None:
         """Mark the store truncated (recording stopped early) with the reason.
