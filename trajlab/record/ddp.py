@@ -17,6 +17,10 @@ recorded gradient is its own loss's gradient (DDP averages the ranks' mean gradi
 is the mean over all samples). With unequal per-rank batches DDP's ``.grad`` weights rank r's
 samples by ``1 / (R B_r)``; the joined per-sample information is scaled by
 ``sum(B) / (R B_r)`` per rank so that its mean is still the ``.grad`` the optimizer applied.
+
+The Recorder's two DDP paths are here: :func:`enter` (rank 0 opens the store, every rank learns
+the first step or the error) and :func:`before_step` (each recorded step's exchange and
+verdict); the rest are the collectives they use.
 """
 
 from __future__ import annotations

@@ -38,11 +38,11 @@ from trajlab.record.log_checks import _check_indices_type, _check_loss_type
 from trajlab.record.options import PS_DTYPES, RecorderOptions, int_option
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import supported_types
+from trajlab.record.session import Session
 from trajlab.record.staging import PendingRecord, stage
 from trajlab.record.step import Micro
 from trajlab.record.summary import mixing_layers, mixing_message
 from trajlab.record.writer import BackgroundWriter
-from trajlab.store.lock import StoreLock
 from trajlab.store.run_store import RunStoreWriter
 from trajlab.store.target import StoreLike, show
 
@@ -131,9 +131,7 @@ class Recorder:
         self._layer_handles: list[Any] = []
         self._armed_always = False  # hooks stay installed (torch.compile)
         self._lrs = emission.LearningRates(optimizer)
-        self._lock: StoreLock | None = None
-        self._writer: BackgroundWriter | ProcessWriter | None = None
-        self._store_writer: RunStoreWriter | None = None
+        self._session = Session(store, opts)  # the store's lock, its writers
         self._step = 0
         self._n_recorded = 0
         self._checked = False
@@ -180,6 +178,15 @@ class Recorder:
         return (self._active and not self._suspended and self._stopped_reason is None
                 and self._step % self.every == 0)
 
+    @property
+    def _writer(self) -> BackgroundWriter | ProcessWriter | None:
+        """The background writer while recording (None before entry and after close)."""
+        return self._session.writer
+
+    @property
+    def _store_writer(self) -> RunStoreWriter | None:
+        return self._session.store_writer
+
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Self:
         if self._dist is not None:
@@ -187,29 +194,17 @@ class Recorder:
         return self._enter()
 
     def _enter(self) -> Recorder:
-        self._lock = StoreLock(self.store, what="recorder")
-        self._lock.acquire()
+        sw = self._session.open_store()
         try:
-            self._store_writer = RunStoreWriter(self.store, mode=self.options.mode,
-                                                storage_options=self.options.storage_options,
-                                                codec_profile=self.options.compression)
-            self._store_writer.fence = self._lock.fence()  # no writes once the lock is lost
-            self._disk.rows_before = self._store_writer.committed
+            self._disk.rows_before = sw.committed
             self._prepare_resume()
-            self._writer = make_writer(
-                self.options.writer, self._store_writer, queue_size=self.options.queue_size,
-                flush_seconds=self.options.flush_seconds,
-                on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)),
-                on_tick=self._lock.refresh,
-            )
+            self._session.start_writer(
+                make_writer, on_nonfinite=lambda s, n: self._nonfinite_seen.append((s, n)))
             self._step_handles.extend(optimizer_hooks.hook(
                 self.optimizer, before=self._before_step, after=self._after_step))
         except BaseException:
             self._remove(self._step_handles)
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            self._lock.release()
+            self._session.abort()
             raise
         self._active = True
         if self._compiled:
@@ -241,14 +236,10 @@ class Recorder:
         self._remove(self._layer_handles)
         self._remove(self._step_handles)
         self._reset_step()
-        if self._writer is not None:
-            self._writer.close(truncated=self._stopped_reason)
-            err = self._writer.error
-            self._writer = None
-            if err is not None and self._stopped_reason is None:
-                self._stop(err, where="close")
-        if self._lock is not None:
-            self._lock.release()
+        err = self._session.close_writer(self._stopped_reason)
+        if err is not None and self._stopped_reason is None:
+            self._stop(err, where="close")
+        self._session.release()
         if not self._disk.done and self._n_recorded and self._stopped_reason is None:
             self._check_disk(self._step - 1)  # a run shorter than the writer's first commit
         self._emit_nonfinite_warning()
