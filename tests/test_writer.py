@@ -15,6 +15,7 @@ from torch import nn
 
 import trajlab
 import trajlab.record.recorder as recorder_module
+import trajlab.record.session as session_module
 from trajlab.record.writer import same_bits
 from trajlab.store.codecs import PROFILES, codecs_for
 from trajlab.store.run_store import RunStoreWriter
@@ -204,7 +205,7 @@ def _with_profile(monkeypatch, profile):
     def writer(*args, **kwargs):
         return RunStoreWriter(*args, **{**kwargs, "codec_profile": profile})
 
-    monkeypatch.setattr(recorder_module, "RunStoreWriter", writer)
+    monkeypatch.setattr(session_module, "RunStoreWriter", writer)  # the Session opens it
 
 
 def use_writer(monkeypatch, make):
