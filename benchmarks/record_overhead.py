@@ -53,6 +53,7 @@ from torch.func import functional_call, grad, vmap
 
 import trajlab
 import trajlab.record.recorder as recorder_module
+import trajlab.record.session as session_module
 from trajlab.data import load_digits
 from trajlab.models import cifar_convnet
 from trajlab.recipes import TrainConfig, digits_model
@@ -152,15 +153,17 @@ SIZES = {"mlp": ((50, 10), (16, 3)), "convnet": ((200, 10), (50, 3)),
 def writer_setup(writer: str = "thread", profile: str = "fast"):
     """Benchmark-only wiring: which writer and codec profile the Recorder gets (restored)."""
     make = ProcessWriter if writer == "process" else BackgroundWriter
-    names = ("BackgroundWriter", "make_writer", "RunStoreWriter")
+    names = ("BackgroundWriter", "make_writer")
     saved = {n: getattr(recorder_module, n) for n in names if hasattr(recorder_module, n)}
     recorder_module.BackgroundWriter = make
     recorder_module.make_writer = lambda kind, w, **kw: make(w, **kw)
-    recorder_module.RunStoreWriter = lambda *a, **kw: RunStoreWriter(
+    saved_store_writer = session_module.RunStoreWriter  # the Session opens the store
+    session_module.RunStoreWriter = lambda *a, **kw: RunStoreWriter(
         *a, **{**kw, "codec_profile": profile})
     try:
         yield
     finally:
+        session_module.RunStoreWriter = saved_store_writer
         for n in names:
             if n in saved:
                 setattr(recorder_module, n, saved[n])
