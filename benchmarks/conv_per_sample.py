@@ -9,7 +9,7 @@ weight-gradient convolution with ``groups = B`` (``torch.nn.grad.conv2d_weight``
 three after a warm-up, their ratio, the method
 :func:`trajlab.record.rules.conv2d.grouped_is_faster` picks for the shape, and what the pick
 costs against the faster of the two. Both give the same numbers to float rounding
-(tests/test_conv_per_sample.py). Not a test.
+(tests/record/test_conv_per_sample.py). Not a test.
 """
 
 from __future__ import annotations

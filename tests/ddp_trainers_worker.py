@@ -1,4 +1,4 @@
-"""One process of tests/test_integrations_ddp.py's trainer tests, started by torchrun with 2
+"""One process of tests/integrations/test_integrations_ddp.py's trainer tests, started by torchrun with 2
 processes: the Hugging Face Trainer (GPT-2 2x32, accumulation 2, clipping) or Lightning
 (digits MLP, strategy="ddp", accumulation 2, clipping), each with its RecorderCallback. Rank 0
 saves the weight of one layer before every optimizer step (its own step hook) to SNAPSHOTS.

@@ -1,4 +1,4 @@
-"""One process of tests/test_integrations_ddp.py: a float64 MLP trained on fixed global
+"""One process of tests/integrations/test_integrations_ddp.py: a float64 MLP trained on fixed global
 batches, either as rank `rank` of `world` DDP processes (gloo) that each take their share of
 every global batch in rank order, or alone on the whole global batch (world = 1, no DDP).
 

@@ -1,4 +1,4 @@
-"""Subprocess of the kill matrix (tests/test_kill_matrix.py): records a run whose batch sizes
+"""Subprocess of the kill matrix (tests/store/test_kill_matrix.py): records a run whose batch sizes
 vary (so the sample axis grows), and dies at a chosen point of the store writer.
 
     python kill_worker.py STORE STEPS WRITER [--resume]

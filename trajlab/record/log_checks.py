@@ -5,7 +5,7 @@ types and shapes: no value is read, so an unrecorded step costs no device synchr
 recorded step, :func:`loss_value` and :func:`indices_value` read the values (the loss as a
 float, the indices on the CPU, checked against ``dataset_size``).
 
-The two type checks keep their underscore names: tests/test_writer.py lists them by name as the
+The two type checks keep their underscore names: tests/record/test_writer.py lists them by name as the
 only trajlab code that ``log`` runs on an unrecorded step.
 """
 

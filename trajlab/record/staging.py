@@ -8,7 +8,7 @@ Tensors already on the CPU are passed through (the recorder hands over tensors t
 no longer writes to). Other devices are copied synchronously.
 
 The CUDA-specific calls (pinned allocation, events) are parameters, so that the same logic is
-tested on the CPU (tests/test_staging.py) where no device exists.
+tested on the CPU (tests/record/test_staging.py) where no device exists.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def diagonal_layer_terms(
     Hence ``drift_noise = drift_noise_var = 0``, ``c_i = s (g_ij* - g_j*)``,
     ``diffusion2 = eta sum_i c_i^2 / (B (B - 1))`` (times the finite-population factor) and
     ``diffusion2_var = eta Sigma_j*j*``. Equal to :func:`trajlab.sde.resolvent_layer_terms` on
-    ``diag(gamma)`` at every step whose maximum is unique (tests/test_rules_kinds.py), without
+    ``diag(gamma)`` at every step whose maximum is unique (tests/record/test_rules_kinds.py), without
     its O(d^3) spectrum. At a tie (gap 0) ``j*`` is the first maximal index and the step is
     flagged ``degenerate``, as sigma_1 is not differentiable there.
 

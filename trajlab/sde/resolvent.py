@@ -30,7 +30,7 @@ factorisation fails are computed with the SVD form instead, one step per call, s
 steps give exactly what :func:`~trajlab.sde.sketch_layer_terms` gives for that step. Against
 the SVD form in float64 every term agrees within ~1e-13 of its scale on the benchmark runs
 (benchmarks/analysis.py); the tests hold it to 1e-10 on recorded runs and 1e-12 on random
-layers (tests/test_analysis_vectorised.py).
+layers (tests/analysis/test_analysis_vectorised.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each kind is one class (:class:`~trajlab.sketches.base.SketchKind`) registered h
 the store layout, the recorder, the reader and the analysis all dispatch through
 :func:`sketch_kind` and ask the kind's capabilities (never its name). Register a new kind with
 :func:`register_sketch_kind`; every registered kind must pass the conformance class of
-tests/test_sketch_conformance.py.
+tests/sketches/test_sketch_conformance.py.
 """
 
 from __future__ import annotations

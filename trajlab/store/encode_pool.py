@@ -15,7 +15,7 @@ worker can still be running once training resumes). A writer process learns it f
 shared memory (``assist_source``), which the standby threads poll while chunks wait.
 
 Pure threading (no trajlab imports besides what callers pass): tested on its own in
-``tests/test_encode_pool.py``.
+``tests/store/test_encode_pool.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """nn.Conv1d: per-sample gradients over im2col patches, recorded as a top-k subspace sketch.
 
 The worked example of docs/recorder.md ("Adding a layer rule"): one file, one registration in
-``trajlab/record/rules/__init__.py``, one setting in ``tests/test_rules.py``.
+``trajlab/record/rules/__init__.py``, one setting in ``tests/record/test_rules.py``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import mlp64, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Generous bounds: the workers' start (importing torch) takes seconds on a loaded machine; the
 #: test waits for them, never for a fixed time.
 START_TIMEOUT = 120.0

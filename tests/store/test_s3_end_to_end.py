@@ -26,7 +26,7 @@ moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 BUCKET = "trajlab-e2e"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from trajlab.cli import main as cli_main
 from trajlab.store import run_store as rs
 from trajlab.store.manifest import NONE
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def _record(store: Path, *, steps: int = 6, seed: int = 0, mode: str = "w-",

@@ -20,7 +20,7 @@ from trajlab.record.process_writer import ProcessWriter, make_writer, record_byt
 from trajlab.record.writer import BackgroundWriter, PendingRecord
 from trajlab.store.run_store import RunStoreWriter
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crash_worker  # noqa: E402
 
 STEPS = 40  # recorded steps of a crash run

@@ -17,7 +17,7 @@ import pytest
 
 import trajlab
 
-DOC = Path(__file__).parent.parent / "docs" / "integrations.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 RUNNER = r"""
 import json, os, sys, warnings
 import torch

@@ -15,7 +15,7 @@ import pytest
 
 import trajlab
 
-WORKER = Path(__file__).parent / "kill_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "kill_worker.py"
 STEPS = 24
 POINTS = {"create": "1", "chunk": "7", "resize": "1", "grow": "2", "commit_before": "5",
           "commit_after": "5", "close": "1"}

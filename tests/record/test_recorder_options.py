@@ -116,7 +116,7 @@ def test_an_options_object_records_like_keywords(tmp_path):
 
 
 def test_every_option_is_in_the_docs_table():
-    doc = (Path(__file__).parent.parent / "docs" / "recorder.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "recorder.md").read_text()
     for f in dataclasses.fields(RecorderOptions):
         assert f"| `{f.name}` |" in doc, f"docs/recorder.md's options table lacks {f.name}"
 

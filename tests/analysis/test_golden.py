@@ -13,7 +13,7 @@ from helpers import assert_analyses_close, assert_close_to_scale
 import trajlab
 from trajlab.errors import StoreError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 #: Relative tolerance of a fresh analysis against the stored expectation, in units of each
 #: variable's scale (helpers.SCALE_OF): another CPU or BLAS kernel changes the last bits (about
 #: 1e-16 of the scale), a real change of the analysis shows far above 1e-10.

@@ -373,7 +373,7 @@ def test_a_writer_process_starts_while_another_thread_reads_stdin(tmp_path):
 
     script = textwrap.dedent(f"""
         import sys, threading
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         import torch
         torch.set_num_threads(1)
         threading.Thread(target=sys.stdin.readline, daemon=True).start()

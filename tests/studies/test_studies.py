@@ -19,7 +19,7 @@ from trajlab.studies import common, numbers, sweep
 from trajlab.studies.registry import STUDIES as REGISTRY
 from trajlab.studies.registry import Study, build_parser, run_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDIES = {  # entry point -> (JSON, figures)
     "theory": ("theory.json", ["theory_mlp.png"]),
     "convergence": ("convergence.json", ["convergence_mlp.png", "convergence_drift_mlp.png",

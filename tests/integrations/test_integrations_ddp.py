@@ -16,7 +16,7 @@ import torch
 
 import trajlab
 
-WORKER = Path(__file__).parent / "ddp_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "ddp_worker.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

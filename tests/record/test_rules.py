@@ -55,7 +55,7 @@ from trajlab.record.rules import (
 )
 from trajlab.store.metadata import ConvGeometry, LayerMeta
 
-sys.path.insert(0, str(Path(__file__).parent / "sde"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sde"))
 from sde_reference import dense_terms
 
 F64 = torch.float64

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bad_input_catalogue import generate
 
-DOC = Path(__file__).parent.parent / "docs" / "bad-input.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
 
 
 def test_the_catalogue_in_the_docs_is_current():
