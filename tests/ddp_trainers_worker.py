@@ -7,10 +7,13 @@ Usage: torchrun --nproc-per-node 2 ddp_trainers_worker.py hf|lightning STORE SNA
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 import warnings
 
 import torch
+
+faulthandler.enable()  # a native abort (SIGABRT) prints every thread's Python stack
 
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")

@@ -8,11 +8,14 @@ exits abruptly (os._exit) before that step's optimizer.step()."""
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import sys
 import warnings
 
 import torch
+
+faulthandler.enable()  # a native abort (SIGABRT) prints every thread's Python stack
 
 torch.set_num_threads(1)
 

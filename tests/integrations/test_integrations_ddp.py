@@ -51,8 +51,8 @@ def test_two_ranks_equal_one_process(tmp_path):
         train(0, 1, "", str(tmp_path / "one.zarr"), steps)  # here, while the ranks start
     finally:
         torch.set_num_threads(threads)
-    for rc, text in _wait(procs):
-        assert rc == 0, text[-3000:]
+    for rank, (rc, text) in enumerate(_wait(procs)):
+        assert rc == 0, f"rank {rank} exited with {rc}:\n{text[-3000:]}"
     ddp, one = trajlab.open_run(tmp_path / "ddp.zarr"), trajlab.open_run(tmp_path / "one.zarr")
     assert ddp.steps.tolist() == list(range(steps))
     assert ddp.root.batch_size.values.tolist() == [16] * steps  # 8 samples from each rank
