@@ -283,7 +283,9 @@ def test_band_draws_the_weight_matrices_k_net_in_a_batchnorm_chain():
     bn = np.full(5, 3.0)
     ds = xr.Dataset({"K_net": ("step", k_mat * bn), "K_net_batchnorm": ("step", bn),
                      "logK": ("step", np.log(k_mat))}, coords={"step": steps})
-    fig = plot_band(ds)
+    from trajlab.plot import needed_variables
+
+    fig = plot_band(ds[needed_variables("plot_band", ds)])  # what `trajlab plot` passes
     line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("measured"))
     np.testing.assert_allclose(line.get_ydata(), k_mat, rtol=1e-12)
     assert "BatchNorm factors left out" in line.get_label()
@@ -291,3 +293,20 @@ def test_band_draws_the_weight_matrices_k_net_in_a_batchnorm_chain():
     fig = plot_band(ds)
     line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("measured"))
     np.testing.assert_allclose(line.get_ydata(), k_mat * 3.0, rtol=1e-12)
+
+
+def test_prediction_line_names_the_weight_matrices_in_a_batchnorm_chain():
+    """logK (the SDE's state) leaves BatchNorm factors out: the printed line says so."""
+    import numpy as np
+    import xarray as xr
+
+    from trajlab.cli._util import prediction_line
+
+    ds = xr.Dataset({"logK": ("step", np.array([0.0, 0.25])),
+                     "K_net_batchnorm": ("step", np.array([2.0, 3.0]))},
+                    coords={"step": [0, 1]})
+    line = prediction_line(ds, missing="a probe")
+    assert line.startswith("log K_net of the weight matrices (BatchNorm factors left out): "
+                           "measured change +0.250")
+    ds["K_net_batchnorm"] = ("step", np.ones(2))
+    assert prediction_line(ds, missing="a probe").startswith("log K_net: measured change +0.250")

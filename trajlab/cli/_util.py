@@ -36,7 +36,12 @@ def prediction_line(ds, *, missing: str) -> str:
         pred = (float(ends.logK_pred_mean[-1] - ends.logK[0]) if "logK_pred_mean" in ends
                 else float("nan"))
         var = float(ends.logK_pred_var[-1]) if "logK_pred_var" in ends else float("nan")
-    head = f"log K_net: measured change {measured:+.3f}"
+    what = "log K_net"
+    if "K_net_batchnorm" in ds:  # logK covers the weight matrices only (docs/math.md §4b)
+        bn = np.asarray(ds.K_net_batchnorm.isel(step=[0, -1]).values, dtype=np.float64)
+        if np.any(np.isfinite(bn) & (bn != 1.0)):
+            what = "log K_net of the weight matrices (BatchNorm factors left out)"
+    head = f"{what}: measured change {measured:+.3f}"
     if not np.isfinite(pred):
         return f"{head}; no forward prediction: it needs the expected gradient, {missing}"
     theory = ds.attrs.get("optimizer_theory", "SDE")

@@ -62,7 +62,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "plot_noise_split": ("drift_noise", "drift_noise_var", "drift_noise_cov", "diffusion2",
                          "diffusion2_var", "diffusion2_cov"),
     "plot_band": ("K_net_pred_lower", "K_net_pred_upper", "logK_pred_mean", "logK_pred_mean_sgd",
-                  "K_net", "K", "drift_optimizer", "dt"),
+                  "K_net", "K_net_batchnorm", "K", "drift_optimizer", "dt"),
 }
 
 #: Relative difference above which the optimizer-aware prediction (``K_pred_mean``,
