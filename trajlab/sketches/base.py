@@ -5,7 +5,10 @@ A sketch kind owns, in one class:
 
 * its stored variables (:meth:`SketchKind.variables`: dims and dtype of each, for the store
   layout),
-* its capture from a layer's activations and output gradients (torch, on the training device),
+* its capture from a layer's activations and output gradients, from dense per-sample
+  gradients, and from diagonal or row-sparse ones (:meth:`SketchKind.capture_diagonal`,
+  :meth:`SketchKind.capture_rows`: by default through the dense gradients) (torch, on the
+  training device),
 * the batch-mean gradient it implies, rescaling and concatenation of micro-batches,
 * its reconstruction of per-sample gradients from stored arrays (numpy),
 * its adaptor to the SDE kernels: per-sample directions ``G_i v1``, ``G_i^T u1``, the
@@ -131,6 +134,32 @@ class SketchKind:
         raise NotImplementedError(f"sketch kind {self.name!r} cannot sketch dense per-sample "
                                   "gradients")
 
+    def capture_diagonal(self, values: Tensor, *, basis: tuple[Tensor, Tensor] | None = None,
+                         want_per_sample: bool = False
+                         ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Sketch the per-sample gradients of a diagonal matrix, ``G_i = diag(values[i])``
+        (``values`` (B, d)).
+
+        This default has no compact form for diagonals: it sketches the dense ``diag``
+        matrices with :meth:`capture_dense` (and ``basis``). A kind that stores the vectors
+        themselves overrides it.
+        """
+        return self.capture_dense(torch.diag_embed(values), basis=basis,
+                                  want_per_sample=want_per_sample)
+
+    def capture_rows(self, index: Tensor, values: Tensor, *, rows: int, slots: int,
+                     basis: tuple[Tensor, Tensor] | None = None, want_per_sample: bool = False
+                     ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Sketch row-sparse per-sample gradients ``G_i = sum_p e_{index[i, p]} values[i, p]^T``
+        (``index`` (B, P), negative entries skipped; ``values`` (B, P, n); ``rows`` rows m).
+
+        This default has no compact form for rows: it sketches the dense (B, m, n) gradients
+        (:func:`dense_from_rows`) with :meth:`capture_dense` (and ``basis``); ``slots`` (rows
+        stored per sample) is for kinds that store the rows themselves, which override it.
+        """
+        return self.capture_dense(dense_from_rows(index, values, rows), basis=basis,
+                                  want_per_sample=want_per_sample)
+
     def batch_size(self, tensors: Mapping[str, Tensor]) -> int:
         """Number of samples B the sketch holds."""
         if self.batch_var is None:
@@ -198,6 +227,17 @@ class SketchKind:
 
     def __repr__(self) -> str:
         return f"<sketch kind {self.name!r}>"
+
+
+def dense_from_rows(index: Tensor, values: Tensor, rows: int) -> Tensor:
+    """The dense (B, rows, n) gradients ``G_i = sum_p e_{index[i, p]} values[i, p]^T`` of
+    row-sparse ones (``index`` (B, P), negative entries skipped; ``values`` (B, P, n))."""
+    B, P, n = values.shape
+    keep = index >= 0
+    out = values.new_zeros(B, rows, n)
+    idx = torch.where(keep, index, torch.zeros_like(index))
+    vals = values * keep[..., None].to(values.dtype)
+    return out.scatter_add_(1, idx[..., None].expand(B, P, n), vals)
 
 
 def _require(kind: SketchKind, tensors: Mapping[str, Any], keys: Sequence[str]) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from trajlab.errors import RecorderError
 from trajlab.sketches import Subspace
+from trajlab.sketches.base import dense_from_rows
 from trajlab.store.metadata import Geometry
 
 if TYPE_CHECKING:
@@ -139,8 +140,9 @@ class Dense(PerSample):
 class Diagonal(PerSample):
     """Per-sample gradients of a diagonal matrix: ``G_i = diag(values[i])``, values (B, d).
 
-    Kinds with ``capture_diagonal`` (the ``"diagonal"`` kind) store the vectors; any other kind
-    gets the dense ``diag`` matrices.
+    Captured by the kind's :meth:`~trajlab.sketches.base.SketchKind.capture_diagonal`: a kind
+    with a compact form for diagonals stores the vectors; the default sketches the dense
+    ``diag`` matrices.
     """
 
     values: Tensor
@@ -150,11 +152,7 @@ class Diagonal(PerSample):
         return int(self.values.shape[0])
 
     def capture(self, kind, *, basis, rank, want_per_sample):
-        fn = getattr(kind, "capture_diagonal", None)
-        if fn is not None:
-            return fn(self.values, want_per_sample=want_per_sample)
-        return kind.capture_dense(torch.diag_embed(self.values), basis=basis,
-                                  want_per_sample=want_per_sample)
+        return kind.capture_diagonal(self.values, basis=basis, want_per_sample=want_per_sample)
 
 
 @dataclass
@@ -163,8 +161,9 @@ class Rows(PerSample):
 
     ``index`` (B, P) holds row numbers (repeats allowed; negative entries are skipped),
     ``values`` (B, P, n) the gradient each position adds to its row; the matrix has ``rows``
-    rows. Kinds with ``capture_rows`` (the ``"rows"`` kind) coalesce and store them without
-    forming the dense matrices; any other kind gets the dense (B, rows, n) gradients.
+    rows. Captured by the kind's :meth:`~trajlab.sketches.base.SketchKind.capture_rows`: a kind
+    with a compact form for rows coalesces and stores them without forming the dense
+    matrices; the default sketches the dense (B, rows, n) gradients.
     """
 
     index: Tensor
@@ -176,20 +175,12 @@ class Rows(PerSample):
         return int(self.index.shape[0])
 
     def capture(self, kind, *, basis, rank, want_per_sample):
-        fn = getattr(kind, "capture_rows", None)
-        if fn is not None:
-            return fn(self.index, self.values, rows=self.rows, slots=rank,
-                      want_per_sample=want_per_sample)
-        return kind.capture_dense(self.dense(), basis=basis, want_per_sample=want_per_sample)
+        return kind.capture_rows(self.index, self.values, rows=self.rows, slots=rank,
+                                 basis=basis, want_per_sample=want_per_sample)
 
     def dense(self) -> Tensor:
         """The dense (B, rows, n) gradients."""
-        B, P, n = self.values.shape
-        keep = self.index >= 0
-        out = self.values.new_zeros(B, self.rows, n)
-        idx = torch.where(keep, self.index, torch.zeros_like(self.index))
-        vals = self.values * keep[..., None].to(self.values.dtype)
-        return out.scatter_add_(1, idx[..., None].expand(B, P, n), vals)
+        return dense_from_rows(self.index, self.values, self.rows)
 
 
 class LayerRule:
