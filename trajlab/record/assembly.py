@@ -148,7 +148,12 @@ def first_step_checks(layers: list[LayerState], micros: list[Micro], model: nn.M
                       isolated: Callable[[], contextlib.AbstractContextManager]) -> None:
     """The first recorded step's thorough checks: each layer's per-sample mean against its
     ``.grad``, and (with ``loss_fn`` and the logged inputs) sample 0's gradient recomputed
-    independently, in ``isolated()`` (hooks off, RNG and buffers restored)."""
+    independently, in ``isolated()`` (hooks off, RNG and buffers restored).
+
+    Both read the sketch kind's own tensors (``mean_gradient``, ``sample_gradient``); sample 0's
+    dense gradient kept by the capture is read only for a kind that cannot give it
+    (:func:`trajlab.record.capture.gives_sample_gradient`).
+    """
     for layer in layers:
         asm = layer.assembled
         if asm is None:

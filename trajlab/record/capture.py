@@ -17,7 +17,7 @@ from trajlab.record.basis import SubspaceTracker
 from trajlab.record.layer_state import LayerState
 from trajlab.record.rules import Patches, PerSample
 from trajlab.record.step import Capture
-from trajlab.sketches import sketch_kind, weights_only_kind
+from trajlab.sketches import SketchKind, sketch_kind, weights_only_kind
 from trajlab.store.layout import layer_group_name
 from trajlab.store.metadata import LayerMeta
 
@@ -65,7 +65,8 @@ def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: fl
     micro : index of the micro-batch in the step.  eps : the rounding unit of its dtypes.
     forwards_seen : model forwards seen so far in the step (tells interleaved forwards).
     tracker : the subspace tracker (the step's basis for ``subspace`` layers).
-    want_per_sample : also keep dense per-sample gradients (the first step's self-check).
+    want_per_sample : the first step's self-check follows: keep sample 0's dense gradient
+        (1, m, n) when the kind cannot give it from its tensors (:func:`gives_sample_gradient`).
     """
     if layer.kind.needs_basis and layer.basis is None:
         # this step's basis, from the weight at the layer's first backward
@@ -77,10 +78,21 @@ def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: fl
             f"layer {layer.name!r} was recorded with (batch, features) inputs but "
             f"now sees {tuple(args[0].shape)}; its input shape must not change "
             "between steps (record such a run into a new store)")
+    dense_needed = want_per_sample and not gives_sample_gradient(layer.kind)
     tensors, dense = ps.capture(layer.kind, basis=basis, rank=layer.meta.rank,
-                                want_per_sample=want_per_sample)
+                                want_per_sample=dense_needed)
+    if dense is not None:
+        dense = dense[:1].clone()  # the check reads sample 0 only; the rest is freed here
     layer.captures.append(Capture(micro, ps.batch, tensors, dense, eps,
                                   forwards_seen=forwards_seen))
+
+
+def gives_sample_gradient(kind: SketchKind) -> bool:
+    """Whether ``kind`` gives any sample's gradient from its own tensors
+    (:meth:`~trajlab.sketches.base.SketchKind.sample_gradient`): an exact kind that implements
+    it. The first step's self-check then reads sample 0's gradient there, and the capture
+    builds no dense (B, m, n) per-sample gradients for it."""
+    return kind.exact and type(kind).sample_gradient is not SketchKind.sample_gradient
 
 
 def transformed(t: Tensor) -> bool:
@@ -94,4 +106,5 @@ def transformed(t: Tensor) -> bool:
         return False
 
 
-__all__ = ["describe", "describe_weights_only", "record", "transformed"]
+__all__ = ["describe", "describe_weights_only", "gives_sample_gradient", "record",
+           "transformed"]

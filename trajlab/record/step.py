@@ -33,7 +33,9 @@ class Capture:
     micro : index of the model forward (micro-batch) it belongs to.
     batch : samples in that micro-batch.
     tensors : the sketch kind's per-sample variables, on the training device.
-    per_sample : dense (B, m, n) per-sample gradients (first recorded step only, for the check).
+    per_sample : sample 0's dense gradient (1, m, n), first recorded step only, for the check,
+        and only for a kind that cannot give it from ``tensors``
+        (:func:`trajlab.record.capture.gives_sample_gradient`); else None.
     eps : machine epsilon of the lowest precision involved (autocast, input or weight dtype).
     forwards_seen : model forwards started in the step when this backward arrived (a backward
         of micro-batch k that arrives after forward k + 1 started means several forwards shared
@@ -65,7 +67,11 @@ class Micro:
 @dataclass
 class Assembled:
     """A layer's step: the per-sample sketch of all selected micro-batches, scaled so that its
-    batch mean is the ``.grad`` the optimizer applied."""
+    batch mean is the ``.grad`` the optimizer applied.
+
+    ``per_sample``: sample 0's dense gradient (1, m, n), scaled the same way, where the first
+    step's check needs it (see :class:`Capture`); else None.
+    """
 
     tensors: dict[str, Tensor]
     per_sample: Tensor | None
@@ -196,9 +202,9 @@ def assemble(kind: SketchKind, captures: list[Capture], grad: Tensor, positions:
     scaled = [cp.tensors if f == 1.0 else kind.rescale(cp.tensors, f)
               for cp, f in zip(chosen, factors)]
     tensors = scaled[0] if len(scaled) == 1 else kind.concat(scaled)
-    ps = None
-    if all(cp.per_sample is not None for cp in chosen):
-        ps = torch.cat([cp.per_sample if f == 1.0 else cp.per_sample * f
-                        for cp, f in zip(chosen, factors)])
+    # sample 0 of the step is sample 0 of its first micro-batch (the check reads only that)
+    ps = chosen[0].per_sample
+    if ps is not None and factors[0] != 1.0:
+        ps = ps * factors[0]
     return Assembled(tensors, ps, c, order[j], n, res, tolerance(eps, n, positions),
                      [order[i] for i in range(j, len(order))])
