@@ -12,6 +12,7 @@ from torch import nn
 
 import trajlab
 from trajlab.record import assembly, capture, checks
+from trajlab.record.rules import Dense, Diagonal, Patches, Rows
 from trajlab.sketches import sketch_kind
 
 F64 = torch.float64
@@ -139,3 +140,38 @@ def test_check_mean_catches_a_mean_that_is_not_grad():
     bad = g.clone()
     bad[0, 0] = float("nan")
     checks.check_mean("w", g * 1.01, bad, 1e-9)  # a non-finite .grad is flagged elsewhere
+
+
+def test_sample_zero_dense_equals_the_whole_capture_s_first_sample():
+    """One sample captured alone gives the same dense gradient as sample 0 of the whole
+    micro-batch, for each per-sample form; a form that cannot be cut is captured whole."""
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(5, 2, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=F64))
+    forms = [
+        (Patches(torch.randn(B, 6, 3, generator=g, dtype=F64),
+                 torch.randn(B, 5, 3, generator=g, dtype=F64)), "subspace", (U, V), 2),
+        (Patches(torch.randn(B, 6, 1, generator=g, dtype=F64),
+                 torch.randn(B, 5, 1, generator=g, dtype=F64)), "rank1", None, 0),
+        (Dense(torch.randn(B, 5, 6, generator=g, dtype=F64)), "subspace", (U, V), 2),
+        (Diagonal(torch.randn(B, 5, generator=g, dtype=F64)), "diagonal", None, 0),
+        (Rows(torch.randint(-1, 5, (B, 3), generator=g),
+              torch.randn(B, 3, 6, generator=g, dtype=F64), 5), "rows", None, 3),
+    ]
+    for ps, name, basis, rank in forms:
+        kind = sketch_kind(name)
+        _, whole = ps.capture(kind, basis=basis, rank=rank, want_per_sample=True)
+        got = capture.sample_zero_dense(ps, kind, basis=basis, rank=rank)
+        assert got.shape == (1, *whole.shape[1:]), name
+        torch.testing.assert_close(got, whole[:1], rtol=1e-12, atol=1e-14)
+
+    class Whole(Dense):
+        """A form whose tensor does not have the samples first: captured whole."""
+
+        @property
+        def batch(self) -> int:
+            return B + 1
+
+    ps = Whole(torch.randn(B, 5, 6, generator=g, dtype=F64))
+    got = capture.sample_zero_dense(ps, sketch_kind("subspace"), basis=(U, V), rank=2)
+    torch.testing.assert_close(got, ps.grads[:1], rtol=0, atol=0)

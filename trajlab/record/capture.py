@@ -9,6 +9,8 @@ step) apart. Nothing here installs hooks or touches the store.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -66,7 +68,8 @@ def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: fl
     forwards_seen : model forwards seen so far in the step (tells interleaved forwards).
     tracker : the subspace tracker (the step's basis for ``subspace`` layers).
     want_per_sample : the first step's self-check follows: keep sample 0's dense gradient
-        (1, m, n) when the kind cannot give it from its tensors (:func:`gives_sample_gradient`).
+        (1, m, n) when the kind cannot give it from its tensors (:func:`gives_sample_gradient`,
+        :func:`sample_zero_dense`); no kind builds all B dense per-sample gradients.
     """
     if layer.kind.needs_basis and layer.basis is None:
         # this step's basis, from the weight at the layer's first backward
@@ -78,20 +81,53 @@ def record(layer: LayerState, ps: PerSample, args: tuple, *, micro: int, eps: fl
             f"layer {layer.name!r} was recorded with (batch, features) inputs but "
             f"now sees {tuple(args[0].shape)}; its input shape must not change "
             "between steps (record such a run into a new store)")
-    dense_needed = want_per_sample and not gives_sample_gradient(layer.kind)
-    tensors, dense = ps.capture(layer.kind, basis=basis, rank=layer.meta.rank,
-                                want_per_sample=dense_needed)
-    if dense is not None:
-        dense = dense[:1].clone()  # the check reads sample 0 only; the rest is freed here
+    tensors, _ = ps.capture(layer.kind, basis=basis, rank=layer.meta.rank,
+                            want_per_sample=False)
+    dense = None
+    if want_per_sample and not gives_sample_gradient(layer.kind):
+        dense = sample_zero_dense(ps, layer.kind, basis=basis, rank=layer.meta.rank)
     layer.captures.append(Capture(micro, ps.batch, tensors, dense, eps,
                                   forwards_seen=forwards_seen))
+
+
+def sample_zero_dense(ps: PerSample, kind: SketchKind, *, basis: tuple[Tensor, Tensor] | None,
+                      rank: int) -> Tensor | None:
+    """Sample 0's dense gradient (1, m, n), for the first step's self-check of a kind that
+    cannot give it from its tensors.
+
+    The kind captures ``ps`` cut to its first sample (every tensor field of the rule's
+    per-sample form has the samples first): one (m, n) matrix instead of B. A form that cannot
+    be cut so (not a dataclass, or a tensor field without the batch first) is captured whole
+    and sample 0's gradient kept.
+    """
+    one = _first_sample(ps)
+    if one is None:
+        _, dense = ps.capture(kind, basis=basis, rank=rank, want_per_sample=True)
+    else:
+        _, dense = one.capture(kind, basis=basis, rank=rank, want_per_sample=True)
+    return None if dense is None else dense[:1].clone()
+
+
+def _first_sample(ps: PerSample) -> PerSample | None:
+    """``ps`` with every tensor field cut to its first sample; None when that is not possible."""
+    if not dataclasses.is_dataclass(ps):
+        return None
+    B = ps.batch
+    cut = {}
+    for f in dataclasses.fields(ps):
+        v = getattr(ps, f.name)
+        if isinstance(v, Tensor):
+            if v.dim() == 0 or v.shape[0] != B:
+                return None
+            cut[f.name] = v[:1]
+    return dataclasses.replace(ps, **cut)
 
 
 def gives_sample_gradient(kind: SketchKind) -> bool:
     """Whether ``kind`` gives any sample's gradient from its own tensors
     (:meth:`~trajlab.sketches.base.SketchKind.sample_gradient`): an exact kind that implements
     it. The first step's self-check then reads sample 0's gradient there, and the capture
-    builds no dense (B, m, n) per-sample gradients for it."""
+    builds no dense gradient for it."""
     return kind.exact and type(kind).sample_gradient is not SketchKind.sample_gradient
 
 
@@ -107,4 +143,4 @@ def transformed(t: Tensor) -> bool:
 
 
 __all__ = ["describe", "describe_weights_only", "gives_sample_gradient", "record",
-           "transformed"]
+           "sample_zero_dense", "transformed"]
