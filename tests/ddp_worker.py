@@ -39,8 +39,10 @@ def train(rank: int, world: int, init: str, store: str, steps: int,
     X = torch.randn(256, 6, generator=g, dtype=torch.float64)
     Y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
     if world > 1:
+        # generous: under load the other rank may take a minute to import torch and trajlab
+        # (a 60 s limit once timed out in gloo's rendezvous on a loaded 2-core machine)
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+                                world_size=world, timeout=datetime.timedelta(seconds=300))
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with warnings.catch_warnings():

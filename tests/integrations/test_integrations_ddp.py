@@ -31,7 +31,7 @@ def _start(tmp_path, rank, world, store, steps, *extra):
                             text=True)
 
 
-def _wait(procs, timeout=240):
+def _wait(procs, timeout=900):
     out = []
     for p in procs:
         text, _ = p.communicate(timeout=timeout)
