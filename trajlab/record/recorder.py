@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,31 +16,30 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trajlab.errors import RecorderError, SelfCheckError, user_stacklevel
+from trajlab.errors import RecorderError, SelfCheckError
 from trajlab.record import (
     assembly,
+    callbacks,
     capture,
-    checks,
     disk_space,
     emission,
     failures,
     log_checks,
     optimizer_hooks,
     resume,
-    store_policy,
+    stepping,
+    stopping,
 )
 from trajlab.record import ddp as _ddp
 from trajlab.record.basis import SubspaceTracker
-from trajlab.record.batchnorm import batchnorm_row
 from trajlab.record.layer_state import LayerState, plan_layers
 from trajlab.record.log_checks import _check_indices_type, _check_loss_type
-from trajlab.record.options import PS_DTYPES, RecorderOptions, int_option
+from trajlab.record.options import RecorderOptions, int_option
 from trajlab.record.process_writer import ProcessWriter, make_writer
 from trajlab.record.rules import supported_types
 from trajlab.record.session import Session
-from trajlab.record.staging import PendingRecord, stage
 from trajlab.record.step import Micro
-from trajlab.record.summary import mixing_layers, mixing_message
+from trajlab.record.stepping import StepState
 from trajlab.record.writer import BackgroundWriter
 from trajlab.store.run_store import RunStoreWriter
 from trajlab.store.target import StoreLike, show
@@ -138,8 +136,7 @@ class Recorder:
         self._active = False
         self._suspended = False
         self._stopped_reason: str | None = None
-        self._micro: list[Micro] = []
-        self._probe_grads: dict[str, Tensor] | None = None
+        self._state = StepState()  # the recorded step's micro-batches, probe, BatchNorm row
         self._nonfinite_seen: list[tuple[int, str]] = []
         self._warned = failures.OnceWarnings()
         self._n_params = optimizer_hooks.count_params(self.optimizer)  # stepped at the start
@@ -177,6 +174,11 @@ class Recorder:
         """Whether the next optimizer step will be recorded."""
         return (self._active and not self._suspended and self._stopped_reason is None
                 and self._step % self.every == 0)
+
+    @property
+    def _micro(self) -> list[Micro]:
+        """The recorded step's micro-batches (:attr:`StepState.micro`)."""
+        return self._state.micro
 
     @property
     def _writer(self) -> BackgroundWriter | ProcessWriter | None:
@@ -241,8 +243,8 @@ class Recorder:
             self._stop(err, where="close")
         self._session.release()
         if not self._disk.done and self._n_recorded and self._stopped_reason is None:
-            self._check_disk(self._step - 1)  # a run shorter than the writer's first commit
-        self._emit_nonfinite_warning()
+            stopping.check_disk(self, self._step - 1)  # a run shorter than the first commit
+        stopping.nonfinite_warning(self)
         follower = self._dist is not None and not self._dist.writes  # DDP: rank 0 writes
         if self._n_recorded == 0 and self._stopped_reason is None and not follower:
             self._warned.warn("empty", failures.nothing_recorded_message(self._failure,
@@ -280,85 +282,21 @@ class Recorder:
             return
         if any(isinstance(a, Tensor) and capture.transformed(a) for a in args):
             return  # a torch.func transform of the user's own, not a training forward
-        self._new_micro(marked=False)
+        callbacks.new_micro(self, marked=False)
 
     def _mark_batch(self) -> None:
         """An integration says a micro-batch starts (Lightning's ``on_train_batch_start``):
         for training steps that call submodules rather than the recorded model itself, whose
         root pre-hook then never fires. A model forward right after the mark belongs to it."""
         if self.recording and not self._suspended:
-            self._new_micro(marked=True)
-
-    def _new_micro(self, *, marked: bool) -> None:
-        last = self._micro[-1] if self._micro else None
-        if not marked and last is not None and last.marked_only:
-            micro = last  # the forward of the batch an integration marked
-            micro.marked_only = False
-        else:
-            micro = Micro(marked_only=marked)
-            self._micro.append(micro)
-        if not self._checked and self.options.self_check and self.options.loss_fn is not None:
-            micro.rng = checks.rng_state()
-        micro.autocast = checks.autocast_state(self._device_types)
-        if self.options.per_sample:
-            mixing = mixing_layers(self.model)
-            if mixing and "mixing" not in self._warned:
-                self._warned.add("mixing")
-                self._stop(RecorderError(mixing_message(mixing)), where="step")
+            callbacks.new_micro(self, marked=True)
 
     def _forward_callback(self, layer: LayerState) -> Callable[[tuple, dict, Any], None]:
-        def on_forward(args: tuple, kwargs: dict, output: Any) -> None:
-            if (not self.recording or self._suspended or not torch.is_grad_enabled()
-                    or layer.dropped):
-                return
-            if not self.options.per_sample:
-                return
-            out = layer.target.rule.grad_output(output)
-            if out is None or not out.requires_grad or capture.transformed(out):
-                return
-            micro = max(0, len(self._micro) - 1)
-            axis = layer.target.sample_axis if layer.target.rule.positionwise else 0
-            if axis and args and isinstance(args[0], Tensor):
-                args = (args[0].movedim(axis, 0), *args[1:])  # samples first for the rule
-            try:
-                if layer.meta is None:  # described on its first input
-                    o = self.options
-                    capture.describe(layer, args, kwargs, per_sample=o.per_sample,
-                                     tracker=self._tracker, store_grad=o.store_grad,
-                                     self_check=o.self_check)
-            except Exception as e:  # noqa: BLE001 - never raise inside the user's forward
-                layer.failed = e
-                return
-            dtypes = [a.dtype for a in args if isinstance(a, Tensor)] + [out.dtype,
-                                                                        layer.target.param.dtype]
-            amp = [d for _, d in checks.autocast_state([out.device.type])]
-            eps = checks.eps_of(*dtypes, *amp)
-
-            def on_grad(grad_out: Tensor) -> None:
-                if axis:
-                    grad_out = grad_out.movedim(axis, 0)
-                self._capture(layer, micro, args, kwargs, grad_out, eps)
-
-            out.register_hook(on_grad)
-
-        return on_forward
+        return callbacks.forward_callback(self, layer)
 
     def _capture(self, layer: LayerState, micro: int, args: tuple, kwargs: dict,
                  grad_out: Tensor, eps: float) -> None:
-        if self._suspended or not self._active:
-            return
-        t = layer.target
-        try:
-            self._suspended = True  # a rule may re-run forwards (attention, torch.func)
-            try:
-                ps = t.rule.per_sample(t.module, t.matrix, args, kwargs, grad_out.detach())
-            finally:
-                self._suspended = False
-            capture.record(layer, ps, args, micro=micro, eps=eps,
-                           forwards_seen=len(self._micro), tracker=self._tracker,
-                           want_per_sample=self.options.self_check and not self._checked)
-        except Exception as e:  # noqa: BLE001 - never raise inside the user's backward
-            layer.failed = e
+        callbacks.capture(self, layer, micro, args, kwargs, grad_out, eps)
 
     # ------------------------------------------------------------------ user calls
     def log(
@@ -404,17 +342,9 @@ class Recorder:
         loss_v = log_checks.loss_value(loss)
         idx = log_checks.indices_value(indices, dataset_size=self.options.dataset_size,
                                        step=self._step)
-        if not self._micro:
-            self._micro.append(Micro())
-        m = self._micro[-1]
-        if loss_v is not None:
-            m.loss = loss_v
-        if idx is not None:
-            m.indices = idx
-        if batch_size is not None:
-            m.batch = int(batch_size)
-        if inputs is not None and not self._checked:
-            m.inputs, m.targets = inputs, targets
+        self._state.attach(loss=loss_v, indices=idx, batch_size=batch_size,
+                           inputs=None if self._checked else inputs,
+                           targets=None if self._checked else targets)
 
     # ------------------------------------------------------------------ steps
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -426,63 +356,11 @@ class Recorder:
     def _before_step_local(self) -> None:
         if self._resume_check is not None:
             self._check_continuity()
-        if not self.recording:
-            return
-        if optimizer_hooks.count_params(self.optimizer) != self._n_params:  # recorded steps only
-            self._param_groups_changed()
-        self._raise_if_writer_failed()
-        if self._stopped_reason is not None:
-            return
-        try:
-            self._assemble_step()
-        except SelfCheckError:
-            self._reset_step()
-            raise
-        except RecorderError as e:
-            self._reset_step()
-            if not self._checked or self._n_recorded == 0:
-                raise
-            self._stop(e, where="step")
+        if self.recording:
+            stepping.before(self)  # assemble the step (see trajlab.record.stepping)
 
     def _check_continuity(self) -> None:
-        expected, self._resume_check = self._resume_check, None
-        for layer in self._layers:
-            msg = store_policy.continuity(layer.name, expected[layer.name], layer.weight(),
-                                          last_step=self._step - 1)
-            if msg:
-                warnings.warn(f"trajlab: {msg}", RuntimeWarning, stacklevel=user_stacklevel())
-                break
-
-    def _assemble_step(self) -> None:
-        """Turn this step's captures into one record per layer (see
-        :mod:`trajlab.record.assembly` and :mod:`trajlab.record.step`)."""
-        assembly.check_dtype(self._run_meta, self._layers)
-        if self.options.per_sample and self._n_recorded == 0 and self._run_meta is None:
-            self._drop_broadcast()
-        first_micro = None
-        self._batchnorm_before = batchnorm_row(self.model)  # as the weights: before the update
-        for layer in self._layers:
-            layer.weight_before = layer.weight().detach().clone()
-            if not self.options.per_sample:
-                if layer.meta is None:
-                    capture.describe_weights_only(layer)
-                continue
-            grad = assembly.gradient(layer, step=self._step)
-            if layer.failed or not layer.captures or grad is None:
-                self._flag_failed(layer, grad)
-                continue
-            asm = assembly.assemble_layer(layer, grad, step=self._step, first=first_micro,
-                                          checked=self._checked)
-            if first_micro is None:
-                first_micro = asm.first_micro
-            layer.captures = []
-            layer.assembled = asm
-        if not self._checked:
-            if self.options.self_check and self.options.per_sample:
-                assembly.first_step_checks(self._layers, self._micro, self.model,
-                                           loss_fn=self.options.loss_fn, isolated=self._isolated)
-            self._checked = True
-        self._probe_grads = self._probe_gradients()
+        stepping.check_continuity(self)
 
     def _drop_broadcast(self) -> None:
         """First step of a new store: leave out layers broadcast over the batch (see
@@ -490,25 +368,11 @@ class Recorder:
         self._layers = assembly.drop_broadcast(self._layers, self._summary,
                                                explicit=self._explicit_layers)
 
-    def _flag_failed(self, layer: LayerState, grad: Tensor | None) -> None:
-        """A layer whose capture failed numerically (NaN weights, an SVD that did not
-        converge): its row is flagged non-finite, training goes on."""
-        why = assembly.failure(layer, grad, checked=self._checked)
-        layer.assembled = None
-        self._nonfinite_seen.append((self._step, layer.name))
-        self._warned.warn(f"failed:{layer.name}",
-                          failures.layer_failed_message(layer.name, self._step, why))
-
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
             if (self.recording and self._layers[0].weight_before is not None
                     and self._stopped_reason is None):
-                try:
-                    self._emit_step()
-                except RecorderError as e:
-                    if self._n_recorded == 0:
-                        raise  # a set-up problem: fail fast, nothing was recorded
-                    self._stop(e, where="step")
+                stepping.after(self)  # emit the step's rows (see trajlab.record.stepping)
         finally:
             self._reset_step()
             self._step += 1
@@ -524,121 +388,12 @@ class Recorder:
             layer.weight_before = None
             layer.failed = None
             layer.assembled = None
-        self._micro = []
-        self._probe_grads = None
-
-    @torch.no_grad()
-    def _emit_step(self) -> None:
-        """Hand the step's rows to the writer (see :mod:`trajlab.record.emission`)."""
-        assert self._writer is not None
-        o = self.options
-        layers, batch, micro_batches = emission.layer_rows(
-            self._layers, lr_of=self._lrs, per_sample=o.per_sample,
-            ps_dtype=PS_DTYPES.get(o.per_sample_dtype or ""), probe_grads=self._probe_grads)
-        micros = [self._micro[i] for i in micro_batches if i < len(self._micro)] or self._micro
-        if batch is None:
-            batch = emission.logged_batch(micros)
-        if self._n_recorded == 0 and self._run_meta is None:
-            self._run_meta = emission.run_meta(
-                self._layers, options=o, every=self.every, metadata=self.metadata,
-                optimizer=self.optimizer, summary=self._summary, batch_size=max(1, batch))
-            self._writer.create(self._run_meta, max(1, batch))
-        elif self._n_recorded == 0:
-            store_policy.check_append(self._run_meta, [lay.meta for lay in self._layers],
-                                      dtype=self._run_meta.dtype, every=self.every,
-                                      probe=o.probe is not None)
-        root = emission.root_row(
-            step=self._step, lr=layers[self._layers[0].name]["lr"], batch=batch,
-            micros=micros, probe=self._probe_grads is not None,
-            extra=self._batchnorm_before, warn=self._warn_once)
-        self._writer.put(self._to_host(root, layers))
-        self._n_recorded += 1
-        if not self._disk.done:
-            self._check_disk(self._step)
-
-    def _to_host(self, root: dict[str, Any], layers: dict[str, dict[str, Any]]) -> PendingRecord:
-        """Start the record's device-to-host copies (see :mod:`trajlab.record.staging`)."""
-        return stage(root, layers,
-                     widen_bfloat16=self._layers[0].target.param.dtype == torch.bfloat16)
-
-    def _probe_gradients(self) -> dict[str, Tensor] | None:
-        if self.options.probe is None or self._step % self.options.probe.every != 0:
-            return None
-        params = [layer.target.param for layer in self._layers]
-        with self._isolated(), torch.enable_grad():
-            grads = self.options.probe.gradient(self.model, params)
-        out = {}
-        for layer, g in zip(self._layers, grads):
-            t = layer.target
-            out[layer.name] = t.rule.matrix_of(t.module, t.matrix, g).detach()
-        return out
-
-    @contextlib.contextmanager
-    def _isolated(self):
-        """Run extra forward passes without side effects on training: hooks off, RNG and
-        buffers (e.g. BatchNorm statistics) restored afterwards."""
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        devices = [p.device for p in self.model.parameters() if p.device.type == "cuda"]
-        self._suspended = True
-        try:
-            with torch.random.fork_rng(devices=list({d.index or 0 for d in devices})):
-                yield
-        finally:
-            self._suspended = False
-            live = dict(self.model.named_buffers())
-            for n, b in buffers.items():
-                live[n].copy_(b)
+        self._state = StepState()
 
     # ------------------------------------------------------------------ failures
-    def _param_groups_changed(self) -> None:
-        """The optimizer's parameters changed since the recorder was made (add_param_group, a
-        group edited): those added are not recorded (layers are planned once); say so, once."""
-        self._n_params = optimizer_hooks.count_params(self.optimizer)
-        added = failures.added_params(self.optimizer,
-                                      (id(layer.target.param) for layer in self._layers),
-                                      self.model)
-        if added:
-            self._warned.warn("params_added", failures.added_message(added, self._step))
-
-    def _check_disk(self, step: int) -> None:
-        """Warn once when the rest of the run will not fit the target's free space."""
-        try:
-            short = self._disk.check(step=step, rows_put=self._n_recorded)
-        except OSError:  # the disk cannot be measured: recording goes on unchecked
-            self._disk.done = True
-            return
-        if short is not None:
-            self._warn_once("disk", disk_space.message(
-                short, where=show(self.store), steps=self.options.steps, every=self.every))
-
-    def _warn_once(self, key: str, message: str) -> None:
-        self._warned.warn(key, message)
-
-    def _raise_if_writer_failed(self) -> None:
-        w = self._writer
-        if w is not None and w.error is not None and self._stopped_reason is None:
-            self._stop(w.error, where="writer")
-        self._emit_nonfinite_warning()
-
     def _stop(self, err: BaseException, *, where: str) -> None:
         """Stop recording (training goes on) or raise, per ``on_error``."""
-        reason = f"{type(err).__name__}: {err}"
-        self._stopped_reason = reason
-        self._remove(self._layer_handles)
-        if self._writer is None or self._writer.error is not None:
-            # no live writer thread: mark it here (else the writer marks it when it closes)
-            with contextlib.suppress(Exception):
-                self._store_writer.set_truncated(reason)
-        kept = failures.committed_steps(self.store, self.options.storage_options)
-        if self.options.on_error == "raise":
-            raise RecorderError(failures.stopped_error_message(self._step, reason, kept)) from err
-        warnings.warn("trajlab: " + failures.stopped_message(show(self.store), self._step,
-                                                             reason, kept),
-                      RuntimeWarning, stacklevel=user_stacklevel())
-
-    def _emit_nonfinite_warning(self) -> None:
-        if self._nonfinite_seen:
-            self._warned.warn("nonfinite", failures.nonfinite_message(*self._nonfinite_seen[0]))
+        stopping.stop(self, err, where=where)
 
 
 __all__ = ["Recorder", "RecorderError", "SelfCheckError", "supported_types"]
