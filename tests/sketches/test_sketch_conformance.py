@@ -14,7 +14,12 @@ meant for (rank-one, diagonal, row-sparse, dense with a basis) and what the kind
 * the analysis adaptor: ``G_i v_1``, ``G_i^T u_1``, ``sum_i G_i**2`` and the coverage, with and
   without a leading step dimension;
 * the capabilities the callers ask (``needs_basis``, ``single_position``, ``diagonal``,
-  ``exact``, ``per_sample``) hold as stated.
+  ``exact``, ``per_sample``, ``projected``) hold as stated.
+
+A ``projected`` kind (statistics in the recorder's singular basis, stored through
+:meth:`~trajlab.sketches.SketchKind.finalize`) has no directions or second moment: there the
+analysis adaptor's checks compare its noise terms (:func:`trajlab.sde.basis.basis_noise_terms`)
+with :func:`trajlab.sde.layer_terms` on the dense ``G``.
 
 A new kind registers itself in :mod:`trajlab.sketches` and gets one :class:`KindSetting` here.
 """
@@ -29,6 +34,8 @@ import pytest
 import torch
 
 from trajlab.dims import IN, OUT, RANK, SAMPLE
+from trajlab.sde import layer_terms
+from trajlab.sde.basis import basis_noise_terms
 from trajlab.sketches import SketchKind, sketch_kind, sketch_kinds, weights_only_kind
 
 F64 = torch.float64
@@ -108,7 +115,12 @@ SETTINGS = {s.name: s for s in [
     KindSetting("diagonal", _diagonal),
     KindSetting("rows", _rows, rank=M),
     KindSetting("none", _dense),
+    KindSetting("rank1_basis", _rank1, rank=min(M, N)),
 ]}
+
+#: The weight a projected kind's statistics are taken in (the recorder's pre-update weight).
+WEIGHT = torch.randn(M, N, generator=_gen(9), dtype=F64)
+NOISE = ("drift_noise", "drift_noise_var", "diffusion2", "diffusion2_var", "noise_proj")
 
 
 def _basis(seed: int = 7) -> Basis:
@@ -134,8 +146,9 @@ class Captured:
     def stored(self) -> dict[str, torch.Tensor]:
         """The tensors as the store holds them: declared variables only, with the basis the
         recorder adds for a kind that needs one."""
-        out = {k: v for k, v in self.tensors.items()
-               if k in self.kind.variables(self.setting.rank)}
+        tensors = (self.kind.finalize(self.tensors, WEIGHT) if self.kind.projected
+                   else self.tensors)
+        out = {k: v for k, v in tensors.items() if k in self.kind.variables(self.setting.rank)}
         if self.kind.needs_basis:
             out["basis_u"], out["basis_v"] = self.basis
         return out
@@ -207,6 +220,10 @@ class TestSketchKindConformance:
     def test_reconstruct_gives_what_the_kind_holds_and_the_norm_it_misses(self, name):
         c = _capture(name)
         arrays = {k: v.numpy() for k, v in c.stored().items()}
+        if c.kind.projected:  # statistics only: refused, naming the sketch that holds them
+            with pytest.raises(ValueError, match="'rank1' sketch"):
+                c.kind.reconstruct(arrays, B)
+            return
         grads, missed = c.kind.reconstruct(arrays, B)
         held = c.held.numpy()
         np.testing.assert_allclose(grads, held, rtol=0, atol=1e-12)
@@ -251,6 +268,12 @@ class TestSketchKindConformance:
 
     def test_rescale_scales_every_sample(self, name):
         c = _capture(name)
+        if c.kind.projected:
+            scaled = Captured(c.kind, c.setting, -2.5 * c.G, None,
+                              c.kind.rescale(c.tensors, -2.5))
+            _assert_noise(_noise_of(scaled.kind, scaled.stored(), -2.5 * c.G.mean(0)),
+                          _dense_noise(-2.5 * c.G))
+            return
         u1, v1 = _pair(c)
         scaled = c.kind.rescale(c.stored(), -2.5)
         gv, gtu = c.kind.directions(c.stored(), u1, v1)
@@ -271,6 +294,11 @@ class TestSketchKindConformance:
         joined = Captured(kind, SETTINGS[name], G, basis, kind.concat(parts)).stored()
         whole = c.stored()
         assert kind.batch_size(joined) == B
+        if kind.projected:
+            _assert_noise(_noise_of(kind, joined), _noise_of(kind, whole), rtol=1e-13)
+            torch.testing.assert_close(kind.mean_gradient(kind.concat(parts)), G.mean(0),
+                                       rtol=0, atol=1e-12)
+            return
         u1, v1 = _pair(c)
         for a, b in zip(kind.directions(joined, u1, v1), kind.directions(whole, u1, v1)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -283,6 +311,13 @@ class TestSketchKindConformance:
     # ------------------------------------------------------------------ analysis (torch)
     def test_directions_second_moment_and_coverage(self, name):
         c = _capture(name)
+        if c.kind.projected:
+            with pytest.raises(NotImplementedError, match="basis_noise_terms"):
+                c.kind.directions(c.stored(), *_pair(c))
+            with pytest.raises(NotImplementedError, match="basis_noise_terms"):
+                c.kind.second_moment(c.stored())
+            _assert_noise(_noise_of(c.kind, c.stored()), _dense_noise(c.G))
+            return
         u1, v1 = _pair(c)
         held_u, held_v = _held_pair(c, u1, v1)
         Gv, Gtu = c.kind.directions(c.stored(), u1, v1)
@@ -298,6 +333,14 @@ class TestSketchKindConformance:
         steps = [_capture(name, seed=s) for s in (0, 1)]
         kind = steps[0].kind
         stacked = {k: torch.stack([c.stored()[k] for c in steps]) for k in steps[0].stored()}
+        if kind.projected:
+            W2, g2 = WEIGHT.expand(2, M, N), torch.stack([c.G.mean(0) for c in steps])
+            got = basis_noise_terms(W2, g2, 0.1, stacked)
+            for i, c in enumerate(steps):
+                _assert_noise({k: v[i] for k, v in got.items()}, _noise_of(kind, c.stored(),
+                                                                              c.G.mean(0)),
+                              rtol=1e-13)
+            return
         pairs = [_pair(c) for c in steps]
         u1 = torch.stack([p[0] for p in pairs])
         v1 = torch.stack([p[1] for p in pairs])
@@ -341,7 +384,11 @@ class TestSketchKindConformance:
         try:
             want, _ = kind.capture_dense(G, basis=basis)
         except NotImplementedError:  # a factored kind: compare the gradients it holds
-            torch.testing.assert_close(kind.sample_gradients(got), G, rtol=0, atol=1e-12)
+            if kind.projected:
+                c = Captured(kind, SETTINGS[name], G, None, got)
+                _assert_noise(_noise_of(kind, c.stored(), G.mean(0)), _dense_noise(G))
+            else:
+                torch.testing.assert_close(kind.sample_gradients(got), G, rtol=0, atol=1e-12)
         else:
             for k in want:
                 torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12)
@@ -359,6 +406,32 @@ class TestSketchKindConformance:
         tensors, _ = kind.capture_dense(torch.randn(B, M, M, generator=_gen(2), dtype=F64))
         G = kind.sample_gradients(tensors)
         assert torch.count_nonzero(G - torch.diag_embed(torch.diagonal(G, 0, -2, -1))) == 0
+
+
+def _noise_of(kind: SketchKind, stored: dict[str, torch.Tensor],
+              g: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A projected kind's noise terms at :data:`WEIGHT`, lr 0.1 (``g``: the batch mean)."""
+    if g is None:
+        g = _capture(kind.name).G.mean(0)
+    return basis_noise_terms(WEIGHT, g, 0.1, stored)
+
+
+def _dense_noise(G: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The noise terms of :func:`~trajlab.sde.layer_terms` from dense ``G`` at :data:`WEIGHT`
+    (an independent computation: directions and the covariance diagonal straight from G)."""
+    U, _, Vh = torch.linalg.svd(WEIGHT, full_matrices=False)
+    u1, v1 = U[:, 0], Vh[0]
+    g = G.mean(0)
+    sd = ((G ** 2).sum(0) - B * g ** 2) / (B * (B - 1))
+    return layer_terms(WEIGHT, g, -0.1 * g, 0.1, G.shape[0], G @ v1, G.mT @ u1, sd, u1=u1,
+                       v1=v1)
+
+
+def _assert_noise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                  rtol: float = 1e-11) -> None:
+    for k in NOISE:
+        scale = float(want[k].abs().max())
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=rtol * scale, msg=k)
 
 
 def _pair(c: Captured) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,9 +100,10 @@ def layer_rows(layers: list[LayerState], *, lr_of: Callable[[Tensor], float],
                         f"{batch}; all recorded layers must see the same batch{hint}")
                 batch = b
                 micro_batches = asm.micro_batches
+                tensors = layer.kind.finalize(asm.tensors, W)  # after the step's checks
                 for k, per in layer.kind.variables(layer.meta.rank).items():
-                    if k in asm.tensors:
-                        v = asm.tensors[k]
+                    if k in tensors:
+                        v = tensors[k]
                         if per.dtype == "ps" and ps_dtype is not None:
                             v = v.to(ps_dtype)
                         elif per.dtype in ("ps", "param") and v.dtype == torch.bfloat16:

@@ -15,6 +15,7 @@ import torch
 
 from trajlab.errors import RecorderError
 from trajlab.sketches import sketch_kind
+from trajlab.store.layout import written_format
 from trajlab.store.metadata import FORMAT_VERSION, LayerMeta, RunMeta, new_run_id
 
 
@@ -47,7 +48,7 @@ def new_meta(*, metas: Sequence[LayerMeta], dtype: str, ps_dtype: str, every: in
     from trajlab._version import __version__
 
     return RunMeta(
-        format_version=FORMAT_VERSION,
+        format_version=written_format((m.sketch for m in metas), FORMAT_VERSION),
         dtype=dtype,
         ps_dtype=ps_dtype,
         every=every,

@@ -18,6 +18,7 @@ from trajlab.sde.sketch import (
     per_sample_directions,
     sketch_batch_size,
     sketch_coverage,
+    sketch_projected,
 )
 from trajlab.sketches import SketchKind, SketchName
 from trajlab.spectral import hessian_diag, hessian_quadform_proj, spectral_gap
@@ -283,6 +284,8 @@ def noise_free_terms(
     *,
     grad_full: Tensor | None = None,
     gap_tol: float = 1e-3,
+    svd: Svd | None = None,
+    noise: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The terms of :func:`layer_terms` that need no gradient-noise estimate.
 
@@ -291,9 +294,11 @@ def noise_free_terms(
     ``pathwise_increment``, ``pathwise_first_order``, ``drift_optimizer`` and, where the
     full-data gradient is given, ``drift_discretization`` (elsewhere NaN: the batch gradient's
     bias cannot be removed without the noise estimate). Shapes as in :func:`layer_terms`.
+    ``svd``: the thin SVD of ``W`` to reuse; ``noise``: noise terms computed elsewhere
+    (:func:`trajlab.sde.basis.basis_noise_terms`), completed as :func:`layer_terms` does.
     """
     dt = W.dtype
-    svd = torch.linalg.svd(W, full_matrices=False)
+    svd = _svd(W, svd)
     U, S, Vh = svd
     u, v = U[..., :, 0], Vh[..., 0, :]
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
@@ -304,7 +309,7 @@ def noise_free_terms(
     plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
     return layer_epilogue(K=S[..., 0], gap=spectral_gap(S), gap_tol=gap_tol,
                           used_full=used_full, flow=first, disc_raw=0.5 * eta * second, p1=p1,
-                          p2=p2, plain=plain, eta=eta)
+                          p2=p2, plain=plain, eta=eta, noise=noise)
 
 
 def sketch_layer_terms(
@@ -343,8 +348,14 @@ def sketch_layer_terms(
     >>> round(float(out["drift_noise"]), 6)     # 0.1/(2*2) * 2 * s1/(s1^2 - s2^2)
     0.033333
     """
-    B = sketch_batch_size(sketch, tensors)
     svd = torch.linalg.svd(W, full_matrices=False)
+    if sketch_projected(sketch):  # statistics in the recorder's singular basis (sde/basis.py)
+        from trajlab.sde.basis import basis_noise_terms
+
+        noise = basis_noise_terms(W, g, lr, tensors, population=population)
+        return noise_free_terms(W, g, update, lr, grad_full=grad_full, gap_tol=gap_tol,
+                                svd=svd, noise=noise)
+    B = sketch_batch_size(sketch, tensors)
     u1, v1 = svd[0][..., :, 0], svd[2][..., 0, :]
     Gv, Gtu = per_sample_directions(sketch, tensors, u1, v1)
     sd = noise_diag(sketch, tensors, g, batch_size=B)

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from trajlab.sde.basis import basis_noise_terms
 from trajlab.sde.epilogue import layer_epilogue
 from trajlab.sde.layer import noise_free_terms, noise_scale, sketch_layer_terms
 from trajlab.sde.sketch import (
@@ -48,6 +49,7 @@ from trajlab.sde.sketch import (
     per_sample_directions,
     sketch_batch_size,
     sketch_coverage,
+    sketch_projected,
 )
 from trajlab.sketches import SketchKind, SketchName
 
@@ -245,9 +247,11 @@ def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, popul
     """Gradient-noise terms (MATH.md §3) in the oriented frame, for
     :func:`~trajlab.sde.epilogue.layer_epilogue`; ``Pg``, ``Qg``: the batch gradient's
     projections."""
+    dt = Wo.dtype
+    if sketch_projected(sketch):  # statistics in the recorder's singular basis (sde/basis.py)
+        return basis_noise_terms(Wo.mT if flip else Wo, g, eta, tensors, population=population)
     B = sketch_batch_size(sketch, tensors)
     fpc, scale = noise_scale(B, population)
-    dt = Wo.dtype
     u1, v1 = (vo, uo) if flip else (uo, vo)
     Gv, Gtu = per_sample_directions(sketch, tensors, u1, v1)
     Ps, Qs = (Gtu, Gv) if flip else (Gv, Gtu)              # per-sample G_i v_1, G_i^T u_1

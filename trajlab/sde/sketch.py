@@ -27,6 +27,7 @@ __all__ = [
     "per_sample_directions",
     "sketch_batch_size",
     "sketch_coverage",
+    "sketch_projected",
 ]
 
 
@@ -35,6 +36,12 @@ def _kind(sketch: SketchName | SketchKind) -> SketchKind:
     if not kind.per_sample:
         raise ValueError(f"sketch kind {kind.name!r} holds no per-sample information")
     return kind
+
+
+def sketch_projected(sketch: SketchName | SketchKind) -> bool:
+    """Whether the sketch holds statistics in the recorder's singular basis (its noise terms
+    come from :func:`trajlab.sde.basis.basis_noise_terms`, not from directions)."""
+    return bool(_kind(sketch).projected)
 
 
 def sketch_batch_size(sketch: SketchName | SketchKind, tensors: Mapping[str, Tensor]) -> int:

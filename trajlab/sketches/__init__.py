@@ -13,6 +13,7 @@ from trajlab.sketches.base import SketchKind, SketchName, Var
 from trajlab.sketches.diagonal import DiagonalSketch
 from trajlab.sketches.none import NoSketch
 from trajlab.sketches.rank1 import Rank1
+from trajlab.sketches.rank1_basis import Rank1Basis
 from trajlab.sketches.rows import RowsSketch
 from trajlab.sketches.subspace import Subspace, reconstruct_subspace
 
@@ -49,13 +50,14 @@ def weights_only_kind() -> SketchKind:
     return sketch_kind(NoSketch.name)
 
 
-for _k in (Rank1(), Subspace(), NoSketch(), DiagonalSketch(), RowsSketch()):
+for _k in (Rank1(), Subspace(), NoSketch(), DiagonalSketch(), RowsSketch(), Rank1Basis()):
     register_sketch_kind(_k)
 
 __all__ = [
     "DiagonalSketch",
     "NoSketch",
     "Rank1",
+    "Rank1Basis",
     "RowsSketch",
     "SketchKind",
     "SketchName",

@@ -100,6 +100,10 @@ class SketchKind:
     #: have the closed form of :func:`trajlab.sde.diagonal_layer_terms` (no spectrum), and its
     #: entries are not weight-matrix parameters (K_net's coverage counts it apart).
     diagonal: ClassVar[bool] = False
+    #: The stored variables are statistics in the recorder's singular basis of W, not
+    #: directions: the analysis computes the noise terms with
+    #: :func:`trajlab.sde.basis.basis_noise_terms` (:class:`~trajlab.sketches.Rank1Basis`).
+    projected: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ layout
     def variables(self, rank: int) -> dict[str, Var]:
@@ -193,6 +197,12 @@ class SketchKind:
     def concat(self, parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """One sketch holding the samples of several micro-batches, in order."""
         raise NotImplementedError(f"sketch kind {self.name!r} cannot join micro-batches")
+
+    def finalize(self, tensors: Mapping[str, Tensor], weight: Tensor) -> dict[str, Tensor]:
+        """The variables to store from an assembled step's ``tensors`` (after the recorder's
+        checks, which read the captured tensors) and the weight before the update (m, n).
+        This default stores the captured tensors as they are."""
+        return dict(tensors)
 
     # ------------------------------------------------------------------ reading (numpy)
     def implied_grad(self, arrays: Mapping[str, np.ndarray], batch: np.ndarray) -> np.ndarray:

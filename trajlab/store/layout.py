@@ -12,11 +12,16 @@ This is the one place that knows the variants of the format:
 * format 3 ("v3"): as v2, plus the chunk manifest ``trajlab_chunks`` that binds each chunk's
   checksum to its array and position (:mod:`trajlab.store.manifest`): a swapped or misplaced
   chunk file is an error. Told apart from v2 by the format version only; a v2 store holding a
-  manifest (a version edited down) is refused.
+  manifest (a version edited down) is refused;
+* format 4 ("v4"): as v3, plus layers with the ``rank1_basis`` sketch (per-sample statistics in
+  W's singular basis, :class:`~trajlab.sketches.Rank1Basis`). Only stores holding such a layer
+  are written as format 4 (:func:`written_format`): every other store stays format 3, readable
+  by the trajlab versions before it. A store below format 4 holding such a layer is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +33,10 @@ from trajlab.sketches import Var, sketch_kind
 from trajlab.store.metadata import LayerMeta, RunMeta
 from trajlab.store.names import CHUNKS_ARRAY, IN, LAYERS_GROUP, OUT, SAMPLE
 
-Variant = Literal["v1", "v1-derived", "v2", "v3"]
+Variant = Literal["v1", "v1-derived", "v2", "v3", "v4"]
+
+#: Sketch kinds that only format-4 run stores hold.
+FORMAT4_SKETCHES = frozenset({"rank1_basis"})
 
 #: Root-level variables (dims after ``step``).
 ROOT_VARS: dict[str, Var] = {
@@ -107,6 +115,12 @@ class RunLayout:
                 f"this store says format version {meta.format_version}, but it holds the "
                 f"chunk manifest {CHUNKS_ARRAY!r} that only format 3 writes: the root "
                 "zarr.json was edited or is damaged (restore it from a copy)")
+        newer = sorted({lm.sketch for lm in meta.layers} & FORMAT4_SKETCHES)
+        if meta.format_version < 4 and newer:
+            raise StoreCorruptError(
+                f"this store says format version {meta.format_version}, but it holds layers "
+                f"with the {newer[0]!r} sketch that only format 4 writes: the root zarr.json "
+                "was edited or is damaged (restore it from a copy)")
         if meta.format_version >= 2:
             return cls(meta, _VARIANTS[meta.format_version])
         for lm in meta.layers:
@@ -173,13 +187,13 @@ class RunLayout:
     def checksummed(self) -> bool:
         """Every chunk carries a CRC32C checksum and every chunk inside the committed rows is
         written (a missing one is an error)."""
-        return self.variant in ("v2", "v3")
+        return self.variant in ("v2", "v3", "v4")
 
     @property
     def position_bound(self) -> bool:
         """Each chunk's checksum is recorded for its array and position in the chunk manifest
         (a swapped or misplaced chunk file is an error)."""
-        return self.variant == "v3"
+        return self.variant in ("v3", "v4")
 
     @property
     def unchecked(self) -> str | None:
@@ -205,7 +219,14 @@ class RunLayout:
         return f"{LAYERS_GROUP}/{lm.group}"
 
 
-_VARIANTS: dict[int, Variant] = {2: "v2", 3: "v3"}
+_VARIANTS: dict[int, Variant] = {2: "v2", 3: "v3", 4: "v4"}
+
+
+def written_format(sketches: Iterable[str], newest: int) -> int:
+    """The format version a new run store is written with: ``newest`` when a layer's sketch
+    kind needs format 4 (:data:`FORMAT4_SKETCHES`), else at most 3 (readable by older
+    trajlab)."""
+    return newest if set(sketches) & FORMAT4_SKETCHES else min(newest, 3)
 
 
 def layer_group_name(name: str) -> str:
@@ -216,5 +237,5 @@ def layer_group_name(name: str) -> str:
     return name.replace("/", "_").replace(":", "__")
 
 
-__all__ = ["BATCHNORM_VARS", "DEFAULTS", "LAYER_VARS", "PROBE_VARS", "ROOT_VARS", "RunLayout",
-           "Variant", "layer_group_name"]
+__all__ = ["BATCHNORM_VARS", "DEFAULTS", "FORMAT4_SKETCHES", "LAYER_VARS", "PROBE_VARS",
+           "ROOT_VARS", "RunLayout", "Variant", "layer_group_name", "written_format"]

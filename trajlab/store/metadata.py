@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from trajlab.errors import StoreCorruptError, StoreError
 
-FORMAT_VERSION: Literal[3] = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION: Literal[4] = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 ANALYSIS_FORMAT_VERSION: Literal[2] = 2
 
 Sampler = Literal["with_replacement", "reshuffle", "unknown"]
@@ -156,7 +156,8 @@ class RunMeta:
 
     Attributes
     ----------
-    format_version : 3 for stores written now (1 and 2 readable).
+    format_version : 4 for stores written now with a layer that needs it (``rank1_basis``),
+        else 3 (:func:`trajlab.store.layout.written_format`); 1 to 4 readable.
     run_id : identity of this recording, new at every creation (analyses are keyed to it).
     dtype : float dtype of weights and gradients as stored.
     ps_dtype : dtype of the per-sample variables (``dtype`` unless reduced precision was asked).

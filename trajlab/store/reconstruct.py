@@ -61,7 +61,10 @@ def per_sample_gradients(run: Run | str, layer: str, step: int) -> PerSampleGrad
     row = int(hits[0])
     b = int(run.root_rows(["batch_size"], (row, row + 1))["batch_size"][0])
     arrays = run.layer_rows(layer, list(kind.variables(lm.rank)), (row, row + 1))
-    grads, resid = kind.reconstruct({k: v[0] for k, v in arrays.items()}, b)
+    try:
+        grads, resid = kind.reconstruct({k: v[0] for k, v in arrays.items()}, b)
+    except ValueError as exc:  # a kind that holds no gradients says what it holds instead
+        raise ValueError(f"layer {layer!r}: {exc}") from None
     if kind.exact:
         zeros = np.zeros(b, dtype=grads.dtype)
         return PerSampleGradients(grads, zeros, zeros, True)
