@@ -40,6 +40,7 @@ from trajlab.store import Run, open_run
 from trajlab.store.analysis_store import AnalysisStore
 from trajlab.store.lock import StoreLock
 from trajlab.store.metadata import AnalysisMeta
+from trajlab.store.names import CHUNKS_ARRAY
 from trajlab.store.target import check_writable, inspect, show
 
 #: Variables written whole once every step chunk is done (the series-wide integrals).
@@ -385,9 +386,10 @@ def _pending(job: _Job, overwrite: bool) -> tuple[int, ...] | None:
     """The step chunks of an existing store still to compute: those not done, and those that
     :meth:`AnalysisStore.verify` finds missing or damaged (a warning names them). A finished
     store with damage goes back to unfinished first (its integrals are then recomputed too);
-    a damaged ``step`` coordinate is rewritten from the run. An array whose metadata is gone
-    cannot be resumed: None with ``overwrite`` (lay out a new store), else an error that
-    says to recompute with overwrite."""
+    a damaged ``step`` coordinate is rewritten from the run, and so is ``step`` when a chunk
+    manifest row is bad (its step chunk is recomputed too, which rebinds every chunk of it).
+    An array whose metadata is gone cannot be resumed: None with ``overwrite`` (lay out a new
+    store), else an error that says to recompute with overwrite."""
     store = job.store
     assert store is not None
     problems = store.verify(integrals=INTEGRATED)
@@ -408,11 +410,12 @@ def _pending(job: _Job, overwrite: bool) -> tuple[int, ...] | None:
                       f"or damaged chunk(s); recomputing them: {shown}{more}", UserWarning,
                       stacklevel=3)
         store.mark_unfinished()
-        for p in problems:
-            if p.array == "step":
-                store.write_all({"step": job.run.root_rows(["step"], job.plan.rows)["step"]})
-            elif p.array not in INTEGRATED and p.chunk is not None and p.chunk < done.size:
+        for p in problems:  # (a bad manifest row: every array of its step chunk, step too)
+            if p.array not in ("step", *INTEGRATED) and p.chunk is not None \
+                    and p.chunk < done.size:
                 done[p.chunk] = False
+        if any(p.array in ("step", CHUNKS_ARRAY) for p in problems):
+            store.write_all({"step": job.run.root_rows(["step"], job.plan.rows)["step"]})
     return tuple(np.flatnonzero(~done).tolist())
 
 

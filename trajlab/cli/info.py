@@ -176,6 +176,8 @@ def analysis_report(path, *, verify: bool = False, progress: bool = False,
             found = st.verify(integrals=INTEGRATED, progress=lambda: bar.update(1))
         damaged = [p.message for p in found]
         problems += damaged
+        if st.unchecked:
+            lines.append(f"not checked {st.unchecked}")
     checked = " (every written chunk read and checked)" if verify else ""
     if not problems:
         lines.append("integrity   ok" + checked)

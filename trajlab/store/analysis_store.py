@@ -8,7 +8,10 @@ to the analysed run's identity and committed rows, so a stale analysis is never 
 
 Every read is checked as in run stores (:class:`~trajlab.store.rows.StoredArray`): a chunk that
 fails its checksum, cannot be decoded, or is missing where the store says it was written, is a
-:class:`~trajlab.errors.StoreCorruptError` naming the array and the chunk, never NaN.
+:class:`~trajlab.errors.StoreCorruptError` naming the array and the chunk, never NaN. In format 3
+(:class:`~trajlab.store.layout.AnalysisLayout`) each chunk's checksum is also bound to its array
+and step chunk by the chunk manifest ``trajlab_chunks`` (:mod:`trajlab.store.manifest`), so a
+chunk file swapped with another, or copied in from another array, is such an error too.
 :meth:`AnalysisStore.verify` reads every written chunk; ``analyze`` runs it before it reuses or
 resumes a store and recomputes what it finds damaged.
 """
@@ -29,8 +32,10 @@ from zarr.core.sync import sync
 
 from trajlab.errors import StoreCorruptError, StoreError
 from trajlab.store.codecs import compressors_for
+from trajlab.store.layout import AnalysisLayout
+from trajlab.store.manifest import NONE, ManifestReader, empty_row, file_trailer, manifest_spec
 from trajlab.store.metadata import AnalysisMeta
-from trajlab.store.names import ATTR_KEY, STEP
+from trajlab.store.names import ATTR_KEY, CHUNKS_ARRAY, STEP
 from trajlab.store.rows import StoredArray
 from trajlab.store.run_store import write_many
 from trajlab.store.target import StoreLike, Target, create_group, inspect, show
@@ -68,19 +73,22 @@ class CheckedArray:
     """One analysis array read through :class:`~trajlab.store.rows.StoredArray`: every chunk
     of a written array must exist and pass its checksum, and a read that finds one that does
     not raises :class:`~trajlab.errors.StoreCorruptError` naming the array, the chunk and the
-    fix (recompute it with ``analyze``). Array-like for ``dask.array.from_array``."""
+    fix (recompute it with ``analyze``); with ``manifest`` (format 3), so does a chunk file not
+    written at its position. Array-like for ``dask.array.from_array``."""
 
-    def __init__(self, arr: zarr.Array, name: str, where: str) -> None:
+    def __init__(self, arr: zarr.Array, name: str, where: str,
+                 manifest: ManifestReader | None = None) -> None:
         self.arr = arr
         self.name = name
         self.where = where
+        self.manifest = manifest
         if not any(isinstance(c, zarr.codecs.Crc32cCodec) for c in arr.metadata.codecs):
             raise StoreCorruptError(
                 f"{where}: array {name!r} has no crc32c checksum in its codecs, which every "
                 "analysis array has: its zarr.json was edited or is damaged (damaged chunks "
                 f"would read as wrong numbers); {repair_hint(where)}")
         self.stored = StoredArray(arr, name, rows=arr.shape[0] if arr.ndim else 0,
-                                  samples=None, strict=True, where=where)
+                                  samples=None, strict=True, where=where, manifest=manifest)
         self.shape = tuple(arr.shape)
         self.dtype = arr.dtype
         self.ndim = arr.ndim
@@ -94,9 +102,13 @@ class CheckedArray:
         try:
             out = await self.stored.aget(block)
         except StoreCorruptError as e:
-            raise StoreCorruptError(f"{_short(str(e))}. The analysis store is damaged (a chunk "
-                                    f"deleted or its bytes changed): {repair_hint(self.where)}"
-                                    ) from e
+            what = _short(str(e))
+            if f"array {self.name!r}" not in what:  # the manifest's own damage
+                what = (f"{self.where}: array {self.name!r} cannot be checked: "
+                        f"{what.removeprefix(f'{self.where}: ')}")
+            raise StoreCorruptError(f"{what}. The analysis store is damaged (a chunk "
+                                    "deleted, swapped or its bytes changed): "
+                                    f"{repair_hint(self.where)}") from e
         for ax in reversed(range(len(post))):  # last axis first: dropped axes keep numbering
             p = post[ax]
             if isinstance(p, slice):
@@ -163,18 +175,29 @@ class CheckedArray:
 
 
 def _short(message: str) -> str:
-    """A StoredArray error without its run-store advice (where, array, chunk, cause)."""
-    return (message.split(". The stored")[0].split("; the data")[0]
-            .replace(" inside the committed rows", ""))
+    """A StoredArray or manifest error without its run-store advice (where, array, chunk,
+    cause)."""
+    for advice in (". The stored", "; the data", ". Chunk files were", "; restore the store",
+                   "; the store is damaged"):
+        message = message.split(advice)[0]
+    return message.replace(" inside the committed rows", "")
 
 
 class AnalysisStore:
     """An open analysis store (obtain with :meth:`create` or :meth:`open`)."""
 
-    def __init__(self, group: zarr.Group, meta: AnalysisMeta, where: str) -> None:
+    def __init__(self, group: zarr.Group, meta: AnalysisMeta, where: str,
+                 layout: AnalysisLayout | None = None) -> None:
         self.group = group
         self.meta = meta
         self.where = where
+        self.layout = layout or AnalysisLayout.of_group(group, meta, where)
+        self._reader: ManifestReader | None = None
+
+    @property
+    def unchecked(self) -> str | None:
+        """What :meth:`verify` cannot check in this store's format (None: everything)."""
+        return self.layout.unchecked
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -188,17 +211,22 @@ class AnalysisStore:
         for name, (dims, dtype, desc) in specs.items():
             shape = tuple(sizes[d] for d in dims)
             chunks = (min(c, max(1, shape[0])), *(max(1, s) for s in shape[1:]))
-            arrays[name] = dict(shape=shape, chunks=chunks, dtype=dtype, fill_value=_fill(dtype),
-                                dimension_names=dims, attributes={"description": desc},
-                                compressors=compressors_for(np.dtype(dtype)))
-        arrays[DONE] = dict(shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                            dimension_names=("chunk",), compressors=compressors_for(
-                                np.dtype("uint8")),
-                            attributes={"description": "1 = this step chunk is written"})
+            arrays[name] = {"shape": shape, "chunks": chunks, "dtype": dtype,
+                            "fill_value": _fill(dtype), "dimension_names": dims,
+                            "attributes": {"description": desc},
+                            "compressors": compressors_for(np.dtype(dtype))}
+        arrays[DONE] = {"shape": (n_chunks,), "chunks": (1,), "dtype": "uint8", "fill_value": 0,
+                        "dimension_names": ("chunk",),
+                        "compressors": compressors_for(np.dtype("uint8")),
+                        "attributes": {"description": "1 = this step chunk is written"}}
+        layout = AnalysisLayout.for_meta(meta)
+        if layout.position_bound:
+            spec = manifest_spec(len(layout.array_paths()), n_chunks)
+            arrays[spec.pop("name")] = spec
         _create_arrays(group, arrays)
         meta = dataclasses.replace(meta, state="ready")
         group.attrs[ATTR_KEY] = meta.to_dict()
-        return cls(group, meta, str(target.store))
+        return cls(group, meta, str(target.store), layout)
 
     @classmethod
     def open(cls, store: StoreLike, *, storage_options: dict | None = None,
@@ -258,21 +286,96 @@ class AnalysisStore:
         return np.array([v is True for v in found], dtype=bool), problems
 
     def write_chunk(self, ci: int, rows: slice, values: Mapping[str, np.ndarray]) -> None:
-        """Write every variable of step chunk ``ci`` (rows relative to the store), then mark it
-        done (after the data: a chunk is done only once all of it is written)."""
+        """Write every variable of step chunk ``ci`` (rows relative to the store), record their
+        checksums in the chunk manifest (format 3), then mark the chunk done (last: a chunk is
+        done only once all of it is written and bound to its position)."""
         arrays = self._arrays([*values, DONE])
         write_many([(arrays[n].with_config(_CONFIG), rows, v) for n, v in values.items()])
+        self._bind(arrays, {n: [ci] for n in values})
         arrays[DONE].with_config(_CONFIG)[ci] = 1
 
     def write_all(self, values: Mapping[str, np.ndarray]) -> None:
-        """Write whole variables (the series-wide integrals)."""
+        """Write whole variables (the series-wide integrals, ``step``) and record their
+        checksums in the chunk manifest (format 3). Their commit is the store's state
+        "complete" (``step``: verify checks it in any state, and ``analyze`` rewrites it when
+        it fails, a kill between its write and its manifest entry included)."""
         arrays = self._arrays(list(values))
         write_many([(arrays[n].with_config(_CONFIG), slice(None), v) for n, v in values.items()])
+        self._bind(arrays, {n: range(-(-arrays[n].shape[0] // arrays[n].chunks[0]))
+                            for n in values if arrays[n].ndim})
+
+    def _bind(self, arrays: Mapping[str, zarr.Array],
+              chunks: Mapping[str, Collection[int]]) -> None:
+        """Record in the chunk manifest the checksum of each just-written chunk file (``chunks``:
+        array name -> step chunks), read back from the file (:func:`manifest.file_trailer`).
+        Each touched manifest row is read, updated and rewritten whole; a row that cannot be
+        read, or is not its own, is started afresh (the other arrays' chunks of that step chunk
+        then fail their check and are recomputed, never accepted unchecked). Nothing in a
+        format-2 store."""
+        if not self.layout.position_bound or not chunks:
+            return
+        man = self._manifest_array().with_config(_CONFIG)
+        paths = self.layout.array_paths()
+        index = {p: i for i, p in enumerate(paths)}
+        steps = sorted({ci for cs in chunks.values() for ci in cs})
+        jobs = [(n, ci) for n, cs in chunks.items() for ci in cs]
+
+        async def row(ci: int) -> np.ndarray:
+            try:
+                got = np.asarray(await man._async_array.getitem(slice(ci, ci + 1)))[0]
+            except Exception:  # noqa: BLE001 - damaged: started afresh (see above)
+                got = None
+            if got is None or got.shape[0] != len(paths) + 1 or \
+                    tuple(int(v) for v in got[-1, 0]) != (ci, ci):
+                got = empty_row(ci, len(paths), man.shape[2])
+            return got
+
+        async def _all() -> None:
+            rows = dict(zip(steps, await asyncio.gather(*(row(ci) for ci in steps))))
+            crcs = await asyncio.gather(*(
+                file_trailer(arrays[n], (ci, *(0,) * (arrays[n].ndim - 1))) for n, ci in jobs))
+            for (n, ci), crc in zip(jobs, crcs):
+                rows[ci][index[n], 0] = (NONE if crc is None else crc, NONE)
+            await asyncio.gather(*(man._async_array.setitem(slice(ci, ci + 1), rows[ci][None])
+                                   for ci in steps))
+
+        sync(_all())
+
+    def _manifest_array(self) -> zarr.Array:
+        """The chunk manifest (format 3); a StoreCorruptError when it is gone."""
+        try:
+            arr = self.group[CHUNKS_ARRAY]
+        except Exception as e:  # KeyError (deleted), a damaged zarr.json
+            raise StoreCorruptError(
+                f"{self.where}: the chunk manifest {CHUNKS_ARRAY!r} that analysis format 3 "
+                f"requires is missing or unreadable ({type(e).__name__}); without it no chunk "
+                "can be checked to sit at its position") from e
+        if not isinstance(arr, zarr.Array):
+            raise StoreCorruptError(f"{self.where}: {CHUNKS_ARRAY!r} is not an array; the store "
+                                    "is damaged")
+        return arr
+
+    def _manifest_reader(self, *, fresh: bool = False) -> ManifestReader | None:
+        """The manifest's reader for checks on read (None in format 2). Its rows are cached in
+        a complete store (they no longer change) and ``fresh`` ones (a snapshot for one
+        verification); else read afresh for every chunk."""
+        if not self.layout.position_bound:
+            return None
+        if self._reader is not None and not fresh:
+            return self._reader
+        arr = self._manifest_array()
+        n = int(arr.shape[0])
+        reader = ManifestReader(arr, self.layout.array_paths(), n,
+                                n if (fresh or self.meta.complete) else 0, self.where)
+        if not fresh:
+            self._reader = reader
+        return reader
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
         """Whole variables, checked (:class:`CheckedArray`), read concurrently."""
         arrays = self._arrays(names)
-        checked = [CheckedArray(arrays[n], n, self.where) for n in names]
+        manifest = self._manifest_reader()
+        checked = [CheckedArray(arrays[n], n, self.where, manifest) for n in names]
 
         async def _all() -> list[np.ndarray]:
             return await asyncio.gather(*(a.aget(slice(None)) for a in checked))
@@ -293,6 +396,7 @@ class AnalysisStore:
     def mark_complete(self) -> None:
         self.meta = dataclasses.replace(self.meta, state="complete")
         self.group.attrs[ATTR_KEY] = self.meta.to_dict()
+        self._reader = None  # its rows may be cached from now on
 
     def mark_unfinished(self) -> None:
         """Back to "ready" (a finished store with damaged chunks, before they are recomputed:
@@ -300,12 +404,15 @@ class AnalysisStore:
         if self.meta.state != "ready":
             self.meta = dataclasses.replace(self.meta, state="ready")
             self.group.attrs[ATTR_KEY] = self.meta.to_dict()
+            self._reader = None  # rows cached while complete will be rewritten
 
     # ------------------------------------------------------------------ checking
     def verify(self, *, integrals: Collection[str],
                progress: Callable[[], None] | None = None) -> list[ChunkProblem]:
         """Read every chunk the store says is written; one :class:`ChunkProblem` per array or
-        chunk that is missing, fails its checksum or cannot be decoded (empty: intact).
+        chunk that is missing, fails its checksum or cannot be decoded, or (format 3) holds a
+        file not written at its position (empty: intact; :attr:`unchecked` says what a format-2
+        store cannot be checked for).
 
         What must be written: ``step`` once laid out; the per-chunk variables in every step
         chunk whose done-marker is set (every chunk of a complete store); ``integrals`` (the
@@ -323,15 +430,18 @@ class AnalysisStore:
         if self.meta.complete:
             done = np.ones_like(done)
         names = self._variable_names()
-        arrays, problems_meta = self._arrays_checked(names)
+        arrays, problems_meta = self._arrays_checked(names, fresh=True)
         problems += problems_meta
+        unbound = self._check_manifest(arrays)  # its bad rows, named once each
+        problems += unbound
         todo: dict[str, list[int]] = {}  # array -> step chunks that must be written
         for name, arr in arrays.items():
             if not arr.ndim or (name != STEP and name in integrals and not self.meta.complete):
                 continue
             whole = name == STEP or name in integrals
             todo[name] = [ci for ci in range(-(-arr.shape[0] // arr.chunks[0]))
-                          if whole or (ci < done.size and done[ci])]
+                          if (whole or (ci < done.size and done[ci]))
+                          and not any(p.chunk == ci for p in unbound)]
         limit = asyncio.Semaphore(8)  # bounds the bytes in memory at once
 
         def rows(arr: CheckedArray | StoredArray, first: int, last: int) -> slice:
@@ -369,8 +479,10 @@ class AnalysisStore:
                     present.append(ci)
             # decoding and checksums: consecutive chunks read together (~16 MB), and the
             # chunks of a batch that fails one at a time, to name each bad one
-            plain = StoredArray(arr.arr, name, rows=arr.shape[0], samples=None, strict=False,
-                                where=self.where)
+            # (format 3: strict, for the position check of each chunk, a 4-byte read)
+            plain = StoredArray(arr.arr, name, rows=arr.shape[0], samples=None,
+                                strict=arr.manifest is not None, where=self.where,
+                                manifest=arr.manifest)
             row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
             per_batch = max(1, (16 << 20) // max(1, row_bytes * arr.chunks[0]))
             runs: list[list[int]] = []
@@ -399,23 +511,47 @@ class AnalysisStore:
         problems += [p for p in sync(_all()) if p is not None]
         return problems
 
+    def _check_manifest(self, arrays: Mapping[str, CheckedArray]) -> list[ChunkProblem]:
+        """A problem (array ``trajlab_chunks``, step chunk) for every manifest row that cannot
+        be read or is not its own (a swapped or moved manifest file): the chunks of that step
+        chunk cannot be checked, so :meth:`verify` names the row once instead of each of
+        them. The good rows stay cached in the readers of ``arrays``."""
+        manifest = next((a.manifest for a in arrays.values() if a.manifest is not None), None)
+        if manifest is None:
+            return []
+
+        async def one(ci: int) -> ChunkProblem | None:
+            try:
+                await manifest.row(ci)
+            except StoreCorruptError as e:
+                return ChunkProblem(CHUNKS_ARRAY, ci, (
+                    f"{_short(str(e)).removeprefix(f'{self.where}: ')}; the chunks of step "
+                    f"chunk {ci} cannot be checked"))
+            return None
+
+        async def _all() -> list[ChunkProblem | None]:
+            return await asyncio.gather(*(one(ci) for ci in range(manifest.arr.shape[0])))
+
+        return [p for p in sync(_all()) if p is not None]
+
     def _variable_names(self) -> list[str]:
         """The stored variables (from the metadata; the listing for a store without them)."""
         names = self.meta.variables or tuple(n for n, _ in self.group.arrays())
-        return [n for n in names if n != DONE]
+        return [n for n in names if n not in (DONE, CHUNKS_ARRAY)]
 
     def n_checks(self) -> int:
         """An upper bound of the chunks :meth:`verify` reads (for progress bars)."""
         total = 0
         for name, arr in self.group.arrays():
-            if name != DONE and arr.ndim:
+            if name not in (DONE, CHUNKS_ARRAY) and arr.ndim:
                 total += -(-arr.shape[0] // arr.chunks[0])
         return total
 
-    def _arrays_checked(self, names: list[str]) -> tuple[dict[str, CheckedArray],
-                                                          list[ChunkProblem]]:
+    def _arrays_checked(self, names: list[str], *, fresh: bool = False
+                        ) -> tuple[dict[str, CheckedArray], list[ChunkProblem]]:
         """The named arrays as :class:`CheckedArray`, and a problem for each whose metadata is
-        missing or unreadable."""
+        missing or unreadable, and for a format-3 manifest that is (``fresh``: the manifest's
+        rows read for this call only, see :meth:`_manifest_reader`)."""
         async def one(n: str) -> Any:
             try:
                 return await self.group._async_group.getitem(n)
@@ -426,6 +562,11 @@ class AnalysisStore:
             return await asyncio.gather(*(one(n) for n in names))
 
         arrays, problems = {}, []
+        try:
+            manifest = self._manifest_reader(fresh=fresh)
+        except StoreCorruptError as e:
+            return {}, [ChunkProblem(CHUNKS_ARRAY, None, _short(str(e)).removeprefix(
+                f"{self.where}: "))]
         for n, a in zip(names, sync(_all())):
             if isinstance(a, Exception) or not isinstance(a, zarr.AsyncArray):
                 why = "missing" if isinstance(a, KeyError) else f"unreadable ({a!r})"
@@ -433,7 +574,7 @@ class AnalysisStore:
                                                       "(zarr.json) was deleted or damaged"))
             else:
                 try:
-                    arrays[n] = CheckedArray(zarr.Array(a), n, self.where)
+                    arrays[n] = CheckedArray(zarr.Array(a), n, self.where, manifest)
                 except StoreCorruptError as e:  # its codecs lack the checksum
                     problems.append(ChunkProblem(n, None, _short(str(e))))
         return arrays, problems

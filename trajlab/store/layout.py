@@ -17,6 +17,14 @@ This is the one place that knows the variants of the format:
   W's singular basis, :class:`~trajlab.sketches.Rank1Basis`). Only stores holding such a layer
   are written as format 4 (:func:`written_format`): every other store stays format 3, readable
   by the trajlab versions before it. A store below format 4 holding such a layer is refused.
+
+Analysis stores have their own format versions (:class:`AnalysisLayout`):
+
+* analysis format 2 ("a2"): CRC32C checksums on every chunk; every chunk of a step chunk marked
+  done is written (a missing one is an error);
+* analysis format 3 ("a3"): as a2, plus the chunk manifest ``trajlab_chunks`` (the same
+  mechanism as run-store format 3) binding each chunk's checksum to its array and step chunk.
+  Told apart from a2 by the format version only; an a2 store holding a manifest is refused.
 """
 
 from __future__ import annotations
@@ -30,10 +38,11 @@ import numpy as np
 from trajlab.dims import BN_CHANNEL
 from trajlab.errors import StoreCorruptError
 from trajlab.sketches import Var, sketch_kind
-from trajlab.store.metadata import LayerMeta, RunMeta
+from trajlab.store.metadata import AnalysisMeta, LayerMeta, RunMeta
 from trajlab.store.names import CHUNKS_ARRAY, IN, LAYERS_GROUP, OUT, SAMPLE
 
 Variant = Literal["v1", "v1-derived", "v2", "v3", "v4"]
+AnalysisVariant = Literal["a2", "a3"]
 
 #: Sketch kinds that only format-4 run stores hold.
 FORMAT4_SKETCHES = frozenset({"rank1_basis"})
@@ -229,6 +238,56 @@ def written_format(sketches: Iterable[str], newest: int) -> int:
     return newest if set(sketches) & FORMAT4_SKETCHES else min(newest, 3)
 
 
+@dataclass(frozen=True)
+class AnalysisLayout:
+    """What an analysis store's format guarantees, and so what a reader can check.
+
+    Obtain with :meth:`of_group` (an existing store) or :meth:`for_meta` (a new one).
+    """
+
+    meta: AnalysisMeta
+    variant: AnalysisVariant
+
+    @classmethod
+    def for_meta(cls, meta: AnalysisMeta) -> AnalysisLayout:
+        return cls(meta, _ANALYSIS_VARIANTS[meta.format_version])
+
+    @classmethod
+    def of_group(cls, group, meta: AnalysisMeta, where: str = "this store") -> AnalysisLayout:
+        """The layout of an existing store; an a2 store holding a manifest is refused."""
+        out = cls.for_meta(meta)
+        if not out.position_bound and CHUNKS_ARRAY in group:
+            raise StoreCorruptError(
+                f"{where}: this analysis store says format version {meta.format_version}, but "
+                f"it holds the chunk manifest {CHUNKS_ARRAY!r} that only analysis format 3 "
+                "writes: its root zarr.json was edited or is damaged; recompute it with "
+                "overwrite=True (`trajlab analyze RUN --out OUT --overwrite`)")
+        return out
+
+    @property
+    def position_bound(self) -> bool:
+        """Each chunk's checksum is recorded for its array and step chunk in the chunk
+        manifest (a swapped or misplaced chunk file is an error)."""
+        return self.variant == "a3"
+
+    @property
+    def unchecked(self) -> str | None:
+        """What a verification of this variant cannot check (None: everything is checked)."""
+        if self.variant == "a2":
+            return ("chunk positions are not checked (an analysis store of format 2 has no "
+                    "chunk manifest: two swapped chunk files of one array would read as wrong "
+                    "values); recompute it with --overwrite to get a format-3 store")
+        return None
+
+    def array_paths(self) -> list[str]:
+        """The arrays the manifest covers, in the order of its ``array`` axis: the stored
+        variables (``step`` first), not the done-markers."""
+        return list(self.meta.variables)
+
+
+_ANALYSIS_VARIANTS: dict[int, AnalysisVariant] = {2: "a2", 3: "a3"}
+
+
 def layer_group_name(name: str) -> str:
     """Group name for a recorded layer: its name with ``/`` and ``:`` made safe, ``"_root"`` for
     the model itself."""
@@ -238,4 +297,5 @@ def layer_group_name(name: str) -> str:
 
 
 __all__ = ["BATCHNORM_VARS", "DEFAULTS", "FORMAT4_SKETCHES", "LAYER_VARS", "PROBE_VARS",
-           "ROOT_VARS", "RunLayout", "Variant", "layer_group_name", "written_format"]
+           "ROOT_VARS", "AnalysisLayout", "AnalysisVariant", "RunLayout", "Variant",
+           "layer_group_name", "written_format"]

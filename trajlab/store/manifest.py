@@ -1,4 +1,5 @@
-"""Position-bound chunk checksums (run-store format 3): the chunk manifest.
+"""Position-bound chunk checksums (run-store format 3, analysis-store format 3): the chunk
+manifest.
 
 Zarr's ``crc32c`` codec proves that a chunk file's bytes are the bytes written, not that they
 were written *there*: two chunk files of one array swapped (or a chunk copied from another run
@@ -27,6 +28,15 @@ both (old, new); the next append that touches the chunk replaces the pair.
 The checksum is the chunk's own CRC, not a hash salted with the position: two chunks with equal
 bytes are interchangeable (swapping them changes no value), and plain Zarr readers, which check
 the same trailer, still open the store without trajlab.
+
+Analysis stores (:mod:`trajlab.store.analysis_store`) keep the same array, with the stored
+variables (:meth:`trajlab.store.layout.AnalysisLayout.array_paths`) on the ``array`` axis and
+one ``sample_chunk`` (their arrays are one chunk across every axis but ``step``). Their commit
+is the step chunk's done-marker (or the state "complete", for the series-wide integrals), so
+the writer records each chunk's checksum *after* the chunk file is written, read back from the
+file's trailer (:func:`file_trailer`), and *before* that commit: a chunk is checked only once
+committed, and a kill in between leaves it uncommitted (recomputed on resume). There, the
+second accepted value is :data:`NONE`.
 """
 
 from __future__ import annotations
@@ -85,6 +95,29 @@ def manifest_spec(n_arrays: int, step_chunks: int = 0) -> dict:
                        f"{NONE} = none); see trajlab docs/format.md"}}
 
 
+def empty_row(step_chunk: int, n_arrays: int, n_sample: int = 1) -> np.ndarray:
+    """A manifest row (``n_arrays + 1``, ``n_sample``, 2) with no checksum, holding its own
+    position ``step_chunk`` in its last entry."""
+    row = np.full((n_arrays + 1, n_sample, 2), NONE, dtype=np.uint64)
+    row[-1, 0] = step_chunk
+    return row
+
+
+async def file_trailer(arr: zarr.Array, coords: Sequence[int]) -> int | None:
+    """The CRC32C trailer of the chunk file of ``arr`` at ``coords`` (one 4-byte read; None
+    when there is no file or it is too short to hold one)."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    sp = arr._async_array.store_path
+    key = (f"{sp.path}/" if sp.path else "") + arr.metadata.encode_chunk_key(tuple(coords))
+    tail = await sp.store.get(key, default_buffer_prototype(), byte_range=SuffixByteRequest(4))
+    if tail is None:
+        return None
+    raw = tail.to_bytes()
+    return trailer(raw) if len(raw) == 4 else None
+
+
 def create_manifest(group: zarr.Group, n_arrays: int) -> zarr.Array:
     """Lay out an empty manifest for ``n_arrays`` arrays in a new store."""
     return group.create_array(**manifest_spec(n_arrays))
@@ -130,8 +163,8 @@ class ManifestReader:
             except Exception as e:  # any decoding failure is damage
                 raise StoreCorruptError(
                     f"{self.where}: the chunk manifest {CHUNKS_ARRAY!r}, chunk "
-                    f"{step_chunk}/0/0/0 cannot be read ({type(e).__name__}: {e}); the store is damaged: restore "
-                    "it from a copy") from e
+                    f"{step_chunk}/0/0/0 cannot be read ({type(e).__name__}: {e}); the store "
+                    "is damaged: restore it from a copy") from e
             if tuple(int(v) for v in got[-1, 0]) != (step_chunk, step_chunk):
                 raise StoreCorruptError(
                     f"{self.where}: the chunk manifest {CHUNKS_ARRAY!r}, chunk "
@@ -152,4 +185,5 @@ class ManifestReader:
 
 
 __all__ = ["CHUNKS_ARRAY", "DIMS", "NONE", "SAMPLE_CHUNKS", "ManifestReader", "accepts",
-           "create_manifest", "manifest_spec", "sample_chunk", "sample_chunks", "trailer"]
+           "create_manifest", "empty_row", "file_trailer", "manifest_spec", "sample_chunk",
+           "sample_chunks", "trailer"]

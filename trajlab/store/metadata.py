@@ -3,7 +3,8 @@ attributes with ``from_dict`` / ``to_dict``).
 
 * Run stores: format 2 is written; format 1 (the first release) is read. Format-1 stores come in
   two variants, told apart once, in :mod:`trajlab.store.layout`.
-* Analysis stores: format 2 is written and read; an analysis written by format 1 is refused with
+* Analysis stores: format 3 is written; format 2 is read (its variants are told apart in
+  :class:`trajlab.store.layout.AnalysisLayout`); an analysis written by format 1 is refused with
   a message to recompute it (its layout cannot be resumed).
 """
 
@@ -17,7 +18,8 @@ from trajlab.errors import StoreCorruptError, StoreError
 
 FORMAT_VERSION: Literal[4] = 4
 READABLE_FORMATS = (1, 2, 3, 4)
-ANALYSIS_FORMAT_VERSION: Literal[2] = 2
+ANALYSIS_FORMAT_VERSION: Literal[3] = 3
+READABLE_ANALYSIS_FORMATS = (2, 3)
 
 Sampler = Literal["with_replacement", "reshuffle", "unknown"]
 SAMPLERS = ("with_replacement", "reshuffle", "unknown")
@@ -362,7 +364,7 @@ class AnalysisMeta:
         if not isinstance(version, int) or version > ANALYSIS_FORMAT_VERSION:
             raise StoreError(f"{where} has analysis format {version!r}, newer than this trajlab "
                              "reads; upgrade trajlab")
-        if version < ANALYSIS_FORMAT_VERSION:
+        if version < READABLE_ANALYSIS_FORMATS[0]:
             raise StoreError(
                 f"{where} was written by an older trajlab (analysis format {version}) and cannot "
                 "be resumed or read by this one; recompute it with overwrite=True "
