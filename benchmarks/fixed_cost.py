@@ -11,7 +11,8 @@ repeat measures, against the median plain step measured in the same repeat:
 * ``commit``: from the start of step 0 until the store's first commit returns (writer thread);
 * ``create``: ``RunStoreWriter.create`` (writer thread), ``append``: the first append;
 * ``after``: the 10 unrecorded steps right after step 0, each / the plain step (median, max);
-* ``close``: ``Recorder.close()``;
+* ``close``: ``Recorder.close()``; ``finalize``: its trim of every array to the committed rows
+  (writer thread);
 * ``run200``: 200 steps at every=100 (construction, enter and close included) / 200 plain steps
   (the hidden check's ratio), alternated with its baseline.
 
@@ -83,16 +84,16 @@ class Mlp:
 
 
 class Probe:
-    """Benchmark-only timers around RunStoreWriter.create/append (writer thread)."""
+    """Benchmark-only timers around RunStoreWriter.create/append/finalize (writer thread)."""
 
     def __init__(self, profile: bool = False) -> None:
         self.profile = profile
         self.events: dict[str, float] = {}
         self.stats: pstats.Stats | None = None
-        self._saved = (RunStoreWriter.create, RunStoreWriter.append)
+        self._saved = (RunStoreWriter.create, RunStoreWriter.append, RunStoreWriter.finalize)
 
     def __enter__(self) -> Self:
-        create, append = self._saved
+        create, append, finalize = self._saved
         probe = self
 
         def timed_create(w, *a, **kw):
@@ -116,11 +117,19 @@ class Probe:
             probe.events.setdefault("commit_at", time.perf_counter())
             return out
 
+        def timed_finalize(w, *a, **kw):
+            t0 = time.perf_counter()
+            out = finalize(w, *a, **kw)
+            probe.events.setdefault("finalize", time.perf_counter() - t0)
+            return out
+
         RunStoreWriter.create, RunStoreWriter.append = timed_create, timed_append
+        RunStoreWriter.finalize = timed_finalize
         return self
 
     def __exit__(self, *exc) -> None:
-        RunStoreWriter.create, RunStoreWriter.append = self._saved
+        (RunStoreWriter.create, RunStoreWriter.append,
+         RunStoreWriter.finalize) = self._saved
 
 
 def store_files(root: Path) -> tuple[int, list[int], int]:
@@ -196,6 +205,7 @@ def one_repeat(tmp: Path, k: int, profile: bool) -> dict:
     r = {"plain": plain, "enter": enter, "step0": step0, "close": close, "after": after,
          "nocheck": nocheck,
          "create": ev.get("create", float("nan")), "append": ev.get("append", float("nan")),
+         "finalize": ev.get("finalize", float("nan")),
          "commit": ev.get("commit_at", float("nan")) - t_step0,
          "create_done": ev.get("create_end", float("nan")) - t_step0,
          "bytes": nbytes, "files": len(sizes), "dirs": dirs, "load": load(),
@@ -276,6 +286,7 @@ def main() -> None:
         print(f"  first append        {ms(col('append'))}")
         print(f"  first commit at     {ms(col('commit'))} after step 0 began")
         print(f"close()               {ms(col('close'))}")
+        print(f"  finalize (writer)   {ms(col('finalize'))}  (trim to the committed rows)")
         fixed = [r["enter"] + r["step0"] - r["plain"] + r["close"] for r in rows]
         print(f"fixed cost (enter + step 0 - plain + close) {ms(fixed)}")
         print("steps 1-10 / plain    median "

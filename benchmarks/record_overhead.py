@@ -10,8 +10,10 @@ with ``--device cuda`` (timed blocks then end with ``torch.cuda.synchronize()``)
 
 Three tables, every figure a ratio against a baseline measured in the same run:
 
-1. training step with a Recorder at ``every`` = 1, 10, 100 / without (plus per-sample gradients
-   with Opacus ``GradSampleModule`` and BackPACK ``BatchGrad`` where those are installed);
+1. training step with a Recorder at ``every`` = 1, 10, 100 / without, and a whole 200-step run
+   at every=100 with a fresh Recorder (construction, store creation and ``close()`` included) /
+   200 plain steps (plus per-sample gradients with Opacus ``GradSampleModule`` and BackPACK
+   ``BatchGrad`` where those are installed);
 2. every=1 against the I/O floor: recorder time / max(plain step, stored bytes per step /
    sustained write bandwidth), the bandwidth measured here into the stores' directory, beside
    the CPU time a recorded step costs the whole process (all threads, a writer process
@@ -66,6 +68,8 @@ from trajlab.store.run_store import RunStoreWriter
 
 TARGET_EVERY = {1: None, 10: 1.15, 100: 1.03}
 TARGET_FLOOR = 1.25
+#: Steps of the whole-run row (every=100, the Recorder's lifetime included; issue 26 item 3).
+LIFETIME_STEPS = 200
 OMP = os.environ.get("OMP_WAIT_POLICY", "")
 
 
@@ -252,6 +256,29 @@ def bench_every(w: Workload, every: int, blocks_of: int, repeats: int, tmp: Path
     shutil.rmtree(tmp / f"{w.name}-e{every}.zarr")
     return {"ratio": paired(base, cand), "load": statistics.median(loads),
             "base_ms": statistics.median(base) / n * 1e3}
+
+
+def bench_lifetime(w: Workload, steps: int, every: int, repeats: int, tmp: Path,
+                   writer: str) -> dict:
+    """A whole short run: ``steps`` steps at ``every`` with a fresh Recorder (construction,
+    store creation, ``close()`` included) against ``steps`` plain steps of an identical
+    workload, alternated (the fixed cost that short runs and sweeps pay on every run)."""
+    plain, recd = w.copy(), w.copy()
+    base, cand, loads = [], [], []
+    with writer_setup(writer):
+        record(recd, tmp / f"{w.name}-life-warm.zarr", every + 1, every=every)  # imports, zarr
+        plain.steps(every + 1)
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            plain.steps(steps)
+            base.append(time.perf_counter() - t0)
+            store = tmp / f"{w.name}-life-{writer}-{r}.zarr"
+            cand.append(record(recd, store, steps, every=every)[1])
+            loads.append(os.getloadavg()[0])
+            shutil.rmtree(store)
+    shutil.rmtree(tmp / f"{w.name}-life-warm.zarr")
+    return {"ratio": paired(base, cand), "load": statistics.median(loads),
+            "base_ms": statistics.median(base) / steps * 1e3}
 
 
 def opacus_step(w: Workload):
@@ -556,6 +583,11 @@ def main() -> None:
                     print(f"{w.name:8} {f'every={every} ' + writer:20} {r['base_ms']:8.2f} "
                           f"{spread(r['ratio']):>26} {TARGET_EVERY[every]:6.2f}x "
                           f"{r['load']:5.2f}", flush=True)
+            for writer in writers:
+                r = bench_lifetime(w, LIFETIME_STEPS, 100, repeats, tmp, writer)
+                print(f"{w.name:8} {f'{LIFETIME_STEPS} steps e=100 ' + writer:20} "
+                      f"{r['base_ms']:8.2f} {spread(r['ratio']):>26} {'-':>7} "
+                      f"{r['load']:5.2f}", flush=True)
             for label, alt in (("Opacus GradSample", opacus_step), ("BackPACK BatchGrad",
                                                                     backpack_step)):
                 r = bench_alternative(w, alt, steps1[w.name], repeats)
