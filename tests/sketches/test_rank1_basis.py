@@ -158,3 +158,69 @@ def test_only_stores_with_such_layers_are_format_4(tmp_path, basis_rule):
     path.write_text(json.dumps(doc))
     with pytest.raises(StoreCorruptError, match="'rank1_basis' sketch that only format 4"):
         open_run(tmp_path / "basis.zarr")
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (40, 8)])
+def test_svd_form_and_small_gap_rows_equal_rank1(shape):
+    """The SVD form (``sketch_layer_terms``, used for steps with a small gap) and the resolvent
+    form at a step it hands to the SVD form give rank1's terms."""
+    from trajlab.sde import sketch_layer_terms
+    from trajlab.sde.resolvent import resolvent_layer_terms
+    from trajlab.sketches.rank1_basis import basis_statistics
+
+    gen = torch.Generator().manual_seed(5)
+    m, n = shape
+    W = torch.randn(2, m, n, generator=gen, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(W[1], full_matrices=False)
+    S[1] = S[0] * (1 - 1.5e-3)  # relative gap 1.5e-3: the resolvent form hands it to SVD
+    W[1] = U @ torch.diag(S) @ Vh
+    d = torch.randn(2, 6, m, generator=gen, dtype=torch.float64)
+    a = torch.randn(2, 6, n, generator=gen, dtype=torch.float64)
+    g = d.mT @ a / 6
+    upd, lr = -0.1 * g, torch.full((2,), 0.1, dtype=torch.float64)
+    raw = {"ps_grad_out": d, "ps_input": a}
+    stats = [basis_statistics(d[t], a[t], W[t]) for t in range(2)]
+    stacked = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
+    want = resolvent_layer_terms(W, g, upd, lr, sketch="rank1", tensors=raw)
+    got = resolvent_layer_terms(W, g, upd, lr, sketch="rank1_basis", tensors=stacked)
+    for t in range(2):
+        ref = sketch_layer_terms(W[t], g[t], upd[t], 0.1, "rank1",
+                                 {k: v[t] for k, v in raw.items()})
+        svd = sketch_layer_terms(W[t], g[t], upd[t], 0.1, "rank1_basis", stats[t])
+        for k in want:
+            if not want[k].is_floating_point():
+                assert torch.equal(got[k], want[k]) and torch.equal(svd[k], ref[k]), k
+                continue
+            scale = float(want[k].abs().max()) or 1.0
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10 * scale, msg=k)
+            torch.testing.assert_close(svd[k].to(ref[k].dtype), ref[k], rtol=0,
+                                       atol=1e-10 * scale, msg=k)
+
+
+def test_micro_batches_and_clipping(tmp_path, basis_rule):
+    """Two micro-batches per step (concatenated raw factors) under gradient clipping
+    (``grad_scale`` != 1): the statistics are of the scaled, joined factors."""
+    def train(store):
+        model = _model(torch.float64)
+        X, Y = _data(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        g = torch.Generator().manual_seed(3)
+        with trajlab.Recorder(model, store, optimizer=opt, loss_fn=F.cross_entropy) as rec:
+            for _ in range(4):
+                idx = torch.randperm(len(X), generator=g)[:8]
+                opt.zero_grad()
+                for part in (idx[:3], idx[3:]):
+                    loss = F.cross_entropy(model(X[part]), Y[part]) * len(part) / 8
+                    loss.backward()
+                    rec.log(loss=loss * 8 / len(part), indices=part, batch_size=len(part))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+        return store
+
+    register_rule(nn.Linear, LinearRule(), overwrite=True)
+    plain = _analyze(train(tmp_path / "rank1.zarr"))
+    register_rule(nn.Linear, LinearBasisRule(min_saving=0), overwrite=True)
+    run = open_run(train(tmp_path / "basis.zarr"))
+    assert (run.layer_rows("0", ["grad_scale"])["grad_scale"] < 1).all()
+    got = _analyze(run)
+    assert_analyses_close(got, plain, rel=1e-10, names=list(plain.data_vars))
