@@ -2,7 +2,8 @@
 :class:`trajlab.record.writer.BackgroundWriter`, with the compression and the Zarr machinery out
 of the training process's interpreter (no GIL shared with training).
 
-Three parts:
+Three parts; this module holds the training process's two (the child is
+:mod:`trajlab.record.writer_child`):
 
 * the training thread only enqueues the step's host tensors (``put``, bounded queue), as with the
   writer thread;
@@ -33,7 +34,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,34 +42,18 @@ import torch
 
 from trajlab.priority import background_thread
 from trajlab.record.writer import BackgroundWriter, PendingRecord, QueuedProducer, RowSink
+from trajlab.record.writer_child import ForkedChild, Shm, child_main, lookup_prctl, nbytes
 from trajlab.store.metadata import RunMeta
 from trajlab.store.run_store import RunStoreWriter, StepRecord
 
-_ALIGN = 64
 _STOP = ("stop",)
-
-
-class _Shm:
-    """A tensor's place in a slot: (offset from the slot start, dtype string, shape)."""
-
-    __slots__ = ("dtype", "offset", "shape")
-
-    def __init__(self, offset: int, dtype: str, shape: tuple[int, ...]) -> None:
-        self.offset, self.dtype, self.shape = offset, dtype, shape
-
-    def __reduce__(self):
-        return (_Shm, (self.offset, self.dtype, self.shape))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
 
 
 def record_bytes(record: PendingRecord) -> int:
     """Bytes a record's tensors take in a slot (each aligned to 64 bytes)."""
-    n = sum(_nbytes(v) for v in record.root.values() if isinstance(v, torch.Tensor))
+    n = sum(nbytes(v) for v in record.root.values() if isinstance(v, torch.Tensor))
     for arrays in record.layers.values():
-        n += sum(_nbytes(v) for v in arrays.values() if isinstance(v, torch.Tensor))
+        n += sum(nbytes(v) for v in arrays.values() if isinstance(v, torch.Tensor))
     return n
 
 
@@ -109,7 +93,7 @@ class ProcessWriter(QueuedProducer):
         self.n_slots = max(2, int(queue_size))
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._pending_create: tuple | None = None
-        self._proc: _ForkedChild | None = None
+        self._proc: ForkedChild | None = None
         self._stopping = False  # the child was told to stop (its exit is then expected)
         self._closed = threading.Event()
         # set while this process waits on the writer (QueuedProducer._writer_behind); the child
@@ -176,11 +160,11 @@ class ProcessWriter(QueuedProducer):
         self._next_slot = 0
         self._to_child, child_in = ctx.Pipe(duplex=False)[::-1]
         reports, self._to_parent = ctx.Pipe(duplex=False)
-        _lookup_prctl()
+        lookup_prctl()
         gc.freeze()  # the child never collects (and finalizes) the training process's objects
         try:
-            self._proc = _ForkedChild(
-                _child_main, (self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
+            self._proc = ForkedChild(
+                child_main, (self.writer, child_in, self._to_parent, self._ring, self.slot_bytes,
                               self._free, self.flush_seconds, os.getpid(),
                               (self._to_child, reports), self._behind_flag))
         finally:
@@ -218,8 +202,8 @@ class ProcessWriter(QueuedProducer):
             src = v.detach().numpy()
             dst = np.ndarray(src.shape, src.dtype, buffer=self._ring, offset=base + cursor[0])
             np.copyto(dst, src)
-            ref = _Shm(cursor[0], src.dtype.str, src.shape)
-            cursor[0] += _nbytes(v)
+            ref = Shm(cursor[0], src.dtype.str, src.shape)
+            cursor[0] += nbytes(v)
             return ref
 
         root = {k: place(v) for k, v in record.root.items()}
@@ -313,159 +297,6 @@ def _as_numpy(record: PendingRecord) -> StepRecord:
     return StepRecord(root={k: conv(v) for k, v in record.root.items()},
                       layers={n: {k: conv(v) for k, v in a.items()}
                               for n, a in record.layers.items()})
-
-
-# ----------------------------------------------------------------------------- child process
-class _ForkedChild:
-    """The writer process, forked directly (``os.fork``), with the part of
-    :class:`multiprocessing.Process`'s interface the writer uses.
-
-    Not a ``multiprocessing.Process``: its start-up in the child closes ``sys.stdin``, which
-    waits forever on the stdin buffer's lock when another thread of the training process was
-    reading stdin at the fork (a lock the child inherits held, with no thread to release it).
-    The child here runs ``target(*args)`` and leaves with ``os._exit``, touching nothing else.
-    """
-
-    def __init__(self, target: Callable[..., Any], args: tuple) -> None:
-        self.exitcode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child
-            try:
-                target(*args)
-            finally:
-                os._exit(1)  # target leaves with its own os._exit; this only if it raised
-
-    def _reap(self, flags: int) -> None:
-        if self.exitcode is None:
-            try:
-                pid, status = os.waitpid(self.pid, flags)
-            except ChildProcessError:  # reaped by another thread meanwhile
-                return
-            if pid == self.pid:
-                self.exitcode = os.waitstatus_to_exitcode(status)
-
-    def is_alive(self) -> bool:
-        self._reap(os.WNOHANG)
-        return self.exitcode is None
-
-    def join(self, timeout: float | None = None) -> None:
-        if timeout is None:
-            self._reap(0)
-            return
-        deadline = time.monotonic() + timeout
-        while self.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-
-def _child_main(*args: Any) -> None:
-    """The writer process. It leaves with ``os._exit``: no interpreter shutdown, so nothing the
-    training process had buffered (stdout, atexit handlers) runs or prints twice."""
-    code = 1
-    try:
-        _child_loop(*args)
-        code = 0
-    finally:
-        os._exit(code)
-
-
-_PRCTL: list = []  # libc's prctl, looked up in the training process before the fork
-
-
-def _lookup_prctl() -> None:
-    """Find libc's ``prctl`` now, in the training process: the child must not ``dlopen``
-    (the loader's lock may have been held by another thread at the fork)."""
-    if not _PRCTL:
-        try:
-            import ctypes
-
-            _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
-        except (OSError, AttributeError):  # not Linux
-            _PRCTL.append(None)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when the training process's feeder thread (the one
-    that forked it) is gone, so that an orphan never writes after a new writer took the store
-    (Linux; elsewhere the child's own checks of its parent and pipe remain)."""
-    if _PRCTL and _PRCTL[0] is not None:
-        _PRCTL[0](1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    if os.getppid() != parent:
-        os._exit(0)  # the parent died before the request above took effect
-
-
-def _child_loop(writer: RunStoreWriter, inbox, reports, ring: mmap.mmap, slot_bytes: int,
-                free, flush_seconds: float, parent: int, parent_ends: tuple,
-                behind=None) -> None:
-    """Rows from the ring into a :class:`RowSink` until told to stop."""
-    _die_with_parent(parent)
-    for conn in parent_ends:  # so that the pipe closes when the training process is gone
-        conn.close()
-
-    def orphaned() -> bool:
-        return os.getppid() != parent
-
-    def on_tick() -> None:
-        if orphaned():
-            os._exit(0)  # the training process is gone: write nothing more
-        reports.send(("tick",))
-
-    sink = RowSink(writer, flush_seconds=flush_seconds,
-                   on_nonfinite=lambda s, n: reports.send(("nonfinite", s, n)),
-                   on_tick=on_tick)
-    if behind is not None:  # one more encoder while the training process waits on us
-        writer.assist_when(lambda: behind.value != 0)
-    failed = False
-    while True:
-        try:
-            ready = inbox.poll(min(0.2, sink.wait_seconds()))
-            if orphaned():
-                os._exit(0)
-            if not ready:
-                if not failed and sink.due():
-                    sink.flush()
-                continue
-            msg = inbox.recv()
-        except (EOFError, OSError):
-            os._exit(0)  # the pipe closed: the training process is gone
-        kind = msg[0]
-        if kind == "stop":
-            return
-        try:
-            if kind == "slot":
-                row = _copy_out(ring, msg[1] * slot_bytes, msg[2], msg[3])
-                free.release()
-                if not failed:
-                    sink.add(row)
-            elif failed:
-                continue
-            elif kind == "inline":
-                sink.add(msg[1])
-            elif kind == "create":
-                sink.create(msg[1], msg[2])
-            elif kind == "close":
-                sink.close(msg[1])
-        except BaseException as e:  # noqa: BLE001 - reported to the training process
-            failed = True
-            try:
-                reports.send(("error", e))
-            except Exception:  # noqa: BLE001 - an exception that does not pickle
-                reports.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
-            with contextlib.suppress(Exception):  # best effort, as the recorder's own marking
-                writer.set_truncated(f"{type(e).__name__}: {e}")
-
-
-def _copy_out(ring: mmap.mmap, base: int, root: dict, layers: dict) -> StepRecord:
-    def take(v: Any) -> Any:
-        if not isinstance(v, _Shm):
-            return v
-        return np.ndarray(v.shape, np.dtype(v.dtype), buffer=ring, offset=base + v.offset).copy()
-
-    return StepRecord(root={k: take(v) for k, v in root.items()},
-                      layers={n: {k: take(v) for k, v in a.items()} for n, a in layers.items()})
 
 
 def make_writer(kind: str, writer: RunStoreWriter, **kwargs: Any
