@@ -1,8 +1,8 @@
 """The forward and backward callbacks of a recorded step of a
 :class:`~trajlab.record.recorder.Recorder`.
 
-* :func:`new_micro` starts a micro-batch (the model's root forward pre-hook, or an
-  integration's mark);
+* :func:`new_micro` starts a micro-batch (:func:`on_model_forward`, the model's root forward
+  pre-hook, or an integration's mark);
 * :func:`forward_callback` makes a layer's forward hook: on a recorded, grad-enabled forward it
   describes the layer on its first input and registers a gradient hook on its output;
 * that gradient hook calls ``Recorder._capture`` (:func:`capture`): the layer rule's
@@ -30,6 +30,16 @@ from trajlab.record.summary import mixing_layers, mixing_message
 
 if TYPE_CHECKING:
     from trajlab.record.recorder import Recorder
+
+
+def on_model_forward(rec: Recorder, args: tuple) -> None:
+    """The model's root forward pre-hook: a recorded, grad-enabled forward starts a
+    micro-batch (not a forward inside a torch.func transform of the user's own)."""
+    if not (rec.recording and torch.is_grad_enabled()):
+        return
+    if any(isinstance(a, Tensor) and _capture.transformed(a) for a in args):
+        return  # a torch.func transform of the user's own, not a training forward
+    new_micro(rec, marked=False)
 
 
 def new_micro(rec: Recorder, *, marked: bool) -> None:
@@ -114,4 +124,4 @@ def capture(rec: Recorder, layer: LayerState, micro: int, args: tuple, kwargs: d
         layer.failed = e
 
 
-__all__ = ["capture", "forward_callback", "new_micro"]
+__all__ = ["capture", "forward_callback", "new_micro", "on_model_forward"]

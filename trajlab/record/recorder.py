@@ -18,9 +18,7 @@ from torch import Tensor, nn
 
 from trajlab.errors import RecorderError, SelfCheckError
 from trajlab.record import (
-    assembly,
     callbacks,
-    capture,
     disk_space,
     emission,
     failures,
@@ -115,7 +113,7 @@ class Recorder:
             )
         opts = self.options = RecorderOptions.build(options, **kwargs)
         model, self._dist = _ddp.detect(model)  # DistributedDataParallel: its module
-        self._ddp_stopped = False  # every rank agreed to stop recording (see _before_step_ddp)
+        self._ddp_stopped = False  # every rank agreed to stop recording (see ddp.before_step)
         self._compiled = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
         self.model = model._orig_mod if self._compiled else model
         self.optimizer = optimizer
@@ -278,11 +276,7 @@ class Recorder:
             self._remove(self._layer_handles)
 
     def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
-        if not (self.recording and torch.is_grad_enabled()):
-            return
-        if any(isinstance(a, Tensor) and capture.transformed(a) for a in args):
-            return  # a torch.func transform of the user's own, not a training forward
-        callbacks.new_micro(self, marked=False)
+        callbacks.on_model_forward(self, args)
 
     def _mark_batch(self) -> None:
         """An integration says a micro-batch starts (Lightning's ``on_train_batch_start``):
@@ -339,12 +333,11 @@ class Recorder:
                 "call rec.__enter__() first and rec.close() at the end)")
         if not self.recording:
             return  # no .item() or device-to-host copy on unrecorded steps
-        loss_v = log_checks.loss_value(loss)
-        idx = log_checks.indices_value(indices, dataset_size=self.options.dataset_size,
-                                       step=self._step)
-        self._state.attach(loss=loss_v, indices=idx, batch_size=batch_size,
-                           inputs=None if self._checked else inputs,
-                           targets=None if self._checked else targets)
+        keep = not self._checked  # the inputs, for the first step's self-check
+        self._state.attach(loss=log_checks.loss_value(loss), batch_size=batch_size,
+                           indices=log_checks.indices_value(
+                               indices, dataset_size=self.options.dataset_size, step=self._step),
+                           inputs=inputs if keep else None, targets=targets if keep else None)
 
     # ------------------------------------------------------------------ steps
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -363,10 +356,7 @@ class Recorder:
         stepping.check_continuity(self)
 
     def _drop_broadcast(self) -> None:
-        """First step of a new store: leave out layers broadcast over the batch (see
-        :func:`trajlab.record.assembly.broadcast_layers`)."""
-        self._layers = assembly.drop_broadcast(self._layers, self._summary,
-                                               explicit=self._explicit_layers)
+        stepping.drop_broadcast(self)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:

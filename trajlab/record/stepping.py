@@ -93,6 +93,13 @@ def check_continuity(rec: Recorder) -> None:
             break
 
 
+def drop_broadcast(rec: Recorder) -> None:
+    """First step of a new store: leave out layers broadcast over the batch (see
+    :func:`trajlab.record.assembly.broadcast_layers`)."""
+    rec._layers = assembly.drop_broadcast(rec._layers, rec._summary,
+                                          explicit=rec._explicit_layers)
+
+
 def before(rec: Recorder) -> None:
     """The hook before a recorded ``optimizer.step()``: assemble the step, or stop (or raise)
     per the failure policy."""
