@@ -585,7 +585,7 @@ def main() -> None:
                           f"{r['load']:5.2f}", flush=True)
             for writer in writers:
                 r = bench_lifetime(w, LIFETIME_STEPS, 100, repeats, tmp, writer)
-                print(f"{w.name:8} {f'{LIFETIME_STEPS} steps e=100 ' + writer:20} "
+                print(f"{w.name:8} {f'run{LIFETIME_STEPS} e=100 ' + writer:20} "
                       f"{r['base_ms']:8.2f} {spread(r['ratio']):>26} {'-':>7} "
                       f"{r['load']:5.2f}", flush=True)
             for label, alt in (("Opacus GradSample", opacus_step), ("BackPACK BatchGrad",
