@@ -9,8 +9,8 @@
   to the writer (see :mod:`trajlab.record.emission`), creating the store at the first one.
 
 Failures follow the recorder's policy: a set-up problem (nothing recorded yet) raises, a later
-one stops recording (:func:`trajlab.record.stopping.stop`) and training goes on. The Recorder keeps the run's
-state (layers, counters, the writer); these functions read and update it.
+one stops recording (:func:`trajlab.record.stopping.stop`) and training goes on. The Recorder
+keeps the run's state (layers, counters, the writer); these functions read and update it.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ class StepState:
     batchnorm_before: dict[str, Tensor] | None = None
     probe_grads: dict[str, Tensor] | None = None
 
-
-    def attach(self, *, loss: float | Tensor | None, indices: Tensor | None,
+    def attach(self, *, loss: float | None, indices: Tensor | None,
                batch_size: int | None, inputs: Tensor | None, targets: Tensor | None) -> None:
         """Attach what ``Recorder.log`` was given (checked) to the current micro-batch, or to
         a new one when no forward started it; ``inputs``/``targets`` None: not kept."""
@@ -245,4 +244,5 @@ def to_host(rec: Recorder, root: dict, layers: dict[str, dict]) -> PendingRecord
                  widen_bfloat16=rec._layers[0].target.param.dtype == torch.bfloat16)
 
 
-__all__ = ["StepState", "after", "assemble", "before", "emit", "isolated", "probe_gradients"]
+__all__ = ["StepState", "after", "assemble", "before", "check_continuity", "drop_broadcast", "emit",
+           "isolated", "probe_gradients"]
