@@ -289,7 +289,7 @@ class AnalysisStore:
         """Write every variable of step chunk ``ci`` (rows relative to the store), record their
         checksums in the chunk manifest (format 3), then mark the chunk done (last: a chunk is
         done only once all of it is written and bound to its position)."""
-        arrays = self._arrays([*values, DONE])
+        arrays = self._arrays([*values, DONE, *self._manifest_name()])
         write_many([(arrays[n].with_config(_CONFIG), rows, v) for n, v in values.items()])
         self._bind(arrays, {n: [ci] for n in values})
         arrays[DONE].with_config(_CONFIG)[ci] = 1
@@ -299,7 +299,7 @@ class AnalysisStore:
         checksums in the chunk manifest (format 3). Their commit is the store's state
         "complete" (``step``: verify checks it in any state, and ``analyze`` rewrites it when
         it fails, a kill between its write and its manifest entry included)."""
-        arrays = self._arrays(list(values))
+        arrays = self._arrays([*values, *self._manifest_name()])
         write_many([(arrays[n].with_config(_CONFIG), slice(None), v) for n, v in values.items()])
         self._bind(arrays, {n: range(-(-arrays[n].shape[0] // arrays[n].chunks[0]))
                             for n in values if arrays[n].ndim})
@@ -307,14 +307,16 @@ class AnalysisStore:
     def _bind(self, arrays: Mapping[str, zarr.Array],
               chunks: Mapping[str, Collection[int]]) -> None:
         """Record in the chunk manifest the checksum of each just-written chunk file (``chunks``:
-        array name -> step chunks), read back from the file (:func:`manifest.file_trailer`).
+        array name -> step chunks), read back from the file (:func:`manifest.file_trailer`;
+        ``arrays`` holds the manifest too, when :meth:`_manifest_name` asked for it).
         Each touched manifest row is read, updated and rewritten whole; a row that cannot be
         read, or is not its own, is started afresh (the other arrays' chunks of that step chunk
         then fail their check and are recomputed, never accepted unchecked). Nothing in a
         format-2 store."""
         if not self.layout.position_bound or not chunks:
             return
-        man = self._manifest_array().with_config(_CONFIG)
+        got = arrays.get(CHUNKS_ARRAY)
+        man = (got if isinstance(got, zarr.Array) else self._manifest_array()).with_config(_CONFIG)
         paths = self.layout.array_paths()
         index = {p: i for i, p in enumerate(paths)}
         steps = sorted({ci for cs in chunks.values() for ci in cs})
@@ -340,6 +342,11 @@ class AnalysisStore:
                                    for ci in steps))
 
         sync(_all())
+
+    def _manifest_name(self) -> list[str]:
+        """``[CHUNKS_ARRAY]`` where the format has a manifest (opened with the arrays a write
+        touches, in one round trip), else ``[]``."""
+        return [CHUNKS_ARRAY] if self.layout.position_bound else []
 
     def _manifest_array(self) -> zarr.Array:
         """The chunk manifest (format 3); a StoreCorruptError when it is gone."""
@@ -372,12 +379,21 @@ class AnalysisStore:
         return reader
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        """Whole variables, checked (:class:`CheckedArray`), read concurrently."""
+        """Whole variables, checked (:class:`CheckedArray`), read concurrently (format 3: the
+        manifest's rows read once, first, for all of them)."""
         arrays = self._arrays(names)
-        manifest = self._manifest_reader()
+        manifest = self._manifest_reader(fresh=True)
         checked = [CheckedArray(arrays[n], n, self.where, manifest) for n in names]
 
+        async def preload(ci: int) -> None:
+            try:
+                await manifest.row(ci)
+            except StoreCorruptError:
+                pass  # raised again, naming the array, by the read that needs the row
+
         async def _all() -> list[np.ndarray]:
+            if manifest is not None:
+                await asyncio.gather(*(preload(ci) for ci in range(manifest.arr.shape[0])))
             return await asyncio.gather(*(a.aget(slice(None)) for a in checked))
 
         return dict(zip(names, sync(_all())))
