@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_analyses_close
+from helpers import SCALE_OF, assert_analyses_close
 from torch import nn
 
 import trajlab
 from trajlab.record.rules import LinearRule, register_rule
 from trajlab.record.rules.linear_basis import LinearBasisRule
 from trajlab.sde import layer_terms
-from trajlab.sde.basis import basis_noise_terms
+from trajlab.sde.basis import basis_gradient_terms, basis_noise_terms
 from trajlab.sketches.rank1_basis import STATS, shape_saving
+from trajlab.spectral import hessian_quadform
 from trajlab.store import open_run
 from trajlab.store.reconstruct import per_sample_gradients
 
@@ -86,14 +87,16 @@ def test_every_analysis_variable_equals_the_rank1_layouts(tmp_path, basis_rule, 
     assert_analyses_close(got, plain, rel=rel, names=names)
 
 
-def test_the_store_holds_statistics_and_grad_not_the_factors(tmp_path, basis_rule):
+def test_the_store_holds_statistics_not_the_factors_nor_grad(tmp_path, basis_rule):
     run = open_run(_train(tmp_path / "basis.zarr", torch.float64, steps=(5, 4)))
     for lm in run.meta.layers:
-        rows = run.layer_rows(lm.name, ["grad", *STATS])
+        assert not lm.stored_grad
+        rows = run.layer_rows(lm.name, list(STATS))
         s = min(lm.shape)
         assert rows["ps_small"].shape[-1] == s and rows["svd_u"].shape[1:] == (s, s)
-        with pytest.raises((KeyError, ValueError)):
-            run.layer_rows(lm.name, ["ps_input"])
+        for name in ("ps_input", "ps_grad_out", "grad"):
+            with pytest.raises((KeyError, ValueError)):
+                run.layer_rows(lm.name, [name])
     with pytest.raises(ValueError, match=r"'0'.*rank1_basis.*'rank1' sketch"):
         per_sample_gradients(run, "0", int(run.steps[0]))
 
@@ -116,17 +119,19 @@ def test_noise_terms_equal_torch_func_per_sample_gradients(tmp_path, basis_rule)
     for name in ("0", "2"):
         G = grads[f"{name}.weight"].detach()
         W = params[f"{name}.weight"].detach()
-        rows = run.layer_rows(name, ["weight", "grad", *STATS])
+        rows = run.layer_rows(name, ["weight", *STATS])
         torch.testing.assert_close(torch.from_numpy(rows["weight"][0]), W, rtol=0, atol=0)
         stats = {k: torch.from_numpy(np.asarray(rows[k][0])) for k in STATS}
         g = G.mean(0)
-        got = basis_noise_terms(W, torch.from_numpy(rows["grad"][0]), LR, stats)
+        got = basis_noise_terms(W, LR, stats)
+        got["grad_first"], got["grad_second"] = basis_gradient_terms(stats)
         U, _, Vh = torch.linalg.svd(W, full_matrices=False)
         u1, v1 = U[:, 0], Vh[0]
         sd = ((G ** 2).sum(0) - 6 * g ** 2) / (6 * 5)
         want = layer_terms(W, g, -LR * g, LR, 6, G @ v1, G.mT @ u1, sd, u1=u1, v1=v1)
+        want["grad_first"], want["grad_second"] = u1 @ g @ v1, hessian_quadform(W, g[None])[0]
         for k in ("drift_noise", "drift_noise_var", "diffusion2", "diffusion2_var",
-                  "noise_proj"):
+                  "noise_proj", "grad_first", "grad_second"):
             scale = float(want[k].abs().max())
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10 * scale, msg=k)
 
@@ -182,19 +187,30 @@ def test_svd_form_and_small_gap_rows_equal_rank1(shape):
     stats = [basis_statistics(d[t], a[t], W[t]) for t in range(2)]
     stacked = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
     want = resolvent_layer_terms(W, g, upd, lr, sketch="rank1", tensors=raw)
-    got = resolvent_layer_terms(W, g, upd, lr, sketch="rank1_basis", tensors=stacked)
+    got = resolvent_layer_terms(W, None, upd, lr, sketch="rank1_basis", tensors=stacked,
+                                grad_stats=stacked)
+    quiet = resolvent_layer_terms(W, None, upd, lr, grad_stats=stacked)  # no noise terms
+    dense = resolvent_layer_terms(W, g, upd, lr)
+
+    def scale(terms, k):  # drift_optimizer: rounding around 0 under SGD, on drift_flow's scale
+        return max(float(terms[j].nan_to_num().abs().max()) for j in SCALE_OF.get(k, (k,))
+                   if j in terms) or 1.0
+
+    for k, v in dense.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(quiet[k], v, rtol=0, atol=1e-10 * scale(dense, k),
+                                       equal_nan=True, msg=k)
     for t in range(2):
         ref = sketch_layer_terms(W[t], g[t], upd[t], 0.1, "rank1",
                                  {k: v[t] for k, v in raw.items()})
-        svd = sketch_layer_terms(W[t], g[t], upd[t], 0.1, "rank1_basis", stats[t])
+        svd = sketch_layer_terms(W[t], None, upd[t], 0.1, "rank1_basis", stats[t])
         for k in want:
             if not want[k].is_floating_point():
                 assert torch.equal(got[k], want[k]) and torch.equal(svd[k], ref[k]), k
                 continue
-            scale = float(want[k].abs().max()) or 1.0
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-10 * scale, msg=k)
-            torch.testing.assert_close(svd[k].to(ref[k].dtype), ref[k], rtol=0,
-                                       atol=1e-10 * scale, msg=k)
+            tol = 1e-10 * scale(want, k)
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=tol, msg=k)
+            torch.testing.assert_close(svd[k].to(ref[k].dtype), ref[k], rtol=0, atol=tol, msg=k)
 
 
 def test_micro_batches_and_clipping(tmp_path, basis_rule):

@@ -35,8 +35,9 @@ import torch
 
 from trajlab.dims import IN, OUT, RANK, SAMPLE
 from trajlab.sde import layer_terms
-from trajlab.sde.basis import basis_noise_terms
+from trajlab.sde.basis import basis_gradient_terms, basis_noise_terms
 from trajlab.sketches import SketchKind, sketch_kind, sketch_kinds, weights_only_kind
+from trajlab.spectral import hessian_quadform
 
 F64 = torch.float64
 B, M, N, K = 6, 4, 5, 2
@@ -120,7 +121,8 @@ SETTINGS = {s.name: s for s in [
 
 #: The weight a projected kind's statistics are taken in (the recorder's pre-update weight).
 WEIGHT = torch.randn(M, N, generator=_gen(9), dtype=F64)
-NOISE = ("drift_noise", "drift_noise_var", "diffusion2", "diffusion2_var", "noise_proj")
+NOISE = ("drift_noise", "drift_noise_var", "diffusion2", "diffusion2_var", "noise_proj",
+         "grad_first", "grad_second")
 
 
 def _basis(seed: int = 7) -> Basis:
@@ -271,8 +273,7 @@ class TestSketchKindConformance:
         if c.kind.projected:
             scaled = Captured(c.kind, c.setting, -2.5 * c.G, None,
                               c.kind.rescale(c.tensors, -2.5))
-            _assert_noise(_noise_of(scaled.kind, scaled.stored(), -2.5 * c.G.mean(0)),
-                          _dense_noise(-2.5 * c.G))
+            _assert_noise(_noise_of(scaled.kind, scaled.stored()), _dense_noise(-2.5 * c.G))
             return
         u1, v1 = _pair(c)
         scaled = c.kind.rescale(c.stored(), -2.5)
@@ -334,11 +335,10 @@ class TestSketchKindConformance:
         kind = steps[0].kind
         stacked = {k: torch.stack([c.stored()[k] for c in steps]) for k in steps[0].stored()}
         if kind.projected:
-            W2, g2 = WEIGHT.expand(2, M, N), torch.stack([c.G.mean(0) for c in steps])
-            got = basis_noise_terms(W2, g2, 0.1, stacked)
+            got = basis_noise_terms(WEIGHT.expand(2, M, N), 0.1, stacked)
+            got["grad_first"], got["grad_second"] = basis_gradient_terms(stacked)
             for i, c in enumerate(steps):
-                _assert_noise({k: v[i] for k, v in got.items()}, _noise_of(kind, c.stored(),
-                                                                              c.G.mean(0)),
+                _assert_noise({k: v[i] for k, v in got.items()}, _noise_of(kind, c.stored()),
                               rtol=1e-13)
             return
         pairs = [_pair(c) for c in steps]
@@ -386,7 +386,7 @@ class TestSketchKindConformance:
         except NotImplementedError:  # a factored kind: compare the gradients it holds
             if kind.projected:
                 c = Captured(kind, SETTINGS[name], G, None, got)
-                _assert_noise(_noise_of(kind, c.stored(), G.mean(0)), _dense_noise(G))
+                _assert_noise(_noise_of(kind, c.stored()), _dense_noise(G))
             else:
                 torch.testing.assert_close(kind.sample_gradients(got), G, rtol=0, atol=1e-12)
         else:
@@ -408,12 +408,12 @@ class TestSketchKindConformance:
         assert torch.count_nonzero(G - torch.diag_embed(torch.diagonal(G, 0, -2, -1))) == 0
 
 
-def _noise_of(kind: SketchKind, stored: dict[str, torch.Tensor],
-              g: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """A projected kind's noise terms at :data:`WEIGHT`, lr 0.1 (``g``: the batch mean)."""
-    if g is None:
-        g = _capture(kind.name).G.mean(0)
-    return basis_noise_terms(WEIGHT, g, 0.1, stored)
+def _noise_of(kind: SketchKind, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A projected kind's noise terms at :data:`WEIGHT`, lr 0.1, and the batch gradient's
+    (``grad_first``: ``u_1^T g v_1``, ``grad_second``: ``d^2 s_1[g]``)."""
+    out = basis_noise_terms(WEIGHT, 0.1, stored)
+    out["grad_first"], out["grad_second"] = basis_gradient_terms(stored)
+    return out
 
 
 def _dense_noise(G: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -423,8 +423,11 @@ def _dense_noise(G: torch.Tensor) -> dict[str, torch.Tensor]:
     u1, v1 = U[:, 0], Vh[0]
     g = G.mean(0)
     sd = ((G ** 2).sum(0) - B * g ** 2) / (B * (B - 1))
-    return layer_terms(WEIGHT, g, -0.1 * g, 0.1, G.shape[0], G @ v1, G.mT @ u1, sd, u1=u1,
-                       v1=v1)
+    out = layer_terms(WEIGHT, g, -0.1 * g, 0.1, G.shape[0], G @ v1, G.mT @ u1, sd, u1=u1,
+                      v1=v1)
+    out["grad_first"] = u1 @ g @ v1
+    out["grad_second"] = hessian_quadform(WEIGHT, g[None])[0]
+    return out
 
 
 def _assert_noise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],

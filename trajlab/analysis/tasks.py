@@ -97,7 +97,9 @@ class ChunkInputs:
 
     ``vals`` holds the layer's rows as stored (``grad`` only where the sketch does not imply
     it: for an implying kind the nodes take the batch mean of the per-sample factors they
-    read anyway, in float64, :meth:`~trajlab.sketches.base.SketchKind.mean_gradient`).
+    read anyway, in float64, :meth:`~trajlab.sketches.base.SketchKind.mean_gradient`; a
+    ``projected`` kind gives the batch gradient's terms from its statistics, and no ``grad``
+    is read).
     """
 
     lm: LayerMeta
@@ -116,8 +118,11 @@ class ChunkInputs:
             out[k] = _t((a[:, :b] if self.kind.variables(self.lm.rank)[k].per_sample else a)[idx])
         return out
 
-    def grad(self, idx: Any, t: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """float64 batch gradients of rows ``idx`` (``t``: their sketch tensors)."""
+    def grad(self, idx: Any, t: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """float64 batch gradients of rows ``idx`` (``t``: their sketch tensors); None for a
+        ``projected`` kind (its statistics give the gradient's terms)."""
+        if self.kind.projected:
+            return None
         return self.kind.mean_gradient(t) if self.implied else _t(self.vals["grad"][idx])
 
 
@@ -130,8 +135,8 @@ def read_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> ChunkInputs:
     root = run.root_rows(["batch_size", "probe"], rows)
     use_probe = opts.gradient in ("auto", "probe") and run.meta.probe and bool(root["probe"].any())
     implied = bool(kind.per_sample and kind.implies_grad)
-    names = ["lr", "weight", *(() if implied else ("grad",)), "update", "nonfinite",
-             "grad_scale", *(kind.needs() if kind.per_sample else ())]
+    names = ["lr", "weight", *(() if implied or kind.projected else ("grad",)), "update",
+             "nonfinite", "grad_scale", *(kind.needs() if kind.per_sample else ())]
     if use_probe:
         names.append("probe_grad")
     return ChunkInputs(lm, kind, root["batch_size"].astype(np.int64),
@@ -147,7 +152,7 @@ def _start(plan: Plan, c: ChunkInputs, n: int) -> tuple[dict[str, np.ndarray], n
     out["dt"] = out["lr"] * plan.every
     out["grad_scale"] = v["grad_scale"].astype(np.float64)
     ok = ~v["nonfinite"].astype(bool) & np.isfinite(v["weight"]).all(axis=(1, 2))
-    if not c.implied:
+    if not (c.implied or c.kind.projected):
         ok &= np.isfinite(v["grad"]).all(axis=(1, 2))
     return out, ok
 
@@ -197,6 +202,7 @@ def layer_chunk(plan: Plan, li: int, rows: tuple[int, int]) -> dict[str, np.ndar
                     sketch=kind if with_noise else None,
                     tensors=t if with_noise else None, grad_full=full_of(idx),
                     population=opts.population, gap_tol=opts.gap_tol,
+                    grad_stats=t if kind.projected else None,
                 )
             if with_noise:
                 terms["coverage"] = torch.minimum(terms["coverage_u"], terms["coverage_v"])

@@ -40,7 +40,7 @@ def describe(layer: LayerState, args: tuple, kwargs: dict, *, per_sample: bool,
         group=layer_group_name(layer.name), sketch=kind.name,
         shape=(int(shape[0]), int(shape[1])), rank=rank, positions=desc.positions,
         geometry=desc.geometry,
-        stored_grad=not kind.implies_grad or store_grad or not self_check,
+        stored_grad=not (kind.implies_grad or kind.projected) or store_grad or not self_check,
         param=t.matrix.label,
     )
 

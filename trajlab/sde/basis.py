@@ -17,8 +17,12 @@ space). The variance parts need ``sum_pq H_pq sum_i G_i,pq^2`` and ``sum_pq (u_1
 sum_i G_i,pq^2``: with ``H = u_1^2 colv^T + colu (v_1^2)^T + 2 (u_1 v_1^T) * (R W)`` (the
 resolvent form's Hessian diagonal, R = sum_{j>=2} u_j u_j^T / (s_1^2 - s_j^2)) they are sums over
 samples of ``(x_i^2)``-contractions times ``e_ij = sum_q V_qj^2 y_iq^2`` and
-``f_ij = sum_q V_q1 V_qj y_iq^2``, plus the batch gradient's own ``B gbar^2`` part, computed
-densely from the stored ``grad``. All of it in the recorder's basis (U, S stored with the step).
+``f_ij = sum_q V_q1 V_qj y_iq^2``, less the batch mean's own ``B gbar^2`` part, from the same
+contractions of ``N = gbar_o * gbar_o`` stored per step. The batch gradient's own terms (flow,
+discretisation) need ``gbar v_1`` and ``gbar^T u_1`` only as above: ``U^T gbar v_1 =
+mean_k t_k c_k1``, ``V^T gbar^T u_1 = mean_k beta_k c_k``, ``||gbar^T u_1||^2 = mean_k beta_k
+h_k`` (:func:`basis_gradient_terms`). All of it in the recorder's basis (U, S stored with the
+step).
 """
 
 from __future__ import annotations
@@ -30,10 +34,43 @@ from torch import Tensor
 
 from trajlab.sde.layer import noise_scale
 
-__all__ = ["basis_noise_terms"]
+__all__ = ["basis_gradient_terms", "basis_noise_terms"]
 
 
-def basis_noise_terms(W: Tensor, g: Tensor, lr: float | Tensor, tensors: Mapping[str, Tensor],
+def _d2(S: Tensor, a: Tensor, b: Tensor, qq: Tensor) -> Tensor:
+    """``d2 s_1`` along directions given in the basis: ``a = V^T D^T u_1``, ``b = U^T D v_1``
+    (..., k, s) and ``qq = ||D^T u_1||^2`` (..., k); SVD form of MATH.md §2 (no left null
+    space in the oriented frame)."""
+    s1 = S[..., 0, None, None]
+    sj = S[..., None, 1:]
+    aj, bj = a[..., 1:], b[..., 1:]
+    return (((s1 * (aj * aj + bj * bj) + 2 * sj * aj * bj) / (s1 * s1 - sj * sj)).sum(-1)
+            + (qq - (a * a).sum(-1)) / s1[..., 0])
+
+
+def _moments(tensors: Mapping[str, Tensor], dt: torch.dtype):
+    """``(U, S, t, beta, c, h)`` of the statistics in ``dt``."""
+    U, S = tensors["svd_u"].to(dt), tensors["svd_s"].to(dt)
+    t = tensors["ps_small"].to(dt) @ U                    # U^T x_i      (..., B, s)
+    return U, S, t, t[..., 0], tensors["ps_coords"].to(dt), tensors["ps_big_mean_dot"].to(dt)
+
+
+def basis_gradient_terms(tensors: Mapping[str, Tensor], dtype: torch.dtype = torch.float64
+                         ) -> tuple[Tensor, Tensor]:
+    """``(u_1^T gbar v_1, d2 s_1[gbar])`` of the batch-mean gradient, from ``rank1_basis``
+    statistics (leading dims ``...``): the flow and discretisation terms' inputs.
+
+    Both are invariant under the sign of the singular pair, so they equal the analysis's own
+    ``u_1^T g v_1`` and ``d^2 s_1[g]`` for ``g`` the mean of the recorded per-sample gradients.
+    """
+    _, S, t, beta, c, h = _moments(tensors, dtype)
+    b = (t * c[..., :, :1]).mean(-2)                      # U^T gbar v_1
+    a = (c * beta[..., None]).mean(-2)                    # V^T gbar^T u_1
+    qq = (beta * h).mean(-1)                              # ||gbar^T u_1||^2
+    return b[..., 0], _d2(S, a[..., None, :], b[..., None, :], qq[..., None])[..., 0]
+
+
+def basis_noise_terms(W: Tensor, lr: float | Tensor, tensors: Mapping[str, Tensor],
                       *, population: int | None = None) -> dict[str, Tensor]:
     """The gradient-noise terms of :func:`~trajlab.sde.layer_terms` from ``rank1_basis``
     statistics.
@@ -41,10 +78,7 @@ def basis_noise_terms(W: Tensor, g: Tensor, lr: float | Tensor, tensors: Mapping
     Parameters
     ----------
     W : Tensor (..., m, n)
-        Weight before the step (the one the recorder's basis was taken of).
-    g : Tensor (..., m, n)
-        Batch gradient (stored ``grad``): only its elementwise square enters, through the
-        variance parts (``diag(Sigma) = (sum_i G_i^2 - B g^2) / (B (B - 1))``).
+        Weight before the step (its shape and dtype; the statistics hold the rest).
     lr : float or Tensor (...)
         Learning rate eta.
     tensors : the variables of :class:`~trajlab.sketches.Rank1Basis` with leading ``...``.
@@ -64,42 +98,30 @@ def basis_noise_terms(W: Tensor, g: Tensor, lr: float | Tensor, tensors: Mapping
         If the statistics hold fewer than two samples.
     """
     dt = W.dtype
-    m, n = W.shape[-2:]
-    flip = m > n
-    Wo = W.mT if flip else W
-    go = (g.mT if flip else g).to(dt)
-    U, S = tensors["svd_u"].to(dt), tensors["svd_s"].to(dt)
+    U, S, t, beta, c, h = _moments(tensors, dt)
     x = tensors["ps_small"].to(dt)                        # (..., B, s)
-    c = tensors["ps_coords"].to(dt)                       # V^T y_i
     ny = tensors["ps_big_sqnorm"].to(dt)                  # ||y_i||^2
     e = tensors["ps_big_sq_basis"].to(dt)                 # sum_q V_qj^2 y_iq^2
     f = tensors["ps_big_sq_cross"].to(dt)                 # sum_q V_q1 V_qj y_iq^2
-    h = tensors["ps_big_mean_dot"].to(dt)                 # y_i . gbar^T u_1
     B = x.shape[-2]
     fpc, scale = noise_scale(B, population)
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
     s1 = S[..., 0]
     u1 = U[..., :, 0]
 
-    t = x @ U                                             # U^T x_i      (..., B, s)
-    beta = t[..., 0]
     b = t * c[..., :, :1]
     b = b - b.mean(-2, keepdim=True)                      # U^T Omega_i v_1
     a = c * beta[..., None]
     a = a - a.mean(-2, keepdim=True)                      # V^T Omega_i^T u_1
     qq = beta * beta * ny - 2 * beta * h + (beta * h).mean(-1, keepdim=True)
     proj = b[..., 0]                                      # u_1^T Omega_i v_1
-    sj = S[..., None, 1:]
-    den = (s1[..., None, None] ** 2 - sj * sj)
-    aj, bj = a[..., 1:], b[..., 1:]
-    d2 = (((s1[..., None, None] * (aj * aj + bj * bj) + 2 * sj * aj * bj) / den).sum(-1)
-          + (qq - (a * a).sum(-1)) / s1[..., None])
+    d2 = _d2(S, a, b, qq)
     drift_noise = 0.5 * eta * scale * d2.sum(-1)
     diffusion2 = eta * scale * (proj * proj).sum(-1)
 
     # sum_pq H_pq M_pq and sum_pq (u1 v1^T)^2 M_pq with M = sum_i G_i^2 (per-sample part) ...
     x2 = x * x
-    w = 1.0 / den[..., 0, :]                              # 1 / (s_1^2 - s_j^2), j >= 2
+    w = 1.0 / (s1[..., None] ** 2 - S[..., 1:] ** 2)      # 1 / (s_1^2 - s_j^2), j >= 2
     Ur = U[..., :, 1:]
     ux = x2 @ (u1 * u1)[..., :, None]                     # sum_p u1_p^2 x_ip^2   (..., B, 1)
     colu = s1[..., None] * ((Ur * Ur) @ w[..., :, None])[..., 0]          # s_1 diag(R)
@@ -110,17 +132,16 @@ def basis_noise_terms(W: Tensor, g: Tensor, lr: float | Tensor, tensors: Mapping
     hM = (ux[..., 0] * colvy + cx[..., 0] * e[..., 0]
           + 2 * (cross * f[..., 1:] * (S[..., 1:] * w)[..., None, :]).sum(-1)).sum(-1)
     jM = (ux[..., 0] * e[..., 0]).sum(-1)
-    # ... less the batch gradient's B g^2, densely (the resolvent form's Hessian diagonal)
-    N = go * go
-    v1 = (Wo.mT @ u1[..., :, None])[..., 0] / s1[..., None]
-    R = (Ur * w[..., None, :]) @ Ur.mT
-    RW = R @ Wo
-    v2, u2 = v1 * v1, u1 * u1
-    colv = ((1 - v2) + (Wo * RW).sum(-2)) / s1[..., None]
-    Nc = N @ torch.stack([colv, v2], -1)                  # (..., s, 2)
-    hN = ((u2 * Nc[..., 0]).sum(-1) + (colu * Nc[..., 1]).sum(-1)
-          + 2 * (u1 * ((RW * N) @ v1[..., :, None])[..., 0]).sum(-1))
-    jN = (u2 * Nc[..., 1]).sum(-1)
+    # ... less the batch mean's B gbar^2: the same contractions of N = gbar_o^2, per step
+    gn = tensors["grad_sq_norm"].to(dt)                   # sum_q N_pq            (..., s)
+    gb = tensors["grad_sq_basis"].to(dt)                  # sum_q N_pq V_qj^2     (..., s, s)
+    gc = tensors["grad_sq_cross"].to(dt)                  # sum_q N_pq V_q1 V_qj  (..., s, s)
+    u2 = u1 * u1
+    colvN = (gn - gb[..., 0] + (gb[..., 1:] * sw).sum(-1)) / s1[..., None]
+    hN = ((u2 * colvN).sum(-1) + (colu * gb[..., 0]).sum(-1)
+          + 2 * (u1[..., :, None] * Ur * gc[..., 1:] * (S[..., 1:] * w)[..., None, :])
+          .sum((-2, -1)))
+    jN = (u2 * gb[..., 0]).sum(-1)
     var_scale = fpc / (B * (B - 1))
     one = torch.ones_like(s1)
     return {

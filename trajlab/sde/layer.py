@@ -278,7 +278,7 @@ def layer_terms(
 
 def noise_free_terms(
     W: Tensor,
-    g: Tensor,
+    g: Tensor | None,
     update: Tensor,
     lr: float | Tensor,
     *,
@@ -286,6 +286,7 @@ def noise_free_terms(
     gap_tol: float = 1e-3,
     svd: Svd | None = None,
     noise: Mapping[str, Tensor] | None = None,
+    grad_terms: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The terms of :func:`layer_terms` that need no gradient-noise estimate.
 
@@ -295,18 +296,32 @@ def noise_free_terms(
     full-data gradient is given, ``drift_discretization`` (elsewhere NaN: the batch gradient's
     bias cannot be removed without the noise estimate). Shapes as in :func:`layer_terms`.
     ``svd``: the thin SVD of ``W`` to reuse; ``noise``: noise terms computed elsewhere
-    (:func:`trajlab.sde.basis.basis_noise_terms`), completed as :func:`layer_terms` does.
+    (:func:`trajlab.sde.basis.basis_noise_terms`), completed as :func:`layer_terms` does;
+    ``g`` None with ``grad_terms`` = ``(u_1^T g v_1, d^2 s_1[g])`` of the batch gradient
+    (:func:`trajlab.sde.basis.basis_gradient_terms`) where only those are known.
     """
     dt = W.dtype
     svd = _svd(W, svd)
     U, S, Vh = svd
     u, v = U[..., :, 0], Vh[..., 0, :]
     eta = torch.as_tensor(lr, dtype=dt, device=W.device)
-    g = g.to(dt)
-    grad, used_full = flow_gradient(g, grad_full)
-    first, second = _directional(W, svd, grad)
     p1, p2 = _directional(W, svd, update.to(dt))
-    plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
+    if g is None:
+        if grad_terms is None:
+            raise ValueError("noise_free_terms: pass g or grad_terms")
+        gv, gsecond = (x.to(dt) for x in grad_terms)
+        used_full = torch.zeros(gv.shape, dtype=torch.bool, device=W.device)
+        first, second = gv, gsecond
+        if grad_full is not None:
+            used_full = torch.isfinite(grad_full).all(-1).all(-1)
+            f1, f2 = _directional(W, svd, torch.nan_to_num(grad_full.to(dt)))
+            first, second = torch.where(used_full, f1, gv), torch.where(used_full, f2, gsecond)
+        plain = -eta * gv
+    else:
+        g = g.to(dt)
+        grad, used_full = flow_gradient(g, grad_full)
+        first, second = _directional(W, svd, grad)
+        plain = -eta * (u[..., None, :] @ g @ v[..., :, None])[..., 0, 0]
     return layer_epilogue(K=S[..., 0], gap=spectral_gap(S), gap_tol=gap_tol,
                           used_full=used_full, flow=first, disc_raw=0.5 * eta * second, p1=p1,
                           p2=p2, plain=plain, eta=eta, noise=noise)
@@ -314,7 +329,7 @@ def noise_free_terms(
 
 def sketch_layer_terms(
     W: Tensor,
-    g: Tensor,
+    g: Tensor | None,
     update: Tensor,
     lr: float | Tensor,
     sketch: SketchName | SketchKind,
@@ -327,7 +342,9 @@ def sketch_layer_terms(
     """:func:`layer_terms` straight from a recorded sketch (one SVD of ``W``, reused).
 
     Parameters are those of :func:`layer_terms`; ``sketch`` and ``tensors`` as in
-    :func:`trajlab.sde.per_sample_directions`. B is read from the sketch.
+    :func:`trajlab.sde.per_sample_directions`. B is read from the sketch. For a ``projected``
+    sketch (``rank1_basis``) ``g`` may be None: the batch gradient's terms then come from the
+    statistics (:func:`trajlab.sde.basis.basis_gradient_terms`).
 
     Returns
     -------
@@ -350,11 +367,12 @@ def sketch_layer_terms(
     """
     svd = torch.linalg.svd(W, full_matrices=False)
     if sketch_projected(sketch):  # statistics in the recorder's singular basis (sde/basis.py)
-        from trajlab.sde.basis import basis_noise_terms
+        from trajlab.sde.basis import basis_gradient_terms, basis_noise_terms
 
-        noise = basis_noise_terms(W, g, lr, tensors, population=population)
+        noise = basis_noise_terms(W, lr, tensors, population=population)
         return noise_free_terms(W, g, update, lr, grad_full=grad_full, gap_tol=gap_tol,
-                                svd=svd, noise=noise)
+                                svd=svd, noise=noise,
+                                grad_terms=basis_gradient_terms(tensors, W.dtype))
     B = sketch_batch_size(sketch, tensors)
     u1, v1 = svd[0][..., :, 0], svd[2][..., 0, :]
     Gv, Gtu = per_sample_directions(sketch, tensors, u1, v1)

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from trajlab.sde.basis import basis_noise_terms
+from trajlab.sde.basis import basis_gradient_terms, basis_noise_terms
 from trajlab.sde.epilogue import layer_epilogue
 from trajlab.sde.layer import noise_free_terms, noise_scale, sketch_layer_terms
 from trajlab.sde.sketch import (
@@ -166,7 +166,7 @@ def _project(D: Tensor, u1: Tensor, v1: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- terms
 def resolvent_layer_terms(
     W: Tensor,
-    g: Tensor,
+    g: Tensor | None,
     update: Tensor,
     lr: Tensor,
     *,
@@ -176,6 +176,7 @@ def resolvent_layer_terms(
     population: int | None = None,
     gap_tol: float = 1e-3,
     min_gap: float = MIN_GAP,
+    grad_stats: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The terms of :func:`~trajlab.sde.sketch_layer_terms` (with ``sketch``) or of
     :func:`~trajlab.sde.noise_free_terms` (without), for T steps at once.
@@ -191,6 +192,9 @@ def resolvent_layer_terms(
     grad_full, population, gap_tol : as for :func:`~trajlab.sde.layer_terms`.
     min_gap : steps with a relative spectral gap below ``max(min_gap, 2 * gap_tol)`` are
         computed with the SVD form.
+    grad_stats : with ``g`` None: the ``rank1_basis`` statistics of the T steps, which give
+        the batch gradient's terms (:func:`trajlab.sde.basis.basis_gradient_terms`), also on
+        steps computed without noise terms.
 
     Returns
     -------
@@ -213,10 +217,58 @@ def resolvent_layer_terms(
     gap = torch.where(s1 > 0, (s1 - s2) / torch.where(s1 > 0, s1, torch.ones_like(s1)),
                       torch.zeros_like(s1))
     ok = ok & (gap >= max(min_gap, 2 * gap_tol))
-    g = g.to(dt)
-    Pg, Qg = _project(orient(g), uo, vo)                   # g v_1, g^T u_1 (oriented)
+    if g is None:  # the batch gradient's terms from rank1_basis statistics (sde/basis.py)
+        first, second, used_full = _stat_gradient(Wo, orient, s1, uo, vo, R, grad_stats,
+                                                  grad_full)
+        Pg = Qg = None
+        plain = -eta * basis_gradient_terms(grad_stats, dt)[0]
+    else:
+        g = g.to(dt)
+        Pg, Qg = _project(orient(g), uo, vo)               # g v_1, g^T u_1 (oriented)
+        first, second, used_full = _dense_gradient(Wo, orient, s1, uo, vo, R, Pg, Qg,
+                                                   grad_full)
+        plain = -eta * (Pg[:, 0] * uo).sum(-1)
+    Pu, Qu = _project(orient(update.to(dt)), uo, vo)
+    p1 = (Pu[:, 0] * uo).sum(-1)
+    p2 = _second(Wo, s1, uo, vo, R, Pu, Qu)[:, 0]
+    noise = None
+    if sketch is not None:
+        noise = _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors,
+                             population)
+    out = layer_epilogue(K=s1, gap=gap, gap_tol=gap_tol, used_full=used_full, flow=first,
+                         disc_raw=0.5 * eta * second, p1=p1, p2=p2, plain=plain, eta=eta,
+                         noise=noise)
+    if not bool(ok.all()):
+        _svd_rows(out, ~ok, W, g, update, eta, sketch, tensors, grad_full, population, gap_tol,
+                  grad_stats)
+    return out
+
+
+def _stat_gradient(Wo, orient, s1, uo, vo, R, stats, grad_full
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d s_1[grad], d^2 s_1[grad], used_full)`` with the batch gradient's from statistics
+    and the full-data gradient's (where finite) from the dense matrices."""
+    if stats is None:
+        raise ValueError("resolvent_layer_terms: pass g or grad_stats")
+    first, second = basis_gradient_terms(stats, Wo.dtype)
     if grad_full is None:
-        used_full = torch.zeros(T, dtype=torch.bool, device=W.device)
+        return first, second, torch.zeros(first.shape, dtype=torch.bool, device=Wo.device)
+    grad_full = grad_full.to(Wo.dtype)
+    used_full = torch.isfinite(grad_full).all(-1).all(-1)
+    Pf, Qf = _project(orient(torch.nan_to_num(grad_full)), uo, vo)
+    f1 = (Pf[:, 0] * uo).sum(-1)
+    f2 = _second(Wo, s1, uo, vo, R, Pf, Qf)[:, 0]
+    return torch.where(used_full, f1, first), torch.where(used_full, f2, second), used_full
+
+
+def _dense_gradient(Wo, orient, s1, uo, vo, R, Pg, Qg, grad_full
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d s_1[grad], d^2 s_1[grad], used_full)`` from the dense batch gradient's projections
+    ``Pg``, ``Qg`` and the full-data gradient where it is finite."""
+    T = Pg.shape[0]
+    dt = Wo.dtype
+    if grad_full is None:
+        used_full = torch.zeros(T, dtype=torch.bool, device=Wo.device)
         Pd, Qd = Pg, Qg
     else:
         grad_full = grad_full.to(dt)
@@ -226,20 +278,7 @@ def resolvent_layer_terms(
         Qd = torch.where(used_full[:, None, None], Qf, Qg)
     first = (Pd[:, 0] * uo).sum(-1)
     second = _second(Wo, s1, uo, vo, R, Pd, Qd)[:, 0]
-    Pu, Qu = _project(orient(update.to(dt)), uo, vo)
-    p1 = (Pu[:, 0] * uo).sum(-1)
-    p2 = _second(Wo, s1, uo, vo, R, Pu, Qu)[:, 0]
-    plain = -eta * (Pg[:, 0] * uo).sum(-1)
-    noise = None
-    if sketch is not None:
-        noise = _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors,
-                             population)
-    out = layer_epilogue(K=s1, gap=gap, gap_tol=gap_tol, used_full=used_full, flow=first,
-                         disc_raw=0.5 * eta * second, p1=p1, p2=p2, plain=plain, eta=eta,
-                         noise=noise)
-    if not bool(ok.all()):
-        _svd_rows(out, ~ok, W, g, update, eta, sketch, tensors, grad_full, population, gap_tol)
-    return out
+    return first, second, used_full
 
 
 def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, population
@@ -249,7 +288,7 @@ def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, popul
     projections."""
     dt = Wo.dtype
     if sketch_projected(sketch):  # statistics in the recorder's singular basis (sde/basis.py)
-        return basis_noise_terms(Wo.mT if flip else Wo, g, eta, tensors, population=population)
+        return basis_noise_terms(Wo, eta, tensors, population=population)
     B = sketch_batch_size(sketch, tensors)
     fpc, scale = noise_scale(B, population)
     u1, v1 = (vo, uo) if flip else (uo, vo)
@@ -285,7 +324,7 @@ def _noise_terms(Wo, flip, s1, uo, vo, R, g, Pg, Qg, eta, sketch, tensors, popul
 
 
 def _svd_rows(out: dict[str, Tensor], rows: Tensor, W, g, update, eta, sketch, tensors,
-              grad_full, population, gap_tol) -> None:
+              grad_full, population, gap_tol, grad_stats=None) -> None:
     """Recompute ``rows`` (bool (T,)) with the SVD form, one step per call, in place.
 
     One call per step, as :func:`~trajlab.sde.sketch_layer_terms` is called for a single
@@ -296,11 +335,14 @@ def _svd_rows(out: dict[str, Tensor], rows: Tensor, W, g, update, eta, sketch, t
         full = None
         if grad_full is not None and bool(torch.isfinite(grad_full[i]).all()):
             full = grad_full[i]
+        gi = None if g is None else g[i]
         if sketch is None:
-            ref = noise_free_terms(W[i], g[i], update[i], float(eta[i]), grad_full=full,
-                                   gap_tol=gap_tol)
+            terms = None if grad_stats is None else basis_gradient_terms(
+                {k: v[i] for k, v in grad_stats.items()}, W.dtype)
+            ref = noise_free_terms(W[i], gi, update[i], float(eta[i]), grad_full=full,
+                                   gap_tol=gap_tol, grad_terms=terms)
         else:
-            ref = sketch_layer_terms(W[i], g[i], update[i], float(eta[i]), sketch,
+            ref = sketch_layer_terms(W[i], gi, update[i], float(eta[i]), sketch,
                                      {k: v[i] for k, v in tensors.items()}, grad_full=full,
                                      population=population, gap_tol=gap_tol)
         for k, v in out.items():

@@ -14,9 +14,13 @@ rank-one layers"). In the oriented frame ``W_o = W`` (m <= n) or ``W^T`` (m > n)
 * ``ps_big_mean_dot`` = y_i . (gbar_o^T u_1), gbar the batch mean of the G_i (centring),
 
 and per step the basis it used, ``svd_u`` = U (s, s) and ``svd_s`` = S, from a float64 thin SVD
-of the stored (pre-update) weight: the analysis computes the noise terms in that same basis
-(:func:`trajlab.sde.basis.basis_noise_terms`), so signs and rotations within degenerate
-subspaces never mix two bases. ``grad`` is stored (the batch gradient is not implied).
+of the stored (pre-update) weight, and three contractions of the batch mean's elementwise
+square N = gbar_o * gbar_o (the var/cov split): ``grad_sq_norm[p]`` = sum_q N_pq,
+``grad_sq_basis[p, j]`` = sum_q N_pq V_qj^2 and ``grad_sq_cross[p, j]`` = sum_q N_pq V_q1 V_qj.
+The analysis computes every term in that same basis (:mod:`trajlab.sde.basis`), so signs and
+rotations within degenerate subspaces never mix two bases. The batch gradient itself is not
+implied (its part outside W's row space is not held) and not needed: ``grad`` is not stored
+(unless ``store_grad=True`` or ``self_check=False``, as for ``rank1``), and a reader has none.
 
 Capture, rescaling, concatenation and the recorder's checks work on the raw factors, as for
 :class:`Rank1`; :meth:`Rank1Basis.finalize` projects them when the step's row is emitted.
@@ -35,15 +39,15 @@ from trajlab.sketches.rank1 import Rank1
 
 #: The variables of the stored statistics, in the order :meth:`Rank1Basis.finalize` makes them.
 STATS = ("ps_small", "ps_coords", "ps_big_sqnorm", "ps_big_sq_basis", "ps_big_sq_cross",
-         "ps_big_mean_dot", "svd_u", "svd_s")
+         "ps_big_mean_dot", "svd_u", "svd_s", "grad_sq_norm", "grad_sq_basis", "grad_sq_cross")
 
 
 class Rank1Basis(Rank1):
     """Exact sufficient statistics of rank-one per-sample gradients in W's singular basis.
 
     ``rank`` (the layer's sketch rank) is ``min(m, n)``. Per sample ``3 s + 2`` float64 numbers
-    and s in the per-sample dtype, against ``m + n`` for :class:`Rank1`; per step ``s^2 + s``
-    float64 numbers and the batch gradient ``grad`` (m n, the run's dtype).
+    and s in the per-sample dtype, against ``m + n`` for :class:`Rank1`; per step
+    ``3 s^2 + 2 s`` float64 numbers.
     """
 
     name = "rank1_basis"
@@ -72,6 +76,10 @@ class Rank1Basis(Rank1):
             "svd_u": Var((RANK, RANK), "float64", "singular vectors of W's smaller side used for "
                          "the statistics (columns, descending singular values)"),
             "svd_s": Var((RANK,), "float64", "singular values of W used for the statistics"),
+            "grad_sq_norm": Var((RANK,), "float64", "sum_q N_pq, N the elementwise square of "
+                                "the batch-mean gradient (oriented: smaller side first)", True),
+            "grad_sq_basis": Var((RANK, RANK), "float64", "sum_q N_pq V_qj^2", True),
+            "grad_sq_cross": Var((RANK, RANK), "float64", "sum_q N_pq V_q1 V_qj", True),
         }
 
     def batch_size(self, tensors: Mapping[str, Tensor]) -> int:
@@ -98,8 +106,8 @@ class Rank1Basis(Rank1):
                                   "gradients exactly (record with the 'rank1' sketch)")
 
     def implied_grad(self, arrays, batch):
-        raise NotImplementedError("the rank1_basis sketch does not imply the batch gradient: "
-                                  "it is stored as 'grad'")
+        raise NotImplementedError("the rank1_basis sketch does not imply the batch gradient "
+                                  "(only its terms); record with store_grad=True to keep it")
 
     def reconstruct(self, arrays, b):
         raise ValueError(
@@ -142,7 +150,10 @@ def basis_statistics(delta: Tensor, act: Tensor, weight: Tensor) -> dict[str, Te
     y64 = y.to(torch.float64)
     y2 = y64 * y64
     beta = x.to(torch.float64) @ U[:, 0]                 # x_i . u_1
-    gtu = (beta @ y64) / max(int(x.shape[0]), 1)         # gbar_o^T u_1 (b)
+    B = max(int(x.shape[0]), 1)
+    gtu = (beta @ y64) / B                               # gbar_o^T u_1 (b)
+    gbar = x.to(torch.float64).mT @ y64 / B              # (s, b)
+    N = gbar * gbar
     return {
         "ps_small": x.clone(),
         "ps_coords": y64 @ V,
@@ -152,6 +163,9 @@ def basis_statistics(delta: Tensor, act: Tensor, weight: Tensor) -> dict[str, Te
         "ps_big_mean_dot": y64 @ gtu,
         "svd_u": U,
         "svd_s": S,
+        "grad_sq_norm": N.sum(-1),
+        "grad_sq_basis": N @ (V * V),
+        "grad_sq_cross": N @ (V * V[:, :1]),
     }
 
 

@@ -27,12 +27,16 @@ def decay_check(run: str | Path, *, rows: Sequence[int] = (0, -1)) -> dict[str, 
     the recorded update includes it: ``update = -lr (grad + wd W)``. At the given rows this
     estimates ``wd`` by least squares from ``-(update / lr + grad)`` against ``W``
     (``wd_estimate``, mean over layers) and reports ``update_residual``: ||update + lr grad|| /
-    ||update|| (0 when the update is the plain gradient step).
+    ||update|| (0 when the update is the plain gradient step). Layers without a batch
+    gradient (the ``rank1_basis`` sketch stores only its terms) are left out; NaN when none has
+    one.
     """
     r = open_run(run)
     est, resid = [], []
     for name in r.layers:
         lay = r.layer(name)
+        if "grad" not in lay:
+            continue
         n = lay.sizes["step"]
         for row in rows:
             row = row % n
@@ -43,6 +47,8 @@ def decay_check(run: str | Path, *, rows: Sequence[int] = (0, -1)) -> dict[str, 
             extra = -(u / lr + g)
             est.append(float(np.sum(extra * W) / np.sum(W * W)))
             resid.append(float(np.linalg.norm(u + lr * g) / np.linalg.norm(u)))
+    if not est:
+        return {"wd_estimate": float("nan"), "update_residual": float("nan")}
     return {"wd_estimate": float(np.mean(est)), "update_residual": float(np.mean(resid))}
 
 
